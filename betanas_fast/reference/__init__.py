@@ -1,0 +1,12 @@
+"""Pure-PyTorch oracles of every betanas op: readable, slow, obviously right.
+
+The kernels are tested against these, and the ops run them wherever no kernel is available.
+"""
+from .dw_bn_act import (
+    dw_bn_act_eval,
+    dw_bn_act_eval_backward,
+    dw_bn_act_train,
+    dw_bn_act_train_backward,
+)
+
+__all__ = ["dw_bn_act_train", "dw_bn_act_train_backward", "dw_bn_act_eval", "dw_bn_act_eval_backward"]

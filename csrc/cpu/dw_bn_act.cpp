@@ -1,0 +1,394 @@
+// CPU kernels of the fused depthwise stage y = act(BN(depthwise_conv(x))).
+//
+// Every quantity of a channel (its conv output over the whole batch, its batch statistics, its
+// gradients) depends on that channel alone, so the kernels run one channel per task: the channel's
+// planes stay in cache from the convolution through the statistics to the activation, and the
+// backward pass reduces the weight gradient without atomics. Arithmetic is float32 whatever the
+// storage dtype (float64 for float64 tensors, which exist for gradcheck); sums over the batch are double.
+// The backward pass recomputes the convolution instead of saving it: only x is kept for backward, and
+// the depthwise convolution costs less than writing and re-reading a saved tensor of the same size.
+//
+// channels_last inputs are computed in NCHW and returned in channels_last (the copies are cheap next
+// to the convolution on a CPU; the CUDA kernels read both layouts directly).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/activation.h"
+#include "common/checks.h"
+#include "common/dispatch.h"
+
+namespace betanas {
+namespace {
+
+// One zero-padded plane of a channel, in the arithmetic type T, and the convolution arithmetic over it.
+// K and S are template constants, so that the inner loops run over contiguous rows without bounds checks.
+template <typename T, int K, int S>
+struct DwPlane {
+  static constexpr int P = K / 2;
+  int64_t H, W, Ho, Wo, Hp, Wp;
+
+  DwPlane(int64_t H_, int64_t W_)
+      : H(H_), W(W_), Ho(conv_out_size(H_, K, S)), Wo(conv_out_size(W_, K, S)), Hp(H_ + 2 * P), Wp(W_ + 2 * P) {}
+
+  template <typename scalar_t>
+  void pad(const scalar_t* __restrict x, T* __restrict xp) const {
+    std::fill(xp, xp + P * Wp, T(0));
+    for (int64_t h = 0; h < H; ++h) {
+      T* __restrict row = xp + (h + P) * Wp;
+      for (int p = 0; p < P; ++p) row[p] = row[P + W + p] = T(0);
+      const scalar_t* __restrict src = x + h * W;
+      for (int64_t w = 0; w < W; ++w) row[P + w] = static_cast<T>(src[w]);
+    }
+    std::fill(xp + (P + H) * Wp, xp + Hp * Wp, T(0));
+  }
+
+  // z[oh, ow] = sum_{kh, kw} w[kh, kw] * xp[oh*S + kh, ow*S + kw]
+  void conv(const T* __restrict xp, const T* __restrict w, T* __restrict z) const {
+    for (int64_t oh = 0; oh < Ho; ++oh) {
+      T* __restrict zr = z + oh * Wo;
+      std::fill(zr, zr + Wo, T(0));
+      for (int kh = 0; kh < K; ++kh) {
+        const T* __restrict xr = xp + (oh * S + kh) * Wp;
+        for (int kw = 0; kw < K; ++kw) {
+          const T wv = w[kh * K + kw];
+          const T* __restrict xrk = xr + kw;
+          for (int64_t ow = 0; ow < Wo; ++ow) zr[ow] += wv * xrk[ow * S];
+        }
+      }
+    }
+  }
+
+  // The transposed convolution into the padded dxp (zeroed by the caller), and the weight gradient,
+  // accumulated per tap and per output column in acc [K*K, Wo] (summed by the caller).
+  void backward(const T* __restrict dz, const T* __restrict xp, const T* __restrict w, T* __restrict dxp,
+                T* __restrict acc) const {
+    for (int64_t oh = 0; oh < Ho; ++oh) {
+      const T* __restrict dzr = dz + oh * Wo;
+      for (int kh = 0; kh < K; ++kh) {
+        const int64_t row = (oh * S + kh) * Wp;
+        for (int kw = 0; kw < K; ++kw) {
+          const T wv = w[kh * K + kw];
+          T* __restrict dxr = dxp + row + kw;
+          const T* __restrict xr = xp + row + kw;
+          T* __restrict a = acc + (kh * K + kw) * Wo;
+          for (int64_t ow = 0; ow < Wo; ++ow) {
+            dxr[ow * S] += wv * dzr[ow];
+            a[ow] += dzr[ow] * xr[ow * S];
+          }
+        }
+      }
+    }
+  }
+
+  template <typename scalar_t>
+  void unpad(const T* __restrict dxp, scalar_t* __restrict dx) const {
+    for (int64_t h = 0; h < H; ++h) {
+      const T* __restrict row = dxp + (h + P) * Wp + P;
+      scalar_t* __restrict dst = dx + h * W;
+      for (int64_t w = 0; w < W; ++w) dst[w] = static_cast<scalar_t>(row[w]);
+    }
+  }
+};
+
+// A small parameter tensor as a host vector of the arithmetic type T.
+template <typename T>
+std::vector<T> to_vector(const at::Tensor& t) {
+  auto f = t.detach().to(c10::CppTypeToScalarType<T>::value).contiguous();
+  const T* p = f.template const_data_ptr<T>();
+  return std::vector<T>(p, p + f.numel());
+}
+
+// The result tensor of a per-channel gradient, in the shape and dtype of the argument it belongs to.
+at::Tensor like_param(const std::vector<double>& v, const at::Tensor& param) {
+  return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).view(param.sizes()).to(param.scalar_type());
+}
+
+// Batch statistics and per-channel sums are kept in float32, or float64 for float64 tensors.
+at::ScalarType stats_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename F>
+void for_each_channel(int64_t C, F&& f) {
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) f(c);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Training mode.
+
+template <typename scalar_t, int K, int S, int ACT, typename T = at::opmath_type<scalar_t>>
+void train_forward_kernel(const at::Tensor& x, const std::vector<T>& w, const std::vector<T>& gamma,
+                          const std::vector<T>& beta, double eps, at::Tensor& out, T* mean_out, T* var_out) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const DwPlane<T, K, S> plane(x.size(2), x.size(3));
+  const int64_t in_plane = plane.H * plane.W, out_plane = plane.Ho * plane.Wo, count = N * out_plane;
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  scalar_t* yd = out.mutable_data_ptr<scalar_t>();
+
+  for_each_channel(C, [&](int64_t c) {
+    std::vector<T> xp(plane.Hp * plane.Wp), z(count);
+    for (int64_t n = 0; n < N; ++n) {
+      plane.pad(xd + (n * C + c) * in_plane, xp.data());
+      plane.conv(xp.data(), w.data() + c * K * K, z.data() + n * out_plane);
+    }
+    double sum = 0.0;
+    for (int64_t i = 0; i < count; ++i) sum += z[i];
+    const double mean = sum / count;
+    double sq = 0.0;
+    for (int64_t i = 0; i < count; ++i) sq += (z[i] - mean) * (z[i] - mean);
+    const double var = sq / count;
+    const T a = static_cast<T>(gamma[c] / std::sqrt(var + eps));
+    const T b = static_cast<T>(beta[c] - mean * a);
+    for (int64_t n = 0; n < N; ++n) {
+      const T* zn = z.data() + n * out_plane;
+      scalar_t* yn = yd + (n * C + c) * out_plane;
+      for (int64_t i = 0; i < out_plane; ++i) yn[i] = static_cast<scalar_t>(act_forward<ACT>(a * zn[i] + b));
+    }
+    mean_out[c] = static_cast<T>(mean);
+    var_out[c] = static_cast<T>(var);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_cpu(const at::Tensor& x_in, const at::Tensor& weight,
+                                                                    const at::Tensor& bn_weight,
+                                                                    const at::Tensor& bn_bias, int64_t stride,
+                                                                    int64_t act, double eps) {
+  const char* op = "betanas::dw_bn_act_train";
+  check_dw_args(op, c10::kCPU, x_in, weight, {{"bn_weight", bn_weight}, {"bn_bias", bn_bias}}, stride, act);
+  const int64_t K = weight.size(3);
+  check_batch_stats_count(op, x_in, K, stride);
+  const auto layout = layout_of(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t C = x.size(1);
+  at::Tensor out = at::empty({x.size(0), C, conv_out_size(x.size(2), K, stride), conv_out_size(x.size(3), K, stride)},
+                             x.options());
+  at::Tensor mean = at::empty({C}, x.options().dtype(stats_dtype(x)));
+  at::Tensor var = at::empty({C}, x.options().dtype(stats_dtype(x)));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dw_bn_act_train_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto w = to_vector<T>(weight), g = to_vector<T>(bn_weight), b = to_vector<T>(bn_bias);
+    dispatch_kernel_stride(K, stride, [&](auto k, auto s) {
+      dispatch_act(act, [&](auto a) {
+        train_forward_kernel<scalar_t, decltype(k)::value, decltype(s)::value, decltype(a)::value>(
+            x, w, g, b, eps, out, mean.mutable_data_ptr<T>(), var.mutable_data_ptr<T>());
+      });
+    });
+  });
+  return {out.contiguous(layout), mean, var};
+}
+
+template <typename scalar_t, int K, int S, int ACT, typename T = at::opmath_type<scalar_t>>
+void train_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const std::vector<T>& w,
+                           const std::vector<T>& gamma, const std::vector<T>& beta, const std::vector<T>& mean_in,
+                           const std::vector<T>& var_in, double eps, at::Tensor& grad_x, std::vector<double>& grad_w,
+                           std::vector<double>& grad_gamma, std::vector<double>& grad_beta) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const DwPlane<T, K, S> plane(x.size(2), x.size(3));
+  const int64_t in_plane = plane.H * plane.W, out_plane = plane.Ho * plane.Wo, count = N * out_plane;
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  const scalar_t* gd = grad_out.const_data_ptr<scalar_t>();
+  scalar_t* dxd = grad_x.mutable_data_ptr<scalar_t>();
+
+  for_each_channel(C, [&](int64_t c) {
+    std::vector<T> xp(plane.Hp * plane.Wp), dxp(plane.Hp * plane.Wp), z(count), g(count);
+    std::vector<T> acc(K * K * plane.Wo, T(0));
+    const T* wc = w.data() + c * K * K;
+    for (int64_t n = 0; n < N; ++n) {
+      plane.pad(xd + (n * C + c) * in_plane, xp.data());
+      plane.conv(xp.data(), wc, z.data() + n * out_plane);
+    }
+    const T mean = mean_in[c];
+    const T invstd = static_cast<T>(1.0 / std::sqrt(static_cast<double>(var_in[c]) + eps));
+    const T a = gamma[c] * invstd, b = beta[c] - mean * a;
+    // g = dL/d(BN output); the two sums of batch-norm backward.
+    double sum_g = 0.0, sum_g_zc = 0.0;
+    for (int64_t n = 0; n < N; ++n) {
+      const scalar_t* dy = gd + (n * C + c) * out_plane;
+      const T* zn = z.data() + n * out_plane;
+      T* gn = g.data() + n * out_plane;
+      for (int64_t i = 0; i < out_plane; ++i) {
+        const T gi = act_backward<ACT>(a * zn[i] + b, static_cast<T>(dy[i]));
+        gn[i] = gi;
+        sum_g += gi;
+        sum_g_zc += gi * (zn[i] - mean);
+      }
+    }
+    grad_beta[c] = sum_g;
+    grad_gamma[c] = sum_g_zc * invstd;
+    // dL/dz = a * (g - mean(g) - xhat * mean(g * xhat)), xhat = (z - mean) * invstd; written over g.
+    const T c0 = static_cast<T>(a * sum_g / count);
+    const T c1 = static_cast<T>(a * invstd * invstd * sum_g_zc / count);
+    for (int64_t i = 0; i < count; ++i) g[i] = a * g[i] - c0 - c1 * (z[i] - mean);
+    for (int64_t n = 0; n < N; ++n) {
+      plane.pad(xd + (n * C + c) * in_plane, xp.data());
+      std::fill(dxp.begin(), dxp.end(), 0.f);
+      plane.backward(g.data() + n * out_plane, xp.data(), wc, dxp.data(), acc.data());
+      plane.unpad(dxp.data(), dxd + (n * C + c) * in_plane);
+    }
+    for (int t = 0; t < K * K; ++t) {
+      double s = 0.0;
+      for (int64_t ow = 0; ow < plane.Wo; ++ow) s += acc[t * plane.Wo + ow];
+      grad_w[c * K * K + t] = s;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, int64_t stride, int64_t act,
+    double eps) {
+  const char* op = "betanas::dw_bn_act_train_backward";
+  check_dw_args(op, c10::kCPU, x_in, weight,
+                {{"bn_weight", bn_weight}, {"bn_bias", bn_bias}, {"mean", mean}, {"var", var}}, stride, act);
+  const int64_t K = weight.size(3), C = x_in.size(1);
+  check_grad_out(op, grad_out_in, x_in, K, stride);
+  const auto layout = layout_of(x_in);
+  const at::Tensor x = x_in.contiguous(), grad_out = grad_out_in.contiguous();
+  at::Tensor grad_x = at::empty_like(x);
+  std::vector<double> gw(C * K * K), gg(C), gb(C);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dw_bn_act_train_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto w = to_vector<T>(weight), g = to_vector<T>(bn_weight), b = to_vector<T>(bn_bias);
+    const auto m = to_vector<T>(mean), v = to_vector<T>(var);
+    dispatch_kernel_stride(K, stride, [&](auto k, auto s) {
+      dispatch_act(act, [&](auto a) {
+        train_backward_kernel<scalar_t, decltype(k)::value, decltype(s)::value, decltype(a)::value>(
+            grad_out, x, w, g, b, m, v, eps, grad_x, gw, gg, gb);
+      });
+    });
+  });
+  return {grad_x.contiguous(layout), like_param(gw, weight), like_param(gg, bn_weight), like_param(gb, bn_bias)};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Evaluation mode: y = act(scale * conv(x) + shift).
+
+template <typename scalar_t, int K, int S, int ACT, typename T = at::opmath_type<scalar_t>>
+void eval_forward_kernel(const at::Tensor& x, const std::vector<T>& w, const std::vector<T>& scale,
+                         const std::vector<T>& shift, at::Tensor& out) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const DwPlane<T, K, S> plane(x.size(2), x.size(3));
+  const int64_t in_plane = plane.H * plane.W, out_plane = plane.Ho * plane.Wo;
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  scalar_t* yd = out.mutable_data_ptr<scalar_t>();
+  // No reduction across the batch here: one (n, c) plane per task.
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> xp(plane.Hp * plane.Wp), z(out_plane);
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t c = nc % C;
+      plane.pad(xd + nc * in_plane, xp.data());
+      plane.conv(xp.data(), w.data() + c * K * K, z.data());
+      scalar_t* yn = yd + nc * out_plane;
+      const T a = scale[c], b = shift[c];
+      for (int64_t i = 0; i < out_plane; ++i) yn[i] = static_cast<scalar_t>(act_forward<ACT>(a * z[i] + b));
+    }
+  });
+}
+
+at::Tensor dw_bn_act_eval_cpu(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scale,
+                              const at::Tensor& shift, int64_t stride, int64_t act) {
+  check_dw_args("betanas::dw_bn_act_eval", c10::kCPU, x_in, weight, {{"scale", scale}, {"shift", shift}}, stride,
+                act);
+  const int64_t K = weight.size(3);
+  const auto layout = layout_of(x_in);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty(
+      {x.size(0), x.size(1), conv_out_size(x.size(2), K, stride), conv_out_size(x.size(3), K, stride)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dw_bn_act_eval_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto w = to_vector<T>(weight), a = to_vector<T>(scale), b = to_vector<T>(shift);
+    dispatch_kernel_stride(K, stride, [&](auto k, auto s) {
+      dispatch_act(act, [&](auto ac) {
+        eval_forward_kernel<scalar_t, decltype(k)::value, decltype(s)::value, decltype(ac)::value>(x, w, a, b, out);
+      });
+    });
+  });
+  return out.contiguous(layout);
+}
+
+template <typename scalar_t, int K, int S, int ACT, typename T = at::opmath_type<scalar_t>>
+void eval_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const std::vector<T>& w,
+                          const std::vector<T>& scale, const std::vector<T>& shift, at::Tensor& grad_x,
+                          std::vector<double>& grad_w, std::vector<double>& grad_scale,
+                          std::vector<double>& grad_shift) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const DwPlane<T, K, S> plane(x.size(2), x.size(3));
+  const int64_t in_plane = plane.H * plane.W, out_plane = plane.Ho * plane.Wo;
+  const scalar_t* xd = x.const_data_ptr<scalar_t>();
+  const scalar_t* gd = grad_out.const_data_ptr<scalar_t>();
+  scalar_t* dxd = grad_x.mutable_data_ptr<scalar_t>();
+
+  for_each_channel(C, [&](int64_t c) {
+    std::vector<T> xp(plane.Hp * plane.Wp), dxp(plane.Hp * plane.Wp), z(out_plane);
+    std::vector<T> acc(K * K * plane.Wo, T(0));
+    const T* wc = w.data() + c * K * K;
+    const T a = scale[c], b = shift[c];
+    double sum_g = 0.0, sum_gz = 0.0;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t nc = n * C + c;
+      plane.pad(xd + nc * in_plane, xp.data());
+      plane.conv(xp.data(), wc, z.data());
+      const scalar_t* dy = gd + nc * out_plane;
+      for (int64_t i = 0; i < out_plane; ++i) {
+        const T gi = act_backward<ACT>(a * z[i] + b, static_cast<T>(dy[i]));
+        sum_g += gi;
+        sum_gz += gi * z[i];
+        z[i] = gi * a;  // dL/dz
+      }
+      std::fill(dxp.begin(), dxp.end(), 0.f);
+      plane.backward(z.data(), xp.data(), wc, dxp.data(), acc.data());
+      plane.unpad(dxp.data(), dxd + nc * in_plane);
+    }
+    grad_shift[c] = sum_g;
+    grad_scale[c] = sum_gz;
+    for (int t = 0; t < K * K; ++t) {
+      double s = 0.0;
+      for (int64_t ow = 0; ow < plane.Wo; ++ow) s += acc[t * plane.Wo + ow];
+      grad_w[c * K * K + t] = s;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_eval_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scale,
+    const at::Tensor& shift, int64_t stride, int64_t act) {
+  const char* op = "betanas::dw_bn_act_eval_backward";
+  check_dw_args(op, c10::kCPU, x_in, weight, {{"scale", scale}, {"shift", shift}}, stride, act);
+  const int64_t K = weight.size(3), C = x_in.size(1);
+  check_grad_out(op, grad_out_in, x_in, K, stride);
+  const auto layout = layout_of(x_in);
+  const at::Tensor x = x_in.contiguous(), grad_out = grad_out_in.contiguous();
+  at::Tensor grad_x = at::empty_like(x);
+  std::vector<double> gw(C * K * K), gs(C), gb(C);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dw_bn_act_eval_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto w = to_vector<T>(weight), a = to_vector<T>(scale), b = to_vector<T>(shift);
+    dispatch_kernel_stride(K, stride, [&](auto k, auto s) {
+      dispatch_act(act, [&](auto ac) {
+        eval_backward_kernel<scalar_t, decltype(k)::value, decltype(s)::value, decltype(ac)::value>(
+            grad_out, x, w, a, b, grad_x, gw, gs, gb);
+      });
+    });
+  });
+  return {grad_x.contiguous(layout), like_param(gw, weight), like_param(gs, scale), like_param(gb, shift)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(betanas, CPU, m) {
+  m.impl("dw_bn_act_train", &dw_bn_act_train_cpu);
+  m.impl("dw_bn_act_train_backward", &dw_bn_act_train_backward_cpu);
+  m.impl("dw_bn_act_eval", &dw_bn_act_eval_cpu);
+  m.impl("dw_bn_act_eval_backward", &dw_bn_act_eval_backward_cpu);
+}
+
+}  // namespace betanas

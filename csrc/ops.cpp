@@ -1,0 +1,30 @@
+// Every op's schema, in one place. CPU kernels: csrc/cpu/, CUDA kernels: csrc/cuda/; fake kernels and
+// autograd are registered from Python (betanas_fast/ops/), the pure-PyTorch oracles are in
+// betanas_fast/reference/.
+#include <torch/library.h>
+
+#ifdef TORCH_EXTENSION_NAME  // built as the Python extension betanas_fast._C (not by the CMake build)
+#include <Python.h>
+// Importing betanas_fast._C loads this library, whose static initialisers register the ops.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+#endif
+
+TORCH_LIBRARY(betanas, m) {
+  // Fused depthwise MBConv stage y = act(BN(depthwise_conv(x))), padding k // 2, k = weight.size(-1).
+  // act: 0 none, 1 relu6, 2 silu. Training mode normalises with the batch statistics and returns them
+  // (mean and biased variance, float32) so that the caller can update its running statistics.
+  m.def("dw_bn_act_train(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, int stride, int act, "
+        "float eps) -> (Tensor out, Tensor mean, Tensor var)");
+  m.def("dw_bn_act_train_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+        "Tensor mean, Tensor var, int stride, int act, float eps) -> (Tensor grad_x, Tensor grad_weight, "
+        "Tensor grad_bn_weight, Tensor grad_bn_bias)");
+  // Evaluation mode: batch norm folded into a per-channel scale and shift.
+  m.def("dw_bn_act_eval(Tensor x, Tensor weight, Tensor scale, Tensor shift, int stride, int act) -> Tensor");
+  m.def("dw_bn_act_eval_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scale, Tensor shift, int stride, "
+        "int act) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_scale, Tensor grad_shift)");
+}

@@ -1,0 +1,123 @@
+"""Builds betanas_fast._C: CPU kernels always, CUDA kernels when torch has CUDA and a toolkit is found.
+
+Switches (environment variables):
+  BETANAS_FORCE_CPU=1      build the CPU kernels only, even where CUDA is available
+  BETANAS_FORCE_CUDA=1     fail instead of falling back to a CPU-only build when CUDA is not usable
+  TORCH_CUDA_ARCH_LIST     CUDA architectures, e.g. "9.0" (default: csrc/DEFAULT_CUDA_ARCHS, filtered
+                           to what the nvcc found supports); the CMake build reads the same setting
+  MAX_JOBS                 parallel compile jobs (torch's knob)
+  CUDA_HOME                the CUDA toolkit (default: the directory of the nvcc on PATH, resolved)
+  BETANAS_DEBUG=1          -O0 -g
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name):
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _find_cuda_home():
+    """The real toolkit directory. `/usr/local/bin/nvcc` can be a wrapper script, from which torch would
+    guess CUDA_HOME=/usr/local (no libcudart there); look for a directory that has bin/nvcc and a cudart."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        has_nvcc = os.path.exists(os.path.join(home, "bin", "nvcc"))
+        has_cudart = glob.glob(os.path.join(home, "lib*", "libcudart.so*")) or glob.glob(
+            os.path.join(home, "targets", "*", "lib", "libcudart.so*"))
+        if has_nvcc and has_cudart:
+            return home
+    return None
+
+
+def _nvcc_version(cuda_home):
+    try:
+        out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _default_arch_list(nvcc_version):
+    with open(os.path.join(ROOT, "csrc", "DEFAULT_CUDA_ARCHS")) as f:
+        archs = [a for a in f.read().split() if a and not a.startswith("#")]
+    # CUDA 13 dropped sm_70 and older; CUDA 12 still accepts 7.0.
+    min_arch = 7.5 if nvcc_version and nvcc_version[0] >= 13 else 7.0
+    return ";".join(a for a in archs if float(a.replace("+PTX", "")) >= min_arch)
+
+
+# CUDA_HOME must be right before torch.utils.cpp_extension is imported: it reads it at import time.
+cuda_home = None if _env_flag("BETANAS_FORCE_CPU") else _find_cuda_home()
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+torch_has_cuda = torch.version.cuda is not None
+use_cuda = (not _env_flag("BETANAS_FORCE_CPU")) and torch_has_cuda and cuda_home is not None
+if _env_flag("BETANAS_FORCE_CUDA") and not use_cuda:
+    sys.exit(f"BETANAS_FORCE_CUDA=1 but CUDA is not usable: torch.version.cuda={torch.version.cuda}, "
+             f"CUDA toolkit={cuda_home}")
+
+nvcc_version = _nvcc_version(cuda_home) if use_cuda else None
+if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    # Without a visible GPU torch cannot pick an arch (and older releases crash trying): set one.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list(nvcc_version)
+
+sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+cxx_flags = ["-O0", "-g"] if _env_flag("BETANAS_DEBUG") else ["-O3"]
+cxx_flags += ["-fopenmp", "-DBETANAS_WITH_OPENMP"]
+nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+include_dirs = [os.path.join(ROOT, "csrc")]
+define_macros = []
+
+if use_cuda:
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    # ATen/cuda/CUDAContext.h includes cuBLAS/cuSPARSE headers that a bare toolkit may lack; the
+    # nvidia-* wheels installed with torch ship them next to torch.
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    include_dirs += sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d))
+    define_macros.append(("BETANAS_WITH_CUDA", None))
+    ext = CUDAExtension(
+        "betanas_fast._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])
+else:
+    ext = CppExtension(
+        "betanas_fast._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+
+print("betanas_fast build configuration:")
+print(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
+print(f"  kernels: CPU{' + CUDA' if use_cuda else ' only'}"
+      + ("" if use_cuda else f"  (torch CUDA: {torch.version.cuda}, toolkit: {cuda_home},"
+                               f" BETANAS_FORCE_CPU={os.environ.get('BETANAS_FORCE_CPU', '0')})"))
+if use_cuda:
+    print(f"  CUDA_HOME {cuda_home}, nvcc {nvcc_version}, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+print(f"  MAX_JOBS={os.environ.get('MAX_JOBS', '(torch default)')}, sources: {len(sources)}")
+
+# Recorded in the package so that build_info() can report how it was built.
+with open(os.path.join(ROOT, "betanas_fast", "_build_config.py"), "w") as f:
+    f.write("# Written by setup.py at build time.\n")
+    f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+    f.write(f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n")
+    f.write(f"WITH_CUDA = {use_cuda!r}\n")
+    f.write(f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if use_cuda else ''!r}\n")
+    f.write(f"NVCC_VERSION = {'.'.join(map(str, nvcc_version)) if nvcc_version else None!r}\n")
+
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})
