@@ -1,6 +1,6 @@
 """betanas_fast: the BetaNAS neural architecture search, with fused C++/CUDA kernels."""
 from ._ext import KERNELS_LOADED, build_info
-from . import ops
+from . import nn, ops
 
 __version__ = "0.1.0"
-__all__ = ["KERNELS_LOADED", "build_info", "ops", "__version__"]
+__all__ = ["KERNELS_LOADED", "build_info", "nn", "ops", "__version__"]

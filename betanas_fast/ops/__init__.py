@@ -1,5 +1,5 @@
 """The Python face of the betanas ops: fake kernels, autograd, and the fallback to the references."""
-from .dw_bn_act import ACTIVATIONS, OP_NAMES as _DW_OPS, dw_bn_act, dw_bn_act_eval, dw_bn_act_train
+from .depthwise import ACTIVATIONS, OP_NAMES as _DW_OPS, dw_bn_act, dw_bn_act_eval, dw_bn_act_train
 
 OP_NAMES = tuple(_DW_OPS)
 

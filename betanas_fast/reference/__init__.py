@@ -2,7 +2,7 @@
 
 The kernels are tested against these, and the ops run them wherever no kernel is available.
 """
-from .dw_bn_act import (
+from .depthwise import (
     dw_bn_act_eval,
     dw_bn_act_eval_backward,
     dw_bn_act_train,

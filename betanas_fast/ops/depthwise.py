@@ -41,6 +41,10 @@ def _out_shape(x, weight, stride):
     return (n, c, (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1)
 
 
+def _empty(x, shape):
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+
+
 def _stats_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -57,24 +61,24 @@ if KERNELS_LOADED:
     def _train_fake(x, weight, bn_weight, bn_bias, stride, act, eps):
         _check_shapes(x, weight)
         c = x.shape[1]
-        out = x.new_empty(_out_shape(x, weight, stride), memory_format=_memory_format(x))
+        out = _empty(x, _out_shape(x, weight, stride))
         return out, x.new_empty((c,), dtype=_stats_dtype(x)), x.new_empty((c,), dtype=_stats_dtype(x))
 
     @torch.library.register_fake("betanas::dw_bn_act_train_backward")
     def _train_backward_fake(grad_out, x, weight, bn_weight, bn_bias, mean, var, stride, act, eps):
         _check_shapes(x, weight)
-        return (x.new_empty(x.shape, memory_format=_memory_format(x)), torch.empty_like(weight),
+        return (_empty(x, x.shape), torch.empty_like(weight),
                 torch.empty_like(bn_weight), torch.empty_like(bn_bias))
 
     @torch.library.register_fake("betanas::dw_bn_act_eval")
     def _eval_fake(x, weight, scale, shift, stride, act):
         _check_shapes(x, weight)
-        return x.new_empty(_out_shape(x, weight, stride), memory_format=_memory_format(x))
+        return _empty(x, _out_shape(x, weight, stride))
 
     @torch.library.register_fake("betanas::dw_bn_act_eval_backward")
     def _eval_backward_fake(grad_out, x, weight, scale, shift, stride, act):
         _check_shapes(x, weight)
-        return (x.new_empty(x.shape, memory_format=_memory_format(x)), torch.empty_like(weight),
+        return (_empty(x, x.shape), torch.empty_like(weight),
                 torch.empty_like(scale), torch.empty_like(shift))
 
     def _train_setup_context(ctx, inputs, output):

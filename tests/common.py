@@ -1,0 +1,31 @@
+"""Shared test helpers: devices, dtypes and the per-dtype tolerance table."""
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))]
+
+# The dtypes the kernels support on each device.
+KERNEL_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
+
+# float32 and float64: max |actual - expected| / max(1, max |expected|) against a float64 oracle.
+# float16 and bfloat16 are judged relative to PyTorch's own composite in the same dtype
+# (LOW_PRECISION_FACTOR), because their absolute error depends on the data.
+RELATIVE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
+LOW_PRECISION_FACTOR = {"forward": 2.0, "backward": 3.0}
+
+
+def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1.0)).item()
+
+
+def device_dtype_params():
+    """(device, dtype) pairs that the kernels support, CUDA ones skipped without a GPU."""
+    params = []
+    for device in ("cpu", "cuda"):
+        marks = [] if device == "cpu" else [pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]
+        for dtype in KERNEL_DTYPES[device]:
+            params.append(pytest.param(device, dtype, marks=marks, id=f"{device}-{str(dtype)[6:]}"))
+    return params
