@@ -7,6 +7,9 @@ Switches (environment variables):
                            to what the nvcc found supports); the CMake build reads the same setting
   MAX_JOBS                 parallel compile jobs (torch's knob)
   CUDA_HOME                the CUDA toolkit (default: the directory of the nvcc on PATH, resolved)
+  BETANAS_CPU_MARCH        -march for the CPU kernels (default "native": the library is always built
+                           on the machine that runs it, because torch's C++ ABI ties it to the local
+                           torch; set e.g. "x86-64-v2" to build for other machines, "" for none)
   BETANAS_DEBUG=1          -O0 -g
 """
 import glob
@@ -82,7 +85,10 @@ if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
 
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 cxx_flags = ["-O0", "-g"] if _env_flag("BETANAS_DEBUG") else ["-O3"]
-cxx_flags += ["-fopenmp", "-DBETANAS_WITH_OPENMP"]
+cxx_flags += ["-fopenmp"]
+cpu_march = os.environ.get("BETANAS_CPU_MARCH", "native").strip()
+if cpu_march:
+    cxx_flags.append(f"-march={cpu_march}")
 nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
 include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = []
@@ -109,7 +115,8 @@ print(f"  kernels: CPU{' + CUDA' if use_cuda else ' only'}"
                                f" BETANAS_FORCE_CPU={os.environ.get('BETANAS_FORCE_CPU', '0')})"))
 if use_cuda:
     print(f"  CUDA_HOME {cuda_home}, nvcc {nvcc_version}, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
-print(f"  MAX_JOBS={os.environ.get('MAX_JOBS', '(torch default)')}, sources: {len(sources)}")
+print(f"  MAX_JOBS={os.environ.get('MAX_JOBS', '(torch default)')}, sources: {len(sources)}, "
+      f"CPU -march={cpu_march or '(compiler default)'}")
 
 # Recorded in the package so that build_info() can report how it was built.
 with open(os.path.join(ROOT, "betanas_fast", "_build_config.py"), "w") as f:
@@ -119,5 +126,6 @@ with open(os.path.join(ROOT, "betanas_fast", "_build_config.py"), "w") as f:
     f.write(f"WITH_CUDA = {use_cuda!r}\n")
     f.write(f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if use_cuda else ''!r}\n")
     f.write(f"NVCC_VERSION = {'.'.join(map(str, nvcc_version)) if nvcc_version else None!r}\n")
+    f.write(f"CPU_MARCH = {cpu_march!r}\n")
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})

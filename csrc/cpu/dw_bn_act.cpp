@@ -49,51 +49,114 @@ struct DwPlane {
     std::fill(xp + (P + H) * Wp, xp + Hp * Wp, T(0));
   }
 
-  // z[oh, ow] = sum_{kh, kw} w[kh, kw] * xp[oh*S + kh, ow*S + kw]
+  // z[oh, ow] = sum_{kh, kw} w[kh, kw] * xp[oh*S + kh, ow*S + kw]: blocks of output columns accumulate
+  // over all K*K taps in registers (NB independent sums, enough to hide the FMA latency).
   void conv(const T* __restrict xp, const T* __restrict w, T* __restrict z) const {
-    for (int64_t oh = 0; oh < Ho; ++oh) {
-      T* __restrict zr = z + oh * Wo;
-      std::fill(zr, zr + Wo, T(0));
-      for (int kh = 0; kh < K; ++kh) {
-        const T* __restrict xr = xp + (oh * S + kh) * Wp;
-        for (int kw = 0; kw < K; ++kw) {
-          const T wv = w[kh * K + kw];
-          const T* __restrict xrk = xr + kw;
-          for (int64_t ow = 0; ow < Wo; ++ow) zr[ow] += wv * xrk[ow * S];
-        }
-      }
+    conv_plane<S>(xp, w, z, Ho, Wo, Wp);
+  }
+
+  template <int SS>
+  static void conv_plane(const T* __restrict xp, const T* __restrict w, T* __restrict z, int64_t Ho_, int64_t Wo_,
+                         int64_t Wp_) {
+    for (int64_t oh = 0; oh < Ho_; ++oh) {
+      const T* __restrict rows = xp + oh * SS * Wp_;
+      T* __restrict zr = z + oh * Wo_;
+      int64_t ow = 0;
+      for (; ow + 32 <= Wo_; ow += 32) conv_cols<32, SS>(rows, w, zr, ow, Wp_);
+      if (ow + 16 <= Wo_) { conv_cols<16, SS>(rows, w, zr, ow, Wp_); ow += 16; }
+      if (ow + 8 <= Wo_) { conv_cols<8, SS>(rows, w, zr, ow, Wp_); ow += 8; }
+      if (ow + 4 <= Wo_) { conv_cols<4, SS>(rows, w, zr, ow, Wp_); ow += 4; }
+      for (; ow < Wo_; ++ow) conv_cols<1, SS>(rows, w, zr, ow, Wp_);
     }
   }
 
-  // The transposed convolution into the padded dxp (zeroed by the caller), and the weight gradient,
-  // accumulated per tap and per output column in acc [K*K, Wo] (summed by the caller).
-  void backward(const T* __restrict dz, const T* __restrict xp, const T* __restrict w, T* __restrict dxp,
-                T* __restrict acc) const {
-    for (int64_t oh = 0; oh < Ho; ++oh) {
-      const T* __restrict dzr = dz + oh * Wo;
-      for (int kh = 0; kh < K; ++kh) {
-        const int64_t row = (oh * S + kh) * Wp;
-        for (int kw = 0; kw < K; ++kw) {
-          const T wv = w[kh * K + kw];
-          T* __restrict dxr = dxp + row + kw;
-          const T* __restrict xr = xp + row + kw;
-          T* __restrict a = acc + (kh * K + kw) * Wo;
-          for (int64_t ow = 0; ow < Wo; ++ow) {
-            dxr[ow * S] += wv * dzr[ow];
-            a[ow] += dzr[ow] * xr[ow * S];
+  template <int NB, int SS>
+  static inline void conv_cols(const T* __restrict rows, const T* __restrict w, T* __restrict zr, int64_t ow0,
+                               int64_t Wp_) {
+    T acc[NB] = {};
+    for (int kh = 0; kh < K; ++kh) {
+      const T* __restrict xr = rows + kh * Wp_ + ow0 * SS;
+      for (int kw = 0; kw < K; ++kw) {
+        const T wv = w[kh * K + kw];
+        for (int j = 0; j < NB; ++j) acc[j] += wv * xr[j * SS + kw];
+      }
+    }
+    for (int j = 0; j < NB; ++j) zr[ow0 + j] = acc[j];
+  }
+
+  // dL/dx of the convolution, into dx_plane [H, W]. Stride 1: a correlation of the zero-padded dz
+  // (dzp, [Ho + 2P, Wo + 2P], filled by the caller) with the flipped kernel wf, reusing the register-
+  // blocked conv. Stride 2: scattered into the padded dxp (zeroed by the caller), then cropped.
+  void grad_input(const T* __restrict dz, const T* __restrict dzp, const T* __restrict w, const T* __restrict wf,
+                  T* __restrict dxp, T* __restrict dx_plane) const {
+    if constexpr (S == 1) {
+      conv_plane<1>(dzp, wf, dx_plane, H, W, Wo + 2 * P);
+    } else {
+      for (int64_t oh = 0; oh < Ho; ++oh) {
+        const T* __restrict dzr = dz + oh * Wo;
+        for (int kh = 0; kh < K; ++kh) {
+          T* __restrict dxr = dxp + (oh * S + kh) * Wp;
+          for (int kw = 0; kw < K; ++kw) {
+            const T wv = w[kh * K + kw];
+            for (int64_t ow = 0; ow < Wo; ++ow) dxr[ow * S + kw] += wv * dzr[ow];
           }
         }
       }
+      for (int64_t h = 0; h < H; ++h) std::copy_n(dxp + (h + P) * Wp + P, W, dx_plane + h * W);
     }
   }
 
-  template <typename scalar_t>
-  void unpad(const T* __restrict dxp, scalar_t* __restrict dx) const {
-    for (int64_t h = 0; h < H; ++h) {
-      const T* __restrict row = dxp + (h + P) * Wp + P;
-      scalar_t* __restrict dst = dx + h * W;
-      for (int64_t w = 0; w < W; ++w) dst[w] = static_cast<scalar_t>(row[w]);
+  // dL/dw[kh, kw] += sum_{oh, ow} dz[oh, ow] * xp[oh*S + kh, ow*S + kw], tap by tap over the whole plane
+  // (the plane stays in L1), with 8 partial sums per tap.
+  void grad_weight(const T* __restrict dz, const T* __restrict xp, double* __restrict dw) const {
+    for (int kh = 0; kh < K; ++kh) {
+      for (int kw = 0; kw < K; ++kw) {
+        T acc[8] = {};
+        T tail = T(0);
+        for (int64_t oh = 0; oh < Ho; ++oh) {
+          const T* __restrict dzr = dz + oh * Wo;
+          const T* __restrict xr = xp + (oh * S + kh) * Wp + kw;
+          int64_t ow = 0;
+          for (; ow + 8 <= Wo; ow += 8) {
+            for (int j = 0; j < 8; ++j) acc[j] += dzr[ow + j] * xr[(ow + j) * S];
+          }
+          for (; ow < Wo; ++ow) tail += dzr[ow] * xr[ow * S];
+        }
+        double sum = tail;
+        for (int j = 0; j < 8; ++j) sum += acc[j];
+        dw[kh * K + kw] += sum;
+      }
     }
+  }
+
+  // The zero-padded dz plane that grad_input needs for stride 1.
+  void pad_grad(const T* __restrict dz, T* __restrict dzp) const {
+    const int64_t Wq = Wo + 2 * P;
+    std::fill(dzp, dzp + (Ho + 2 * P) * Wq, T(0));
+    for (int64_t oh = 0; oh < Ho; ++oh) std::copy_n(dz + oh * Wo, Wo, dzp + (oh + P) * Wq + P);
+  }
+
+  int64_t grad_pad_size() const { return S == 1 ? (Ho + 2 * P) * (Wo + 2 * P) : 0; }
+
+  static std::vector<T> flipped(const T* w) {
+    std::vector<T> wf(K * K);
+    for (int t = 0; t < K * K; ++t) wf[t] = w[K * K - 1 - t];
+    return wf;
+  }
+
+  // dL/dx of one (n, c) plane from its dz plane, stored in the tensor's dtype; buffers are per task.
+  template <typename scalar_t>
+  void backward_plane(const T* __restrict dz, const T* __restrict xp, const T* __restrict w, const T* __restrict wf,
+                      std::vector<T>& dzp, std::vector<T>& dxp, std::vector<T>& dx_plane, double* __restrict dw,
+                      scalar_t* __restrict dx) const {
+    if constexpr (S == 1) {
+      pad_grad(dz, dzp.data());
+    } else {
+      std::fill(dxp.begin(), dxp.end(), T(0));
+    }
+    grad_input(dz, dzp.data(), w, wf, dxp.data(), dx_plane.data());
+    grad_weight(dz, xp, dw);
+    for (int64_t i = 0; i < H * W; ++i) dx[i] = static_cast<scalar_t>(dx_plane[i]);
   }
 };
 
@@ -200,8 +263,10 @@ void train_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, cons
 
   for_each_channel(C, [&](int64_t c) {
     std::vector<T> xp(plane.Hp * plane.Wp), dxp(plane.Hp * plane.Wp), z(count), g(count);
-    std::vector<T> acc(K * K * plane.Wo, T(0));
+    std::vector<T> dzp(plane.grad_pad_size()), dx_plane(in_plane);
+    std::vector<double> dw(K * K, 0.0);
     const T* wc = w.data() + c * K * K;
+    const auto wf = plane.flipped(wc);
     for (int64_t n = 0; n < N; ++n) {
       plane.pad(xd + (n * C + c) * in_plane, xp.data());
       plane.conv(xp.data(), wc, z.data() + n * out_plane);
@@ -230,15 +295,10 @@ void train_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, cons
     for (int64_t i = 0; i < count; ++i) g[i] = a * g[i] - c0 - c1 * (z[i] - mean);
     for (int64_t n = 0; n < N; ++n) {
       plane.pad(xd + (n * C + c) * in_plane, xp.data());
-      std::fill(dxp.begin(), dxp.end(), 0.f);
-      plane.backward(g.data() + n * out_plane, xp.data(), wc, dxp.data(), acc.data());
-      plane.unpad(dxp.data(), dxd + (n * C + c) * in_plane);
+      plane.backward_plane(g.data() + n * out_plane, xp.data(), wc, wf.data(), dzp, dxp, dx_plane, dw.data(),
+                           dxd + (n * C + c) * in_plane);
     }
-    for (int t = 0; t < K * K; ++t) {
-      double s = 0.0;
-      for (int64_t ow = 0; ow < plane.Wo; ++ow) s += acc[t * plane.Wo + ow];
-      grad_w[c * K * K + t] = s;
-    }
+    std::copy(dw.begin(), dw.end(), grad_w.begin() + c * K * K);
   });
 }
 
@@ -329,8 +389,10 @@ void eval_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const
 
   for_each_channel(C, [&](int64_t c) {
     std::vector<T> xp(plane.Hp * plane.Wp), dxp(plane.Hp * plane.Wp), z(out_plane);
-    std::vector<T> acc(K * K * plane.Wo, T(0));
+    std::vector<T> dzp(plane.grad_pad_size()), dx_plane(in_plane);
+    std::vector<double> dw(K * K, 0.0);
     const T* wc = w.data() + c * K * K;
+    const auto wf = plane.flipped(wc);
     const T a = scale[c], b = shift[c];
     double sum_g = 0.0, sum_gz = 0.0;
     for (int64_t n = 0; n < N; ++n) {
@@ -344,17 +406,11 @@ void eval_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const
         sum_gz += gi * z[i];
         z[i] = gi * a;  // dL/dz
       }
-      std::fill(dxp.begin(), dxp.end(), 0.f);
-      plane.backward(z.data(), xp.data(), wc, dxp.data(), acc.data());
-      plane.unpad(dxp.data(), dxd + nc * in_plane);
+      plane.backward_plane(z.data(), xp.data(), wc, wf.data(), dzp, dxp, dx_plane, dw.data(), dxd + nc * in_plane);
     }
     grad_shift[c] = sum_g;
     grad_scale[c] = sum_gz;
-    for (int t = 0; t < K * K; ++t) {
-      double s = 0.0;
-      for (int64_t ow = 0; ow < plane.Wo; ++ow) s += acc[t * plane.Wo + ow];
-      grad_w[c * K * K + t] = s;
-    }
+    std::copy(dw.begin(), dw.end(), grad_w.begin() + c * K * K);
   });
 }
 

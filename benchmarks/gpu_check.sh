@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# On a machine with a GPU: build the kernels for that GPU against the torch installed there, run the
+# CUDA tests and the GPU benchmarks, and print a short table last. Results go to $OUT (or /tmp).
+#   bash benchmarks/gpu_check.sh
+# Set TORCH_CUDA_ARCH_LIST for another GPU than an H200 (sm_90).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-/tmp/betanas_gpu_check}"
+mkdir -p "$out"
+start=$(date +%s)
+stamp() { echo "=== [$(( $(date +%s) - start ))s] $*"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+stamp "build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0})"
+if ! TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+    python3 -m pip install --no-build-isolation --no-deps . > "$out/build.log" 2>&1; then
+  tail -n 60 "$out/build.log"; echo "BUILD FAILED"; exit 1
+fi
+(cd "$out" && python3 -c "import betanas_fast, json; print(json.dumps(betanas_fast.build_info()))") | tee "$out/build_info.json"
+
+stamp "CUDA tests"
+# The op-level tests run every case on CPU and CUDA; only the CUDA ones are selected here.
+python3 -m pytest tests/test_dw_bn_act.py tests/test_nn.py tests/test_build.py -q -k "cuda or build" \
+  -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -n 25
+tests_rc=${PIPESTATUS[0]}
+
+stamp "GPU benchmarks"
+BETANAS_BENCH_ROUNDS="${BETANAS_BENCH_ROUNDS:-10}" python3 -m pytest benchmarks/ --benchmark-only -q -k cuda \
+  -p no:cacheprovider --benchmark-disable-gc --results-md "$out/gpu.md" > "$out/bench.log" 2>&1
+bench_rc=$?
+tail -n 5 "$out/bench.log"
+
+stamp "summary (full table: $out/gpu.md)"
+echo "tests exit code: $tests_rc; benchmarks exit code: $bench_rc"
+python3 - "$out/gpu.md" <<'PY'
+import re, sys
+rows = [l for l in open(sys.argv[1]) if l.startswith("|") and "---" not in l] if len(sys.argv) > 1 else []
+print("\n".join(r.rstrip() for r in rows[:1]))
+for r in rows[1:]:
+    if "fwd+bwd" in r or "eval" in r:
+        print(r.rstrip())
+for l in open(sys.argv[1]):
+    if l.startswith("- eval k=3"):
+        print(l.rstrip())
+PY
+exit $(( tests_rc != 0 || bench_rc != 0 ))

@@ -1,0 +1,119 @@
+"""The fused depthwise stage against the ATen composite (conv2d groups=C + batch_norm + relu6) in the
+same run: forward and forward+backward, train and eval.
+
+CPU: the embedded demo's shapes (N=64, fp32); set BETANAS_BENCH_FULL=1 for every C x H combination.
+CUDA (when present): MobileNetV2 ImageNet shapes (N=256, bf16, channels_last), plus the eval-mode k=3
+bandwidth against the device's measured copy bandwidth.
+"""
+import itertools
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from betanas_fast import ops
+
+FULL = os.environ.get("BETANAS_BENCH_FULL") == "1"
+# The demo supernet's depthwise stages: channels grow as resolution shrinks.
+CPU_SHAPES = (list(itertools.product((48, 96, 144), (32, 16, 8))) if FULL else [(48, 32), (96, 16), (144, 8)])
+CUDA_SHAPES = list(itertools.product((96, 144, 240), (56, 28, 14)))
+KERNEL_SIZES = (3, 5, 7)
+EPS, MOMENTUM = 1e-5, 0.1
+
+
+def make_case(device, dtype, n, c, hw, k, memory_format):
+    g = torch.Generator().manual_seed(c * 1000 + hw * 10 + k)
+    x = torch.randn(n, c, hw, hw, generator=g).to(device, dtype).contiguous(memory_format=memory_format)
+    weight = (torch.randn(c, 1, k, k, generator=g) / k).to(device, dtype)
+    gamma = (torch.rand(c, generator=g) + 0.5).to(device, dtype)
+    beta = torch.randn(c, generator=g).to(device, dtype)
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    return x, weight, gamma, beta, rm, rv
+
+
+def fused(x, weight, gamma, beta, rm, rv, training):
+    return ops.dw_bn_act(x, weight, gamma, beta, rm, rv, stride=1, act="relu6", training=training,
+                         momentum=MOMENTUM, eps=EPS)
+
+
+def composite(x, weight, gamma, beta, rm, rv, training):
+    z = F.conv2d(x, weight, padding=weight.shape[-1] // 2, groups=x.shape[1])
+    return F.relu6(F.batch_norm(z, rm, rv, gamma, beta, training, MOMENTUM, EPS))
+
+
+IMPLS = {"betanas_fast": fused, "aten": composite}
+
+
+def make_step(impl, tensors, training, backward, sync):
+    x, weight, gamma, beta, rm, rv = tensors
+    if not backward:
+        def step():
+            with torch.no_grad():
+                impl(x, weight, gamma, beta, rm, rv, training)
+            sync()
+        return step
+    leaves = [t.detach().requires_grad_(True) for t in (x, weight, gamma, beta)]
+    grad = torch.randn_like(impl(*leaves, rm, rv, training))
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        impl(*leaves, rm, rv, training).backward(grad)
+        sync()
+    return step
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("k", KERNEL_SIZES)
+@pytest.mark.parametrize("c,hw", CPU_SHAPES)
+def test_cpu_demo_shapes(record, impl, pass_, mode, k, c, hw):
+    tensors = make_case("cpu", torch.float32, 64, c, hw, k, torch.contiguous_format)
+    step = make_step(IMPLS[impl], tensors, mode == "train", pass_ == "fwd+bwd", lambda: None)
+    record("CPU fp32 N=64 stride 1", {"C": c, "HxW": hw, "k": k, "mode": mode, "pass": pass_}, impl, step)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@requires_cuda
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("k", KERNEL_SIZES)
+@pytest.mark.parametrize("c,hw", CUDA_SHAPES)
+def test_cuda_imagenet_shapes(record, impl, pass_, mode, k, c, hw):
+    torch.backends.cudnn.benchmark = True
+    tensors = make_case("cuda", torch.bfloat16, 256, c, hw, k, torch.channels_last)
+    step = make_step(IMPLS[impl], tensors, mode == "train", pass_ == "fwd+bwd", torch.cuda.synchronize)
+    record("CUDA bf16 channels_last N=256 stride 1", {"C": c, "HxW": hw, "k": k, "mode": mode, "pass": pass_},
+           impl, step)
+
+
+@requires_cuda
+@pytest.mark.parametrize("c,hw", CUDA_SHAPES)
+def test_cuda_eval_k3_bandwidth(report_line, c, hw):
+    """Eval-mode k=3 forward reads x and writes y once: its bytes / time against a device copy."""
+    x, weight, gamma, beta, rm, rv = make_case("cuda", torch.bfloat16, 256, c, hw, 3, torch.channels_last)
+    y = torch.empty_like(x)
+
+    def timed(fn, reps=50):
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / reps
+
+    copy_s = timed(lambda: y.copy_(x))
+    with torch.no_grad():
+        fused_s = timed(lambda: fused(x, weight, gamma, beta, rm, rv, False))
+    nbytes = 2 * x.numel() * x.element_size()
+    copy_bw, fused_bw = nbytes / copy_s / 1e9, nbytes / fused_s / 1e9
+    report_line(f"- eval k=3 C={c} {hw}x{hw}: {fused_bw:.0f} GB/s = {100 * fused_bw / copy_bw:.0f}% of "
+                       f"copy bandwidth ({copy_bw:.0f} GB/s)")
