@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -26,6 +27,45 @@
 
 namespace betanas {
 namespace {
+
+// Eight floats as one SIMD value (GCC/Clang vector extensions): the tiles below are written with it so
+// that their accumulators are registers whatever the auto-vectoriser decides.
+typedef float Float8 __attribute__((vector_size(32)));
+
+inline Float8 load8(const float* p) {
+  Float8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Elements p[0], p[2], ..., p[14]: one stride-2 row segment.
+inline Float8 load8_stride2(const float* p) {
+  const Float8 a = load8(p), b = load8(p + 8);
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14);
+}
+
+inline void store8(float* p, Float8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float sum8(Float8 v) {
+  float s = 0.f;
+  for (int j = 0; j < 8; ++j) s += v[j];
+  return s;
+}
+
+// sum_{i < n} f(i) in eight partial sums of type T (vectorised, no long dependency chain), then double.
+// Used per plane, so that the partial sums stay short; the planes of a channel add up in double.
+template <typename T, typename F>
+double lane_sum(int64_t n, F&& f) {
+  T part[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) part[j] += f(i + j);
+  }
+  double s = 0.0;
+  for (; i < n; ++i) s += f(i);
+  for (int j = 0; j < 8; ++j) s += part[j];
+  return s;
+}
 
 // One zero-padded plane of a channel, in the arithmetic type T, and the convolution arithmetic over it.
 // K and S are template constants, so that the inner loops run over contiguous rows without bounds checks.
@@ -49,8 +89,9 @@ struct DwPlane {
     std::fill(xp + (P + H) * Wp, xp + Hp * Wp, T(0));
   }
 
-  // z[oh, ow] = sum_{kh, kw} w[kh, kw] * xp[oh*S + kh, ow*S + kw]: blocks of output columns accumulate
-  // over all K*K taps in registers (NB independent sums, enough to hide the FMA latency).
+  // z[oh, ow] = sum_{kh, kw} w[kh, kw] * xp[oh*S + kh, ow*S + kw]. Tiles of 4 output rows x 8 columns
+  // accumulate over all K*K taps in registers: four independent vector sums hide the FMA latency even
+  // on the 8x8 planes of a network's last stages.
   void conv(const T* __restrict xp, const T* __restrict w, T* __restrict z) const {
     conv_plane<S>(xp, w, z, Ho, Wo, Wp);
   }
@@ -58,30 +99,53 @@ struct DwPlane {
   template <int SS>
   static void conv_plane(const T* __restrict xp, const T* __restrict w, T* __restrict z, int64_t Ho_, int64_t Wo_,
                          int64_t Wp_) {
-    for (int64_t oh = 0; oh < Ho_; ++oh) {
-      const T* __restrict rows = xp + oh * SS * Wp_;
-      T* __restrict zr = z + oh * Wo_;
-      int64_t ow = 0;
-      for (; ow + 32 <= Wo_; ow += 32) conv_cols<32, SS>(rows, w, zr, ow, Wp_);
-      if (ow + 16 <= Wo_) { conv_cols<16, SS>(rows, w, zr, ow, Wp_); ow += 16; }
-      if (ow + 8 <= Wo_) { conv_cols<8, SS>(rows, w, zr, ow, Wp_); ow += 8; }
-      if (ow + 4 <= Wo_) { conv_cols<4, SS>(rows, w, zr, ow, Wp_); ow += 4; }
-      for (; ow < Wo_; ++ow) conv_cols<1, SS>(rows, w, zr, ow, Wp_);
-    }
+    int64_t oh = 0;
+    for (; oh + 4 <= Ho_; oh += 4) conv_band<4, SS>(xp, w, z, oh, Wo_, Wp_);
+    for (; oh < Ho_; ++oh) conv_band<1, SS>(xp, w, z, oh, Wo_, Wp_);
   }
 
-  template <int NB, int SS>
-  static inline void conv_cols(const T* __restrict rows, const T* __restrict w, T* __restrict zr, int64_t ow0,
-                               int64_t Wp_) {
-    T acc[NB] = {};
+  template <int R, int SS>
+  static inline void conv_band(const T* __restrict xp, const T* __restrict w, T* __restrict z, int64_t oh0,
+                               int64_t Wo_, int64_t Wp_) {
+    int64_t ow = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      for (; ow + 8 <= Wo_; ow += 8) conv_tile8<R, SS>(xp, w, z, oh0, ow, Wo_, Wp_);
+    }
+    for (; ow < Wo_; ++ow) conv_tile<R, 1, SS>(xp, w, z, oh0, ow, Wo_, Wp_);
+  }
+
+  template <int R, int SS>
+  static inline void conv_tile8(const float* __restrict xp, const float* __restrict w, float* __restrict z,
+                                int64_t oh0, int64_t ow0, int64_t Wo_, int64_t Wp_) {
+    Float8 acc[R] = {};
     for (int kh = 0; kh < K; ++kh) {
-      const T* __restrict xr = rows + kh * Wp_ + ow0 * SS;
       for (int kw = 0; kw < K; ++kw) {
-        const T wv = w[kh * K + kw];
-        for (int j = 0; j < NB; ++j) acc[j] += wv * xr[j * SS + kw];
+        const Float8 wv = Float8{} + w[kh * K + kw];
+        for (int r = 0; r < R; ++r) {
+          const float* xr = xp + ((oh0 + r) * SS + kh) * Wp_ + ow0 * SS + kw;
+          acc[r] += wv * (SS == 1 ? load8(xr) : load8_stride2(xr));
+        }
       }
     }
-    for (int j = 0; j < NB; ++j) zr[ow0 + j] = acc[j];
+    for (int r = 0; r < R; ++r) store8(z + (oh0 + r) * Wo_ + ow0, acc[r]);
+  }
+
+  template <int R, int NB, int SS>
+  static inline void conv_tile(const T* __restrict xp, const T* __restrict w, T* __restrict z, int64_t oh0,
+                               int64_t ow0, int64_t Wo_, int64_t Wp_) {
+    T acc[R][NB] = {};
+    for (int kh = 0; kh < K; ++kh) {
+      for (int kw = 0; kw < K; ++kw) {
+        const T wv = w[kh * K + kw];
+        for (int r = 0; r < R; ++r) {
+          const T* __restrict xr = xp + ((oh0 + r) * SS + kh) * Wp_ + ow0 * SS + kw;
+          for (int j = 0; j < NB; ++j) acc[r][j] += wv * xr[j * SS];
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int j = 0; j < NB; ++j) z[(oh0 + r) * Wo_ + ow0 + j] = acc[r][j];
+    }
   }
 
   // dL/dx of the convolution, into dx_plane [H, W]. Stride 1: a correlation of the zero-padded dz
@@ -106,24 +170,31 @@ struct DwPlane {
     }
   }
 
-  // dL/dw[kh, kw] += sum_{oh, ow} dz[oh, ow] * xp[oh*S + kh, ow*S + kw], tap by tap over the whole plane
-  // (the plane stays in L1), with 8 partial sums per tap.
+  // dL/dw[kh, kw] += sum_{oh, ow} dz[oh, ow] * xp[oh*S + kh, ow*S + kw]. One kernel row at a time, its K
+  // taps accumulated side by side (K independent vector sums) over the whole plane, which stays in L1.
   void grad_weight(const T* __restrict dz, const T* __restrict xp, double* __restrict dw) const {
     for (int kh = 0; kh < K; ++kh) {
-      for (int kw = 0; kw < K; ++kw) {
-        T acc[8] = {};
-        T tail = T(0);
-        for (int64_t oh = 0; oh < Ho; ++oh) {
-          const T* __restrict dzr = dz + oh * Wo;
-          const T* __restrict xr = xp + (oh * S + kh) * Wp + kw;
-          int64_t ow = 0;
+      T tail[K] = {};
+      [[maybe_unused]] Float8 acc[K] = {};
+      for (int64_t oh = 0; oh < Ho; ++oh) {
+        const T* __restrict dzr = dz + oh * Wo;
+        const T* __restrict xr = xp + (oh * S + kh) * Wp;
+        int64_t ow = 0;
+        if constexpr (std::is_same_v<T, float>) {
           for (; ow + 8 <= Wo; ow += 8) {
-            for (int j = 0; j < 8; ++j) acc[j] += dzr[ow + j] * xr[(ow + j) * S];
+            const Float8 d = load8(dzr + ow);
+            for (int kw = 0; kw < K; ++kw) {
+              acc[kw] += d * (S == 1 ? load8(xr + ow + kw) : load8_stride2(xr + ow * S + kw));
+            }
           }
-          for (; ow < Wo; ++ow) tail += dzr[ow] * xr[ow * S];
         }
-        double sum = tail;
-        for (int j = 0; j < 8; ++j) sum += acc[j];
+        for (; ow < Wo; ++ow) {
+          for (int kw = 0; kw < K; ++kw) tail[kw] += dzr[ow] * xr[ow * S + kw];
+        }
+      }
+      for (int kw = 0; kw < K; ++kw) {
+        double sum = tail[kw];
+        if constexpr (std::is_same_v<T, float>) sum += sum8(acc[kw]);
         dw[kh * K + kw] += sum;
       }
     }
@@ -203,11 +274,17 @@ void train_forward_kernel(const at::Tensor& x, const std::vector<T>& w, const st
       plane.pad(xd + (n * C + c) * in_plane, xp.data());
       plane.conv(xp.data(), w.data() + c * K * K, z.data() + n * out_plane);
     }
-    double sum = 0.0;
-    for (int64_t i = 0; i < count; ++i) sum += z[i];
+    double sum = 0.0, sq = 0.0;
+    for (int64_t n = 0; n < N; ++n) {
+      const T* zn = z.data() + n * out_plane;
+      sum += lane_sum<T>(out_plane, [&](int64_t i) { return zn[i]; });
+    }
     const double mean = sum / count;
-    double sq = 0.0;
-    for (int64_t i = 0; i < count; ++i) sq += (z[i] - mean) * (z[i] - mean);
+    const T mean_t = static_cast<T>(mean);
+    for (int64_t n = 0; n < N; ++n) {  // centred second pass: no cancellation
+      const T* zn = z.data() + n * out_plane;
+      sq += lane_sum<T>(out_plane, [&](int64_t i) { return (zn[i] - mean_t) * (zn[i] - mean_t); });
+    }
     const double var = sq / count;
     const T a = static_cast<T>(gamma[c] / std::sqrt(var + eps));
     const T b = static_cast<T>(beta[c] - mean * a);
@@ -262,14 +339,16 @@ void train_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, cons
   scalar_t* dxd = grad_x.mutable_data_ptr<scalar_t>();
 
   for_each_channel(C, [&](int64_t c) {
-    std::vector<T> xp(plane.Hp * plane.Wp), dxp(plane.Hp * plane.Wp), z(count), g(count);
+    // The channel's padded input planes are kept for the weight gradient (at most a few hundred KB).
+    const int64_t padded_plane = plane.Hp * plane.Wp;
+    std::vector<T> xp(N * padded_plane), dxp(padded_plane), z(count), g(count);
     std::vector<T> dzp(plane.grad_pad_size()), dx_plane(in_plane);
     std::vector<double> dw(K * K, 0.0);
     const T* wc = w.data() + c * K * K;
     const auto wf = plane.flipped(wc);
     for (int64_t n = 0; n < N; ++n) {
-      plane.pad(xd + (n * C + c) * in_plane, xp.data());
-      plane.conv(xp.data(), wc, z.data() + n * out_plane);
+      plane.pad(xd + (n * C + c) * in_plane, xp.data() + n * padded_plane);
+      plane.conv(xp.data() + n * padded_plane, wc, z.data() + n * out_plane);
     }
     const T mean = mean_in[c];
     const T invstd = static_cast<T>(1.0 / std::sqrt(static_cast<double>(var_in[c]) + eps));
@@ -280,12 +359,9 @@ void train_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, cons
       const scalar_t* dy = gd + (n * C + c) * out_plane;
       const T* zn = z.data() + n * out_plane;
       T* gn = g.data() + n * out_plane;
-      for (int64_t i = 0; i < out_plane; ++i) {
-        const T gi = act_backward<ACT>(a * zn[i] + b, static_cast<T>(dy[i]));
-        gn[i] = gi;
-        sum_g += gi;
-        sum_g_zc += gi * (zn[i] - mean);
-      }
+      for (int64_t i = 0; i < out_plane; ++i) gn[i] = act_backward<ACT>(a * zn[i] + b, static_cast<T>(dy[i]));
+      sum_g += lane_sum<T>(out_plane, [&](int64_t i) { return gn[i]; });
+      sum_g_zc += lane_sum<T>(out_plane, [&](int64_t i) { return gn[i] * (zn[i] - mean); });
     }
     grad_beta[c] = sum_g;
     grad_gamma[c] = sum_g_zc * invstd;
@@ -294,8 +370,7 @@ void train_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, cons
     const T c1 = static_cast<T>(a * invstd * invstd * sum_g_zc / count);
     for (int64_t i = 0; i < count; ++i) g[i] = a * g[i] - c0 - c1 * (z[i] - mean);
     for (int64_t n = 0; n < N; ++n) {
-      plane.pad(xd + (n * C + c) * in_plane, xp.data());
-      plane.backward_plane(g.data() + n * out_plane, xp.data(), wc, wf.data(), dzp, dxp, dx_plane, dw.data(),
+      plane.backward_plane(g.data() + n * out_plane, xp.data() + n * padded_plane, wc, wf.data(), dzp, dxp, dx_plane, dw.data(),
                            dxd + (n * C + c) * in_plane);
     }
     std::copy(dw.begin(), dw.end(), grad_w.begin() + c * K * K);
@@ -388,7 +463,7 @@ void eval_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const
   scalar_t* dxd = grad_x.mutable_data_ptr<scalar_t>();
 
   for_each_channel(C, [&](int64_t c) {
-    std::vector<T> xp(plane.Hp * plane.Wp), dxp(plane.Hp * plane.Wp), z(out_plane);
+    std::vector<T> xp(plane.Hp * plane.Wp), dxp(plane.Hp * plane.Wp), z(out_plane), dz_plane(out_plane);
     std::vector<T> dzp(plane.grad_pad_size()), dx_plane(in_plane);
     std::vector<double> dw(K * K, 0.0);
     const T* wc = w.data() + c * K * K;
@@ -400,13 +475,12 @@ void eval_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const
       plane.pad(xd + nc * in_plane, xp.data());
       plane.conv(xp.data(), wc, z.data());
       const scalar_t* dy = gd + nc * out_plane;
-      for (int64_t i = 0; i < out_plane; ++i) {
-        const T gi = act_backward<ACT>(a * z[i] + b, static_cast<T>(dy[i]));
-        sum_g += gi;
-        sum_gz += gi * z[i];
-        z[i] = gi * a;  // dL/dz
-      }
-      plane.backward_plane(z.data(), xp.data(), wc, wf.data(), dzp, dxp, dx_plane, dw.data(), dxd + nc * in_plane);
+      T* g = dz_plane.data();
+      for (int64_t i = 0; i < out_plane; ++i) g[i] = act_backward<ACT>(a * z[i] + b, static_cast<T>(dy[i]));
+      sum_g += lane_sum<T>(out_plane, [&](int64_t i) { return g[i]; });
+      sum_gz += lane_sum<T>(out_plane, [&](int64_t i) { return g[i] * z[i]; });
+      for (int64_t i = 0; i < out_plane; ++i) g[i] *= a;  // dL/dz
+      plane.backward_plane(g, xp.data(), wc, wf.data(), dzp, dxp, dx_plane, dw.data(), dxd + nc * in_plane);
     }
     grad_shift[c] = sum_g;
     grad_scale[c] = sum_gz;
