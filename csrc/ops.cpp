@@ -27,4 +27,11 @@ TORCH_LIBRARY(betanas, m) {
   m.def("dw_bn_act_eval(Tensor x, Tensor weight, Tensor scale, Tensor shift, int stride, int act) -> Tensor");
   m.def("dw_bn_act_eval_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scale, Tensor shift, int stride, "
         "int act) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_scale, Tensor grad_shift)");
+
+  // The architecture-parameter gradient of a Phase-2 step, every block in one call. Per row l:
+  // p = softmax(alpha over the remaining paths), 0 on dropped ones; grad_alpha = the binary-gate gradient
+  // sum_j gate_grad_j p_j (delta_mj - p_m) over remaining j, plus the exact gradient of
+  // beta * sum_m p_m cost_m; 0 on dropped paths. float32 [L, M]; remaining is bool [L, M].
+  m.def("gate_grad(Tensor alpha, Tensor remaining, Tensor gate_grad, Tensor cost, float beta) -> "
+        "(Tensor p, Tensor grad_alpha)");
 }
