@@ -1,0 +1,10 @@
+"""Search data: the weight-train / held-out (for alpha) / validation splits and their batch order.
+
+A data source is anything with the `ImageSplit` interface; the embedded demo (scikit-learn digits)
+keeps whole splits as tensors. An ImageNet folder or DALI source plugs in through `register_dataset`.
+"""
+from .base import BatchOrder, ImageSplit, SearchData, TensorSplit, build_data, register_dataset, validate_labels
+from .digits import load_digits_data
+
+__all__ = ["BatchOrder", "ImageSplit", "SearchData", "TensorSplit", "build_data", "register_dataset",
+           "validate_labels", "load_digits_data"]

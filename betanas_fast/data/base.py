@@ -1,0 +1,104 @@
+"""The split interface, deterministic batch order, and the data-set registry."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+
+class ImageSplit:
+    """A split of labelled images addressed by index. `batch` returns (images N x C x H x W float,
+    labels N long); `train=True` applies training augmentation drawn from `generator`."""
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batch(self, indices: torch.Tensor, train: bool, generator: Optional[torch.Generator] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class TensorSplit(ImageSplit):
+    """A split held in memory; augmentation is a random translation by up to `shift` pixels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, shift: int = 0):
+        self.images, self.labels, self.shift = images, labels, shift
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices, train, generator=None):
+        x, y = self.images[indices], self.labels[indices]
+        if train and self.shift > 0:
+            s, (n, _, h, w) = self.shift, x.shape
+            padded = torch.nn.functional.pad(x, (s, s, s, s), value=float(x.min()))
+            off = torch.randint(0, 2 * s + 1, (n, 2), generator=generator).tolist()
+            x = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(off)])
+        return x, y
+
+
+@dataclass
+class SearchData:
+    train: ImageSplit
+    heldout: ImageSplit
+    val: ImageSplit
+    num_classes: int
+    resolution: int
+    in_channels: int = 3
+
+
+class BatchOrder:
+    """Endless shuffled batches over one split, reshuffled each epoch from its own generator; its
+    whole state (permutation, position, generator) goes into the checkpoint for exact resume."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        if size < batch_size:
+            raise ValueError(f"a split of {size} samples cannot fill a batch of {batch_size}")
+        self.size, self.batch_size = size, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm: List[int] = []
+        self.pos = 0
+        self.epoch = -1
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.size // self.batch_size  # drop_last: equal batch sizes keep BN statistics comparable
+
+    def next_indices(self) -> torch.Tensor:
+        if self.epoch < 0 or self.pos + self.batch_size > self.size:
+            self.perm = torch.randperm(self.size, generator=self.generator).tolist()
+            self.pos, self.epoch = 0, self.epoch + 1
+        idx = torch.tensor(self.perm[self.pos:self.pos + self.batch_size])
+        self.pos += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"perm": torch.tensor(self.perm, dtype=torch.long), "pos": self.pos, "epoch": self.epoch,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.perm, self.pos, self.epoch = d["perm"].tolist(), int(d["pos"]), int(d["epoch"])
+        self.generator.set_state(d["generator"])
+
+
+def validate_labels(name: str, labels: torch.Tensor) -> None:
+    if len(labels) == 0:
+        raise ValueError(f"the {name} split is empty")
+    if torch.unique(labels).numel() < 2:
+        raise ValueError(f"the {name} split has a single class; classification needs at least two")
+
+
+_REGISTRY: Dict[str, Callable[..., SearchData]] = {}
+
+
+def register_dataset(name: str, loader: Callable[..., SearchData]) -> None:
+    """`loader(seed=, heldout=, val=, resolution=, augment=, root=)` -> SearchData."""
+    _REGISTRY[name] = loader
+
+
+def build_data(name: str, **kwargs) -> SearchData:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(_REGISTRY)}")
+    return _REGISTRY[name](**kwargs)

@@ -1,0 +1,125 @@
+"""The supernet (every candidate of every choice block) and the searched fixed `Net`, both built from
+a `SearchSpace`."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..space import SearchSpace
+from .mbconv import MBConv
+
+
+def _conv_bn_act(cin: int, cout: int, k: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU6(inplace=True))
+
+
+def build_candidate(space: SearchSpace, block: int, choice: int) -> nn.Module:
+    spec, cand = space.blocks[block], space.candidates[choice]
+    if not spec.allowed[choice]:
+        raise ValueError(f"block {block}: candidate {cand.name!r} is not allowed "
+                         f"({spec.in_channels}->{spec.out_channels}, stride {spec.stride})")
+    if cand.is_skip:
+        return nn.Identity()
+    return MBConv(spec.in_channels, spec.out_channels, cand.kernel_size, spec.stride, cand.expand_ratio)
+
+
+class ChoiceBlock(nn.Module):
+    """Holds every allowed candidate of one block; `forward(x, choice)` runs only the chosen one, so
+    only its parameters take part in autograd."""
+
+    def __init__(self, space: SearchSpace, block: int):
+        super().__init__()
+        self.block = block
+        self.names = space.candidate_names
+        self.candidates = nn.ModuleDict({self.names[m]: build_candidate(space, block, m)
+                                         for m, ok in enumerate(space.blocks[block].allowed) if ok})
+
+    def path(self, choice: int) -> nn.Module:
+        return self.candidates[self.names[choice]]
+
+    def forward(self, x: torch.Tensor, choice: int) -> torch.Tensor:
+        return self.path(choice)(x)
+
+
+class _Body(nn.Module):
+    """Stem, fixed first block and head shared by the supernet and the searched net."""
+
+    def _build_fixed(self, space: SearchSpace) -> None:
+        cfg = space.config
+        self.stem = _conv_bn_act(cfg.in_channels, space.stem_channels, 3, cfg.stem_stride)
+        self.first = MBConv(space.stem_channels, space.first_block_channels, 3, 1, 1)
+        self.head = _conv_bn_act(space.last_channels, space.head_channels, 1, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(space.head_channels, cfg.num_classes)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.head(x)), 1))
+
+
+class Supernet(_Body):
+    def __init__(self, space: SearchSpace):
+        super().__init__()
+        self.space = space
+        self._build_fixed(space)
+        self.blocks = nn.ModuleList(ChoiceBlock(space, i) for i in range(space.num_blocks))
+
+    def forward(self, x: torch.Tensor, arch: Sequence[int]) -> torch.Tensor:
+        x = self.first(self.stem(x))
+        for block, choice in zip(self.blocks, arch):
+            x = block(x, choice)
+        return self._head(x)
+
+    def forward_with_blocks(self, x: torch.Tensor, arch: Sequence[int]
+                            ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+        """Logits plus each choice block's input (detached) and output (in the graph), for the
+        binary-gate gradient."""
+        x = self.first(self.stem(x))
+        inputs, outputs = [], []
+        for block, choice in zip(self.blocks, arch):
+            inputs.append(x.detach())
+            x = block(x, choice)
+            outputs.append(x)
+        return self._head(x), inputs, outputs
+
+    def path_parameters(self, block: int, choice: int) -> List[nn.Parameter]:
+        return list(self.blocks[block].path(choice).parameters())
+
+
+class Net(_Body):
+    """The searched network: one fixed candidate per block."""
+
+    def __init__(self, space: SearchSpace, arch: Sequence[int]):
+        super().__init__()
+        space.check_arch(arch)
+        self.space, self.arch = space, list(arch)
+        self._build_fixed(space)
+        self.blocks = nn.Sequential(*(build_candidate(space, i, m) for i, m in enumerate(arch)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._head(self.blocks(self.first(self.stem(x))))
+
+    @classmethod
+    def from_supernet(cls, supernet: Supernet, arch: Sequence[int]) -> "Net":
+        """The sub-net with its weights inherited from the supernet."""
+        net = cls(supernet.space, arch)
+        sd = {}
+        for k, v in supernet.state_dict().items():
+            if k.startswith("blocks."):
+                _, i, _, name, rest = k.split(".", 4)
+                if supernet.space.candidate_names[arch[int(i)]] != name:
+                    continue
+                k = f"blocks.{i}.{rest}"
+            sd[k] = v
+        net.load_state_dict(sd)
+        return net
+
+
+def set_bn_batch_stats_frozen(model: nn.Module, frozen: bool) -> None:
+    """frozen=True: BatchNorm normalises with batch statistics but leaves the running ones untouched
+    (Phase 2 must not leak held-out data into the weights' state)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = not frozen

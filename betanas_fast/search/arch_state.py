@@ -1,0 +1,114 @@
+"""Architecture state: α, the remaining paths, counters, drop records and the path samplers."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+
+class ArchState:
+    """α (L x M, init 0), `remaining` (L x M bool; candidates not allowed in a block start removed),
+    per-path Phase-1 training counts and Phase-2 sample counts, and the record of every drop."""
+
+    def __init__(self, allowed: List[List[bool]]):
+        self.allowed = torch.tensor(allowed, dtype=torch.bool)
+        self.alpha = torch.nn.Parameter(torch.zeros(self.allowed.shape))
+        self.remaining = self.allowed.clone()
+        self.phase1_counts = torch.zeros(self.allowed.shape, dtype=torch.long)
+        self.phase2_counts = torch.zeros(self.allowed.shape, dtype=torch.long)
+        self.drops: List[dict] = []
+        # shuffled-cycle queues for balanced Phase-1 sampling, one per block
+        self.cycles: List[List[int]] = [[] for _ in range(self.allowed.shape[0])]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allowed.shape[0]
+
+    def probs(self) -> torch.Tensor:
+        """p = softmax(α over the remaining paths), 0 on the others."""
+        a = self.alpha.detach().float().masked_fill(~self.remaining, float("-inf"))
+        return torch.softmax(a, dim=1)
+
+    def remaining_paths(self, block: int) -> List[int]:
+        return self.remaining[block].nonzero().flatten().tolist()
+
+    # --- sampling -------------------------------------------------------------------------------------
+    def sample_uniform_cycle(self, generator: torch.Generator) -> List[int]:
+        """One path per block, uniform over the remaining ones, by shuffled cycles: each remaining path
+        once per cycle in random order, so counts stay exactly balanced."""
+        arch = []
+        for l in range(self.num_blocks):
+            queue = [m for m in self.cycles[l] if self.remaining[l, m]]
+            if not queue:
+                rem = self.remaining_paths(l)
+                queue = [rem[i] for i in torch.randperm(len(rem), generator=generator).tolist()]
+            arch.append(queue.pop(0))
+            self.cycles[l] = queue
+        return arch
+
+    def sample_uniform_iid(self, generator: torch.Generator) -> List[int]:
+        arch = []
+        for l in range(self.num_blocks):
+            rem = self.remaining_paths(l)
+            arch.append(rem[int(torch.randint(len(rem), (1,), generator=generator))])
+        return arch
+
+    def sample_from_p(self, generator: torch.Generator) -> List[int]:
+        return torch.multinomial(self.probs(), 1, generator=generator).flatten().tolist()
+
+    def argmax_arch(self) -> List[int]:
+        a = self.alpha.detach().masked_fill(~self.remaining, float("-inf"))
+        return a.argmax(1).tolist()
+
+    # --- update and drop --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def recentre(self) -> None:
+        """Remaining α of each block to mean 0 (p unchanged), so a fixed negative threshold means
+        "well below the average of the others"."""
+        a = self.alpha.data
+        mean = (a * self.remaining).sum(1, keepdim=True) / self.remaining.sum(1, keepdim=True)
+        a.sub_(mean * self.remaining)
+
+    @torch.no_grad()
+    def drop_below(self, threshold: float, step: int) -> List[dict]:
+        """Eq. 7: remove every remaining path with α < threshold, never a block's last path (if all
+        would go, the argmax stays). Returns the drops made."""
+        p = self.probs()
+        made = []
+        for l in range(self.num_blocks):
+            rem = self.remaining[l]
+            below = rem & (self.alpha.data[l] < threshold)
+            if below.sum() == rem.sum():
+                keep = int(self.alpha.data[l].masked_fill(~rem, float("-inf")).argmax())
+                below[keep] = False
+            for m in below.nonzero().flatten().tolist():
+                self.remaining[l, m] = False
+                rec = {"block": l, "path": m, "step": step, "alpha": float(self.alpha.data[l, m]),
+                       "p": float(p[l, m])}
+                made.append(rec)
+                self.drops.append(rec)
+        return made
+
+    # --- checkpoint -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"alpha": self.alpha.detach().clone(), "remaining": self.remaining.clone(),
+                "phase1_counts": self.phase1_counts.clone(), "phase2_counts": self.phase2_counts.clone(),
+                "drops": [dict(d) for d in self.drops], "cycles": [list(c) for c in self.cycles]}
+
+    def load_state_dict(self, d: dict) -> None:
+        with torch.no_grad():
+            self.alpha.copy_(d["alpha"])
+        self.remaining = d["remaining"].clone()
+        self.phase1_counts = d["phase1_counts"].clone()
+        self.phase2_counts = d["phase2_counts"].clone()
+        self.drops = [dict(x) for x in d["drops"]]
+        self.cycles = [list(c) for c in d["cycles"]]
+
+
+def masked_list(t: torch.Tensor, mask: torch.Tensor, ndigits: Optional[int] = None) -> list:
+    """L x M tensor as nested lists with null where `mask` is False."""
+    out = []
+    for row, mrow in zip(t.tolist(), mask.tolist()):
+        out.append([(round(v, ndigits) if ndigits is not None and isinstance(v, float) else v) if k else None
+                    for v, k in zip(row, mrow)])
+    return out
