@@ -118,14 +118,27 @@ if use_cuda:
 print(f"  MAX_JOBS={os.environ.get('MAX_JOBS', '(torch default)')}, sources: {len(sources)}, "
       f"CPU -march={cpu_march or '(compiler default)'}")
 
-# Recorded in the package so that build_info() can report how it was built.
-with open(os.path.join(ROOT, "betanas_fast", "_build_config.py"), "w") as f:
-    f.write("# Written by setup.py at build time.\n")
-    f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
-    f.write(f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n")
-    f.write(f"WITH_CUDA = {use_cuda!r}\n")
-    f.write(f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if use_cuda else ''!r}\n")
-    f.write(f"NVCC_VERSION = {'.'.join(map(str, nvcc_version)) if nvcc_version else None!r}\n")
-    f.write(f"CPU_MARCH = {cpu_march!r}\n")
+BUILD_CONFIG = {
+    "TORCH_VERSION": torch.__version__,
+    "TORCH_CUDA_VERSION": torch.version.cuda,
+    "WITH_CUDA": use_cuda,
+    "CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if use_cuda else "",
+    "NVCC_VERSION": ".".join(map(str, nvcc_version)) if nvcc_version else None,
+    "CPU_MARCH": cpu_march,
+}
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})
+
+class BuildExt(BuildExtension):
+    """Also writes betanas_fast/_build_config.py next to the library it builds (never into a source tree
+    whose library came from elsewhere), so that build_info() reports how this very library was built."""
+
+    def run(self):
+        super().run()
+        package_dir = os.path.join(ROOT if self.inplace else self.build_lib, "betanas_fast")
+        with open(os.path.join(package_dir, "_build_config.py"), "w") as f:
+            f.write("# Written by setup.py when it built _C.\n")
+            for key, value in BUILD_CONFIG.items():
+                f.write(f"{key} = {value!r}\n")
+
+
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})

@@ -56,5 +56,6 @@ def build_info() -> dict:
         "cuda_kernels_compiled": bool(getattr(_config, "WITH_CUDA", False)) and KERNELS_LOADED,
         "nvcc": getattr(_config, "NVCC_VERSION", None),
         "cuda_archs": getattr(_config, "CUDA_ARCH_LIST", "") or None,
+        "cpu_march": getattr(_config, "CPU_MARCH", None),
         "ops": {name: {"cpu": has_kernel(name, "cpu"), "cuda": has_kernel(name, "cuda")} for name in OP_NAMES},
     }

@@ -1,0 +1,439 @@
+"""The ImageNet data layer: validated index, held-out split, PIL and DALI loaders, sharding."""
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from betanas_fast.data import SearchData, build_data
+from betanas_fast.data import imagenet as inet
+from betanas_fast.data.imagenet import folder as folder_mod
+from betanas_fast.data.imagenet import split as split_mod
+
+CLASSES = ["n01", "n02", "n03", "n04"]
+PER_CLASS = 12
+
+
+def _photo(rng, h, w):
+    """A smooth image (gradients + noise), so that interpolation differences between decoders stay small."""
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (h + w)], -1)
+    return np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+
+
+def make_tree(root, rng=None, val=True):
+    """An ImageNet-layout tree with the real data set's oddities, and a few more. Returns the list of
+    files that must be excluded, with a word of the expected reason."""
+    rng = rng or np.random.default_rng(0)
+    for c in CLASSES:
+        os.makedirs(os.path.join(root, "train", c))
+        for i in range(PER_CLASS):
+            h, w = int(rng.integers(40, 72)), int(rng.integers(40, 72))
+            Image.fromarray(_photo(rng, h, w)).save(os.path.join(root, "train", c, f"{c}_{i}.JPEG"), quality=90)
+        if val:
+            os.makedirs(os.path.join(root, "val", c))
+            for i in range(2):
+                Image.fromarray(_photo(rng, 50, 60)).save(os.path.join(root, "val", c, f"val_{c}_{i}.JPEG"))
+    t = os.path.join(root, "train")
+    img = Image.fromarray(_photo(rng, 48, 64))
+    img.convert("CMYK").save(f"{t}/n01/cmyk.JPEG")
+    img.convert("L").save(f"{t}/n02/gray.JPEG")
+    img.save(f"{t}/n03/png_named.JPEG", format="PNG")
+    img.save(f"{t}/n04/upper.JPG")
+    img.save(f"{t}/n04/lower.jpeg")
+    good = open(f"{t}/n01/n01_0.JPEG", "rb").read()
+    open(f"{t}/n02/truncated.JPEG", "wb").write(good[: len(good) // 2])
+    open(f"{t}/n03/readme.txt", "w").write("not an image")
+    open(f"{t}/n03/garbage.JPEG", "wb").write(b"\xff\xd8\xff\xe0" + bytes(rng.integers(0, 255, 300, dtype=np.uint8)))
+    img.save(f"{t}/n04/anim.gif")
+    open(f"{t}/n04/empty.JPEG", "wb").close()
+    open(f"{t}/stray.JPEG", "wb").write(good)
+    os.makedirs(f"{t}/n05_empty")
+    return {"n02/truncated.JPEG": "truncated", "n03/readme.txt": "not an image", "n03/garbage.JPEG": "",
+            "n04/anim.gif": "GIF", "n04/empty.JPEG": "empty", "stray.JPEG": "class folder"}
+
+
+def files_on_disk(root):
+    return sum(len(f) for split in ("train", "val") for _, _, f in os.walk(os.path.join(root, split)))
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("imagenet"))
+    bad = make_tree(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        index = inet.build_index(root, cache=os.path.join(root, "..", "index.json"), verbose=False)
+    return root, bad, index
+
+
+# ---------------------------------------------------------------- index
+
+def test_index_contents(tree):
+    root, _, index = tree
+    assert index.classes == CLASSES  # the empty class folder is dropped
+    assert index.empty_classes == ["n05_empty"]
+    counts = np.bincount(index.train.labels)
+    assert counts.tolist() == [PER_CLASS + 1, PER_CLASS + 1, PER_CLASS + 1, PER_CLASS + 2]
+    assert len(index.val) == 2 * len(CLASSES)
+    kinds = dict(zip(index.train.files, zip(index.train.formats, index.train.modes)))
+    assert kinds[os.path.join("train", "n01", "cmyk.JPEG")] == ("JPEG", "CMYK")
+    assert kinds[os.path.join("train", "n02", "gray.JPEG")] == ("JPEG", "L")
+    assert kinds[os.path.join("train", "n03", "png_named.JPEG")][0] == "PNG"
+    assert os.path.join("train", "n04", "upper.JPG") in kinds and os.path.join("train", "n04", "lower.jpeg") in kinds
+    w, h = index.train.sizes[index.train.files.index(os.path.join("train", "n01", "cmyk.JPEG"))]
+    assert (w, h) == (64, 48)
+    for rel, label in zip(index.train.files, index.train.labels):
+        assert rel.split(os.sep)[1] == CLASSES[label]
+
+
+def test_bad_file_report_accounts_for_every_file(tree):
+    root, bad, index = tree
+    reported = {os.path.relpath(r["path"], "train"): r["reason"] for r in index.report}
+    assert set(reported) == set(bad)
+    for path, word in bad.items():
+        assert word in reported[path], (path, reported[path])
+    assert index.num_indexed + len(index.report) == files_on_disk(root) == index.files_on_disk
+    assert f"{len(index.report)} of {index.files_on_disk} files excluded" in index.summary()
+
+
+def test_report_file_and_notice(tree, tmp_path, capsys):
+    root, bad, index = tree
+    inet.write_report(index, str(tmp_path / "bad.tsv"))
+    lines = (tmp_path / "bad.tsv").read_text().splitlines()
+    assert len(lines) == 1 + len(bad)
+    with pytest.warns(UserWarning, match="n05_empty"):
+        inet.build_index(root, cache=os.path.join(root, "..", "index.json"))
+    out = capsys.readouterr().out
+    assert "cached index" in out and "excluded train/n02/truncated.JPEG" in out
+
+
+def test_index_cache_reuse_and_reindex(tmp_path):
+    root = str(tmp_path / "tree")
+    make_tree(root, val=False)
+    cache = str(tmp_path / "cache" / "idx.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = inet.build_index(root, cache=cache, verbose=False)
+        assert not first.from_cache and os.path.exists(cache)
+        again = inet.build_index(root, cache=cache, verbose=False)
+        assert again.from_cache and again.to_json() == first.to_json()
+        assert again.val is None
+        # A new file changes the fingerprint: re-indexed, and the file is in.
+        Image.fromarray(_photo(np.random.default_rng(1), 40, 40)).save(os.path.join(root, "train", "n01", "new.JPEG"))
+        changed = inet.build_index(root, cache=cache, verbose=False)
+        assert not changed.from_cache and changed.fingerprint != first.fingerprint
+        assert os.path.join("train", "n01", "new.JPEG") in changed.train.files
+        # A file rewritten in place (same name, new content) is caught by size/mtime.
+        target = os.path.join(root, "train", "n01", "n01_1.JPEG")
+        open(target, "wb").write(open(target, "rb").read()[:200])
+        os.utime(target, ns=(1, 1))
+        rewritten = inet.build_index(root, cache=cache, verbose=False)
+        assert not rewritten.from_cache
+        assert os.path.join("train", "n01", "n01_1.JPEG") in {r["path"] for r in rewritten.report}
+        assert inet.build_index(root, cache=cache, verbose=False).from_cache
+        assert not inet.build_index(root, cache=cache, verbose=False, rebuild=True).from_cache
+
+
+def test_default_cache_location(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path = inet.default_cache_path("/data/imagenet")
+    assert path.startswith(str(tmp_path / "xdg" / "betanas_fast")) and path.endswith(".betanas_index.json")
+    assert path != inet.default_cache_path("/other/imagenet")
+
+
+def test_index_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train/"):
+        inet.build_index(str(tmp_path), cache="")
+    os.makedirs(tmp_path / "train")
+    with pytest.raises(ValueError, match="no class folders"):
+        inet.build_index(str(tmp_path), cache="")
+    os.makedirs(tmp_path / "train" / "a")
+    open(tmp_path / "train" / "a" / "x.txt", "w").write("text")
+    with pytest.raises(ValueError, match="no usable image"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inet.build_index(str(tmp_path), cache="", verbose=False)
+
+
+# ---------------------------------------------------------------- held-out split
+
+def test_split_balanced_disjoint_deterministic(tree):
+    _, _, index = tree
+    s = inet.make_split(index, heldout_per_class=3, val_per_class=2, seed=5)
+    labels = np.asarray(index.train.labels)
+    assert np.bincount(labels[s.heldout]).tolist() == [3] * 4
+    assert np.bincount(labels[s.val]).tolist() == [2] * 4
+    assert not set(s.heldout) & set(s.train) and not set(s.val) & set(s.train) and not set(s.heldout) & set(s.val)
+    assert sorted(s.train + s.heldout + s.val) == list(range(len(index.train)))
+    assert inet.make_split(index, 3, 2, seed=5) == s
+    assert inet.make_split(index, 3, 2, seed=6).heldout != s.heldout
+    assert inet.per_class_count(index, fraction=0.1) == round(0.1 * len(index.train) / 4)
+    assert inet.per_class_count(index, per_class=7) == 7
+
+
+def test_split_errors(tree):
+    _, _, index = tree
+    with pytest.raises(ValueError, match="too few images"):
+        inet.make_split(index, heldout_per_class=PER_CLASS + 1)
+    with pytest.raises(ValueError, match="leaving nothing"):
+        inet.make_split(index, heldout_per_class=10, val_per_class=10)
+    with pytest.raises(ValueError, match="exactly one"):
+        inet.per_class_count(index)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        inet.per_class_count(index, fraction=1.5)
+
+
+def test_split_saved_and_reused_on_resume(tree, tmp_path):
+    _, _, index = tree
+    s = inet.load_or_make_split(index, str(tmp_path), 3, 0, seed=1)
+    path = tmp_path / split_mod.SPLIT_FILE
+    assert path.exists()
+    assert inet.load_or_make_split(index, str(tmp_path), 3, 0, seed=1) == s
+    with pytest.raises(ValueError, match="same settings"):
+        inet.load_or_make_split(index, str(tmp_path), 4, 0, seed=1)
+    with pytest.raises(ValueError, match="same settings"):
+        inet.load_or_make_split(index, str(tmp_path), 3, 0, seed=2)
+
+
+def test_split_verified_against_changed_tree(tmp_path):
+    root = str(tmp_path / "tree")
+    make_tree(root, val=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        index = inet.build_index(root, cache="", verbose=False)
+        s = inet.load_or_make_split(index, str(tmp_path), 2, 0, seed=0)
+        held_files = {index.train.files[i] for i in s.heldout}
+        # A new image: the saved held-out files are kept, the new image trains the weights.
+        Image.fromarray(_photo(np.random.default_rng(2), 40, 40)).save(os.path.join(root, "train", "n01", "a_new.JPEG"))
+        grown = inet.build_index(root, cache="", verbose=False)
+        with pytest.warns(UserWarning, match="tree changed"):
+            r = inet.load_or_make_split(grown, str(tmp_path), 2, 0, seed=0)
+        assert {grown.train.files[i] for i in r.heldout} == held_files
+        assert grown.train.files.index(os.path.join("train", "n01", "a_new.JPEG")) in r.train
+        assert sorted(r.train + r.heldout) == list(range(len(grown.train)))
+        # A held-out image removed: the run cannot resume faithfully.
+        os.remove(os.path.join(root, sorted(held_files)[0]))
+        shrunk = inet.build_index(root, cache="", verbose=False)
+    with pytest.raises(ValueError, match="no longer in the index"):
+        inet.load_or_make_split(shrunk, str(tmp_path), 2, 0, seed=0)
+
+
+# ---------------------------------------------------------------- loaders
+
+def test_folder_split_batches(tree):
+    _, _, index = tree
+    split = inet.FolderSplit(index, range(len(index.train)), 32)
+    idx = torch.tensor([0, 5, len(split) - 1])
+    x, y = split.batch(idx, train=True, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32 and x.is_contiguous()
+    assert torch.equal(y, torch.tensor(index.train.labels)[idx])
+    x2, _ = split.batch(idx, train=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2)  # augmentation comes from the generator only
+    x3, _ = split.batch(idx, train=True, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(x, x3)
+    e1, _ = split.batch(idx, train=False, generator=torch.Generator().manual_seed(0))
+    e2, _ = split.batch(idx, train=False, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(e1, e2)  # evaluation is not augmented
+    assert abs(float(e1.mean())) < 3 and 0.1 < float(e1.std()) < 3  # normalised
+    cl = inet.FolderSplit(index, range(len(index.train)), 32, channels_last=True)
+    xc, _ = cl.batch(idx, train=False)
+    assert xc.shape == (3, 3, 32, 32) and xc.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(xc, e1)
+
+
+def test_folder_loader_epochs(tree):
+    _, _, index = tree
+    n = len(index.train)
+    train = inet.make_loader(index, train=True, batch_size=8, resolution=32, loader="folder", workers=0)
+    batches = list(train)
+    assert len(train) == len(batches) == n // 8
+    assert all(x.shape == (8, 3, 32, 32) for x, _ in batches)
+    evaluation = inet.make_loader(index, split="val", train=False, batch_size=3, resolution=32, loader="folder",
+                                  workers=0)
+    labels = torch.cat([y for _, y in evaluation])
+    assert len(evaluation) == -(-len(index.val) // 3)
+    assert labels.tolist() == index.val.labels
+
+
+@pytest.mark.parametrize("kind", ["folder", "dali"])
+def test_sharding_covers_every_sample_once(tree, kind):
+    _, _, index = tree
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali")
+        from betanas_fast.data.imagenet.dali import DaliLoader as Loader
+    else:
+        Loader = inet.FolderLoader
+    # Labels = sample ids, to see which samples each rank read. Evaluation over an odd count: every
+    # sample exactly once. Training over a count that splits into full batches: every sample once
+    # per epoch, in a new order each epoch.
+    for n, train, batch, epochs in ((47, False, 5, 1), (48, True, 8, 2)):
+        files, ids = index.paths("train")[:n], list(range(n))
+        seen = [[] for _ in range(epochs)]
+        for rank in range(2):
+            loader = Loader(files, ids, train, batch, 32, shard_id=rank, num_shards=2, seed=3)
+            for e in range(epochs):
+                batches = list(loader)
+                assert len(batches) == len(loader)
+                for x, y in batches:
+                    assert x.shape[1:] == (3, 32, 32)
+                    seen[e] += y.tolist()
+        for e in range(epochs):
+            assert sorted(seen[e]) == ids, (train, e)
+        if train:
+            assert seen[0] != sorted(seen[0]) and seen[0] != seen[1]
+
+
+@pytest.mark.parametrize("kind", ["folder", "dali"])
+def test_training_ranks_take_equal_steps(tree, kind):
+    _, _, index = tree
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali")
+        from betanas_fast.data.imagenet.dali import DaliLoader as Loader
+    else:
+        Loader = inet.FolderLoader
+    files, ids = index.paths("train")[:47], list(range(47))  # shards of 23 and 24
+    for rank in range(2):
+        loader = Loader(files, ids, True, 8, 32, shard_id=rank, num_shards=2, seed=0)
+        for _ in range(2):
+            sizes = [len(y) for _, y in loader]
+            assert sizes == [8, 8] == [8] * len(loader)  # (47 // 2) // 8 full batches on every rank
+
+
+def test_auto_loader_falls_back_with_notice(monkeypatch, capsys):
+    monkeypatch.setattr(inet, "dali_available", lambda: False)
+    assert inet.resolve_loader("auto") == "folder"
+    assert "DALI is not installed" in capsys.readouterr().out
+    with pytest.raises(ImportError, match="pip install"):
+        inet.resolve_loader("dali")
+    with pytest.raises(ValueError, match="unknown loader"):
+        inet.resolve_loader("torchvision2")
+
+
+def test_import_does_not_import_dali():
+    code = ("import sys, betanas_fast, betanas_fast.data, betanas_fast.data.imagenet; "
+            "print(any(m.startswith('nvidia.dali') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_load_imagenet_data_folder(tree, tmp_path):
+    root, _, index = tree
+    data = build_data("imagenet", seed=0, heldout=8, val=0, resolution=32, augment=True, root=root,
+                      run_dir=str(tmp_path), index=index, loader="folder")
+    assert isinstance(data, SearchData) and data.num_classes == 4 and data.resolution == 32
+    assert np.bincount(data.heldout.labels.numpy()).tolist() == [2] * 4
+    assert len(data.val) == len(index.val)  # val/ is used when the tree has one
+    assert len(data.train) + len(data.heldout) == len(index.train)
+    assert set(data.train.paths).isdisjoint(data.heldout.paths)
+    assert (tmp_path / split_mod.SPLIT_FILE).exists()
+    again = inet.load_imagenet_data(seed=0, heldout=8, root=root, run_dir=str(tmp_path), index=index,
+                                    loader="folder", resolution=32)
+    assert again.heldout.paths == data.heldout.paths
+    x, y = data.train.batch(torch.arange(4), True, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 3, 32, 32) and y.dtype == torch.long
+    # Without val/, a balanced validation split is carved from train/.
+    no_val = inet.load_imagenet_data(seed=0, heldout_per_class=2, val=8, root=root, index=_without_val(index),
+                                     loader="folder", resolution=32)
+    assert np.bincount(no_val.val.labels.numpy()).tolist() == [2] * 4
+    assert set(no_val.val.paths).isdisjoint(no_val.train.paths + no_val.heldout.paths)
+
+
+def _without_val(index):
+    import dataclasses
+    return dataclasses.replace(index, val=None)
+
+
+# ---------------------------------------------------------------- DALI
+
+def test_dali_split_matches_folder_split(tree):
+    pytest.importorskip("nvidia.dali")
+    from betanas_fast.data.imagenet.dali import DaliSplit
+    _, _, index = tree
+    positions = range(len(index.train))
+    pil = inet.FolderSplit(index, positions, 32)
+    dali = DaliSplit(index, positions, 32)
+    assert torch.equal(pil.labels, dali.labels) and len(pil) == len(dali)
+    # All of CMYK, grayscale and the PNG named .JPEG go through DALI's decoder.
+    odd = [index.train.files.index(os.path.join("train", *p)) for p in
+           (("n01", "cmyk.JPEG"), ("n02", "gray.JPEG"), ("n03", "png_named.JPEG"), ("n04", "upper.JPG"))]
+    for train, idx in ((False, torch.tensor(odd)), (True, torch.arange(0, len(pil), 3))):
+        xp, yp = pil.batch(idx, train, torch.Generator().manual_seed(4))
+        xd, yd = dali.batch(idx, train, torch.Generator().manual_seed(4))
+        assert xd.shape == xp.shape and torch.equal(yd, yp)
+        # Same windows and flips; only the two libraries' interpolation differs.
+        assert float((xd - xp).abs().mean()) < 0.05, train
+    # A smaller batch than before reuses the pipeline (variable batch size).
+    xd, _ = dali.batch(torch.tensor([1, 2]), False)
+    xp, _ = pil.batch(torch.tensor([1, 2]), False)
+    assert xd.shape == (2, 3, 32, 32) and float((xd - xp).abs().mean()) < 0.05
+
+
+def test_dali_loader_matches_folder_loader(tree):
+    pytest.importorskip("nvidia.dali")
+    _, _, index = tree
+    kw = dict(batch_size=6, resolution=32, seed=0, workers=1)
+    for split, train in (("val", False), ("train", True)):
+        dali = inet.make_loader(index, split=split, train=train, loader="dali", **kw)
+        pil = inet.make_loader(index, split=split, train=train, loader="folder", **kw)
+        assert len(dali) == len(pil)
+        bd, bp = list(dali), list(pil)
+        assert len(bd) == len(bp) == len(dali)
+        assert [x.shape for x, _ in bd] == [x.shape for x, _ in bp]
+        yd, yp = torch.cat([y for _, y in bd]), torch.cat([y for _, y in bp])
+        if train:
+            assert np.all(np.bincount(yd, minlength=4) <= np.bincount(index.train.labels))
+        else:
+            assert yd.tolist() == yp.tolist() == index.val.labels
+            xd, xp = torch.cat([x for x, _ in bd]), torch.cat([x for x, _ in bp])
+            assert float((xd - xp).abs().mean()) < 0.1  # resize-then-crop vs window-resize: close
+
+
+def test_dali_loader_deterministic_and_channels_last(tree):
+    pytest.importorskip("nvidia.dali")
+    _, _, index = tree
+    kw = dict(train=True, batch_size=8, resolution=32, loader="dali", workers=1)
+    a = [(x, y) for x, y in inet.make_loader(index, seed=7, **kw)]
+    b = [(x, y) for x, y in inet.make_loader(index, seed=7, **kw)]
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    cl = inet.make_loader(index, seed=7, channels_last=True, **kw)
+    x, _ = next(iter(cl))
+    assert x.shape == (8, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x, a[0][0])
+
+
+def test_load_imagenet_data_dali(tree, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    root, _, index = tree
+    data = inet.load_imagenet_data(seed=0, heldout_per_class=2, root=root, run_dir=str(tmp_path), index=index,
+                                   loader="dali", device="cpu", resolution=32)
+    x, y = data.heldout.batch(torch.arange(len(data.heldout)), False)
+    assert x.shape == (8, 3, 32, 32) and np.bincount(y.numpy()).tolist() == [2] * 4
+
+
+@pytest.mark.parametrize("kind", ["folder", "dali"])
+def test_engine_interface_batch_order_resume(tree, tmp_path, kind):
+    """The engine drives a split with BatchOrder and its own augmentation generator; restoring both
+    from a checkpoint must reproduce the same batches, pixels included."""
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali")
+    from betanas_fast.data import BatchOrder
+    root, _, index = tree
+    data = inet.load_imagenet_data(seed=0, heldout_per_class=2, root=root, index=index, loader=kind, device="cpu",
+                                   resolution=32)
+    order, gen = BatchOrder(len(data.train), 8, seed=1), torch.Generator().manual_seed(2)
+    for _ in range(3):
+        data.train.batch(order.next_indices(), True, gen)
+    saved = (order.state_dict(), gen.get_state())
+    ahead = [data.train.batch(order.next_indices(), True, gen) for _ in range(5)]  # crosses an epoch
+    order2, gen2 = BatchOrder(len(data.train), 8, seed=1), torch.Generator()
+    order2.load_state_dict(saved[0])
+    gen2.set_state(saved[1])
+    for x, y in ahead:
+        x2, y2 = data.train.batch(order2.next_indices(), True, gen2)
+        assert torch.equal(y, y2) and torch.equal(x, x2)
+    x, y = data.heldout.batch(torch.arange(len(data.heldout)), train=False)
+    assert x.shape == (8, 3, 32, 32) and y.dtype == torch.long and data.num_classes == 4
