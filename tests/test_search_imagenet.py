@@ -31,6 +31,8 @@ def test_search_runs_on_a_tree(tree, tmp_path, loader):
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-2000:]
     for name in bad:  # every bad file is reported by name
         assert name.split("/")[-1] in r.stdout + r.stderr, name
+    report = (out / "excluded_files.tsv").read_text()
+    assert all(name in report for name in bad), report
     split = json.loads((out / "heldout_split.json").read_text())  # saved for resume
     assert split["heldout_per_class"] == 1 and len(split["heldout"]) == len(CLASSES)
     assert not set(split["heldout"]) & set(split["train"])

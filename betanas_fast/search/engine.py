@@ -87,9 +87,12 @@ class Search:
         kwargs = dict(seed=cfg.seed, heldout=cfg.heldout, val=cfg.val, resolution=resolution, augment=cfg.augment,
                       root=cfg.data)
         if dataset == "imagenet":
-            from ..data import imagenet  # noqa: F401  (registers the source; DALI is imported only if used)
+            from ..data import imagenet  # registers the source; DALI is imported only if used
+            index = imagenet.build_index(cfg.data)
+            os.makedirs(self.out, exist_ok=True)
+            imagenet.write_report(index, os.path.join(self.out, "excluded_files.tsv"))
             # The held-out split is saved in the run directory and reused on resume.
-            kwargs.update(run_dir=self.out, loader=cfg.loader, heldout_per_class=cfg.heldout_per_class,
+            kwargs.update(index=index, run_dir=self.out, loader=cfg.loader, heldout_per_class=cfg.heldout_per_class,
                           channels_last=self.device.type == "cuda",
                           device="cuda" if self.device.type == "cuda" else "cpu")
         return build_data(dataset, **kwargs)
