@@ -24,46 +24,39 @@ def _grid(n: int):
     return fig, axes.flat
 
 
-def plot_alpha(space: SearchSpace, history: List[dict], path: str) -> None:
+def _plot_per_block(space: SearchSpace, history: List[dict], value, ylabel: str, path: str) -> None:
+    """One panel per block, one line per allowed path: value(record, block, path) over the α steps."""
     names = space.candidate_names
     fig, axes = _grid(space.num_blocks)
     steps = [r["step"] for r in history]
     for l, ax in zip(range(space.num_blocks), axes):
         for m, name in enumerate(names):
-            if not space.blocks[l].allowed[m]:
-                continue
-            ys = [r["alpha"][l][m] for r in history]
-            ys = [float("nan") if v is None else v for v in ys]
-            ax.plot(steps, ys, label=name, lw=1.2)
+            if space.blocks[l].allowed[m]:
+                ax.plot(steps, [value(r, l, m) for r in history], label=name, lw=1.2)
         ax.set_title(f"block {l}", fontsize=9)
         ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=6, ncol=2)
+    # The legend goes where every candidate appears (identity is not allowed everywhere).
+    widest = max(range(space.num_blocks), key=lambda l: sum(space.blocks[l].allowed))
+    axes[widest].legend(fontsize=6, ncol=2)
     fig.supxlabel("α step")
-    fig.supylabel("α (NaN after drop)")
+    fig.supylabel(ylabel)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_alpha(space: SearchSpace, history: List[dict], path: str) -> None:
+    def alpha(r, l, m):
+        v = r["alpha"][l][m]
+        return float("nan") if v is None else v
+
+    _plot_per_block(space, history, alpha, "α (NaN after drop)", path)
 
 
 def plot_train_frequency(space: SearchSpace, history: List[dict], path: str) -> None:
     """Fraction of Phase-1 steps each path was trained in, cumulative, per block."""
-    names = space.candidate_names
-    fig, axes = _grid(space.num_blocks)
-    steps = [r["step"] for r in history]
-    for l, ax in zip(range(space.num_blocks), axes):
-        for m, name in enumerate(names):
-            if not space.blocks[l].allowed[m]:
-                continue
-            ys = [r["phase1_counts"][l][m] / max(r["phase1_steps"], 1) for r in history]
-            ax.plot(steps, ys, label=name, lw=1.2)
-        ax.set_title(f"block {l}", fontsize=9)
-        ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=6, ncol=2)
-    fig.supxlabel("α step")
-    fig.supylabel("share of Phase-1 steps trained")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _plot_per_block(space, history, lambda r, l, m: r["phase1_counts"][l][m] / max(r["phase1_steps"], 1),
+                    "share of Phase-1 steps trained", path)
 
 
 def plot_architecture(space: SearchSpace, arch: Sequence[int], path: str) -> None:
