@@ -22,7 +22,7 @@ def pytest_addoption(parser):
 def record(benchmark):
     """record(suite, case_dict, impl, fn): benchmarks fn and files its median under suite/case/impl."""
 
-    def run(suite, case, impl, fn, setup_sync=None):
+    def run(suite, case, impl, fn):
         benchmark.group = f"{suite}: " + " ".join(f"{k}={v}" for k, v in case.items())
         benchmark.pedantic(fn, rounds=int(os.environ.get("BETANAS_BENCH_ROUNDS", "7")), warmup_rounds=1,
                            iterations=1)

@@ -52,10 +52,12 @@ def _copy_package_without(tmp_path, drop_extension=False, built_with=None):
     return tmp_path
 
 
-PROBE = textwrap.dedent("""\
-    import sys, warnings, torch
-    # An editable install's finder would resolve betanas_fast._C to the source tree: import only the copy.
-    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+# Imports only the copied package: an editable install's finder would resolve betanas_fast._C to the
+# source tree.
+ISOLATE = "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+
+PROBE = ISOLATE + textwrap.dedent("""\
+    import warnings, torch
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         import betanas_fast
@@ -92,6 +94,6 @@ def test_import_without_usable_kernels_warns_once_and_falls_back(tmp_path, case)
 
 def test_require_kernels_makes_it_an_error(tmp_path):
     root = _copy_package_without(tmp_path, drop_extension=True)
-    result = _run(root, PROBE.split("import betanas_fast")[0] + "import betanas_fast", BETANAS_REQUIRE_KERNELS="1")
+    result = _run(root, ISOLATE + "import betanas_fast", BETANAS_REQUIRE_KERNELS="1")
     assert result.returncode != 0
     assert "ImportError" in result.stderr and "could not be loaded" in result.stderr

@@ -259,14 +259,19 @@ def test_folder_loader_epochs(tree):
     assert labels.tolist() == index.val.labels
 
 
+def loader_class(kind):
+    """The epoch loader of `kind`; the DALI one only where DALI is installed."""
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali")
+        from betanas_fast.data.imagenet.dali import DaliLoader
+        return DaliLoader
+    return inet.FolderLoader
+
+
 @pytest.mark.parametrize("kind", ["folder", "dali"])
 def test_sharding_covers_every_sample_once(tree, kind):
     _, _, index = tree
-    if kind == "dali":
-        pytest.importorskip("nvidia.dali")
-        from betanas_fast.data.imagenet.dali import DaliLoader as Loader
-    else:
-        Loader = inet.FolderLoader
+    Loader = loader_class(kind)
     # Labels = sample ids, to see which samples each rank read. Evaluation over an odd count: every
     # sample exactly once. Training over a count that splits into full batches: every sample once
     # per epoch, in a new order each epoch.
@@ -290,11 +295,7 @@ def test_sharding_covers_every_sample_once(tree, kind):
 @pytest.mark.parametrize("kind", ["folder", "dali"])
 def test_training_ranks_take_equal_steps(tree, kind):
     _, _, index = tree
-    if kind == "dali":
-        pytest.importorskip("nvidia.dali")
-        from betanas_fast.data.imagenet.dali import DaliLoader as Loader
-    else:
-        Loader = inet.FolderLoader
+    Loader = loader_class(kind)
     files, ids = index.paths("train")[:47], list(range(47))  # shards of 23 and 24
     for rank in range(2):
         loader = Loader(files, ids, True, 8, 32, shard_id=rank, num_shards=2, seed=0)
