@@ -34,4 +34,25 @@ TORCH_LIBRARY(betanas, m) {
   // beta * sum_m p_m cost_m; 0 on dropped paths. float32 [L, M]; remaining is bool [L, M].
   m.def("gate_grad(Tensor alpha, Tensor remaining, Tensor gate_grad, Tensor cost, float beta) -> "
         "(Tensor p, Tensor grad_alpha)");
+
+  // The depthwise stages of G groups in one call (Phase 1 with a path per sample): group g has samples[g]
+  // samples of channels[g] channels with a kernel_sizes[g] kernel, all height x width, same stride and act.
+  // Every tensor is flat and group-major: x is the groups' [n_g, C_g, H, W] blocks one after another,
+  // weight their [C_g, 1, k_g, k_g], the per-channel ones their [C_g], out their [n_g, C_g, Ho_g, Wo_g].
+  // Batch statistics per group and channel; an empty group has mean = var = 0 and zero gradients.
+  m.def("dw_bn_act_grouped_train(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, int[] samples, "
+        "int[] channels, int[] kernel_sizes, int height, int width, int stride, int act, float eps) -> "
+        "(Tensor out, Tensor mean, Tensor var)");
+  m.def("dw_bn_act_grouped_train_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bn_weight, "
+        "Tensor bn_bias, Tensor mean, Tensor var, int[] samples, int[] channels, int[] kernel_sizes, int height, "
+        "int width, int stride, int act, float eps) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, "
+        "Tensor grad_bn_bias)");
+  // The binary-gate gradients of one choice block (Phase 2): for each of the K MBConv candidates given by
+  // their parameter lists, sum(o_j(x) * grad_out) with BatchNorm on batch statistics (o_j includes x when
+  // residual); entry K is sum(x * grad_out), the identity path (0 when the shapes differ). float32 [K + 1].
+  // No autograd: the outputs are reduced as they are computed, never kept.
+  m.def("block_gate_grads(Tensor x, Tensor grad_out, Tensor[] expand_weight, Tensor[] expand_bn_weight, "
+        "Tensor[] expand_bn_bias, Tensor[] dw_weight, Tensor[] dw_bn_weight, Tensor[] dw_bn_bias, "
+        "Tensor[] project_weight, Tensor[] project_bn_weight, Tensor[] project_bn_bias, int stride, bool residual, "
+        "int act, float eps) -> Tensor");
 }
