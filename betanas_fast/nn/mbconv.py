@@ -32,6 +32,19 @@ class MBConv(nn.Module):
         out = self.project(self.depthwise(self.expand(x)))
         return out + x if self.has_skip else out
 
+    @property
+    def has_expand(self) -> bool:
+        return not isinstance(self.expand, nn.Identity)
+
+    def gate_grad_params(self):
+        """The nine parameter tensors of betanas::block_gate_grads for this block (it needs an expand stage):
+        expand weight / BN weight / BN bias, depthwise ..., project ..."""
+        conv_e, bn_e = self.expand[0], self.expand[1]
+        conv_p, bn_p = self.project[0], self.project[1]
+        dw = self.depthwise
+        return (conv_e.weight, bn_e.weight, bn_e.bias, dw.conv.weight, dw.bn.weight, dw.bn.bias,
+                conv_p.weight, bn_p.weight, bn_p.bias)
+
     def extra_repr(self) -> str:
         return (f"{self.in_channels}->{self.out_channels}, k={self.kernel_size}, s={self.stride}, "
                 f"e={self.expand_ratio}, skip={self.has_skip}")

@@ -2,12 +2,14 @@
 a `SearchSpace`."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from .. import ops
 from ..space import SearchSpace
+from .dispatch import choice_block_per_sample
 from .mbconv import MBConv
 
 
@@ -43,6 +45,33 @@ class ChoiceBlock(nn.Module):
     def forward(self, x: torch.Tensor, choice: int) -> torch.Tensor:
         return self.path(choice)(x)
 
+    def forward_per_sample(self, x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+        """Sample i through candidate `paths[i]` (LongTensor [N]); each candidate sees only its samples."""
+        return choice_block_per_sample(self.candidates, self.names, x, paths)
+
+    @torch.no_grad()
+    def gate_grads(self, x: torch.Tensor, grad_out: torch.Tensor, choices: Sequence[int]) -> Dict[int, float]:
+        """dL/dg_m = sum(o_m(x) * grad_out) for every m in `choices`: BatchNorm on batch statistics (the
+        modules must be in training mode with running statistics frozen), no autograd graph. The MBConv
+        candidates go through one betanas::block_gate_grads call, the identity is sum(x * grad_out),
+        anything else (an MBConv without expand stage) runs eagerly."""
+        is_identity = {m: isinstance(self.path(m), nn.Identity) for m in choices}
+        fused = [m for m in choices if isinstance(self.path(m), MBConv) and self.path(m).has_expand]
+        eager = [m for m in choices if m not in fused and not is_identity[m]]
+        result: Dict[int, float] = {}
+        if fused or any(is_identity.values()):
+            mods = [self.path(m) for m in fused]
+            params = [list(p) for p in zip(*(mod.gate_grad_params() for mod in mods))] or [[]] * 9
+            first = mods[0] if mods else None  # the candidates of a block share stride, residual, act, eps
+            vals = ops.block_gate_grads(
+                x, grad_out, *params, stride=first.stride if first else 1, residual=bool(first and first.has_skip),
+                act=first.depthwise.act if first else "relu6", eps=first.depthwise.bn.eps if first else 1e-5).tolist()
+            result.update(zip(fused, vals))
+            result.update({m: vals[-1] for m in choices if is_identity[m]})
+        for m in eager:
+            result[m] = float((self.path(m)(x).float() * grad_out.float()).sum())
+        return result
+
 
 class _Body(nn.Module):
     """Stem, fixed first block and head shared by the supernet and the searched net."""
@@ -70,6 +99,16 @@ class Supernet(_Body):
         x = self.first(self.stem(x))
         for block, choice in zip(self.blocks, arch):
             x = block(x, choice)
+        return self._head(x)
+
+    def forward_per_sample(self, x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+        """Each sample its own path: `paths` is a LongTensor [L, N], sample i takes paths[l, i] in block l."""
+        if tuple(paths.shape) != (len(self.blocks), x.shape[0]):
+            raise ValueError(f"paths must be [blocks, batch] = [{len(self.blocks)}, {x.shape[0]}], "
+                             f"got {list(paths.shape)}")
+        x = self.first(self.stem(x))
+        for block, block_paths in zip(self.blocks, paths):
+            x = block.forward_per_sample(x, block_paths)
         return self._head(x)
 
     def forward_with_blocks(self, x: torch.Tensor, arch: Sequence[int]

@@ -17,8 +17,8 @@ from .depthwise import _act_code, _stats_dtype
 
 OP_NAMES = ("dw_bn_act_grouped_train", "dw_bn_act_grouped_train_backward", "block_gate_grads")
 
-_HAS_KERNEL = {name: {d: has_kernel(name, d) for d in ("cpu", "cuda")}
-               for name in ("dw_bn_act_grouped_train", "block_gate_grads")}
+_HAS_KERNEL = {d: has_kernel("dw_bn_act_grouped_train", d) and has_kernel("block_gate_grads", d)
+               for d in ("cpu", "cuda")}
 
 
 def _check_groups(x, samples, channels, kernel_sizes, height, width, stride):
@@ -82,7 +82,7 @@ def dw_bn_act_grouped_train(x, weight, bn_weight, bn_bias, samples: Sequence[int
     mean and var without gradient."""
     act = _act_code(act)
     samples, channels, kernel_sizes = [int(v) for v in samples], [int(v) for v in channels], [int(v) for v in kernel_sizes]
-    if _HAS_KERNEL["dw_bn_act_grouped_train"].get(x.device.type, False):
+    if _HAS_KERNEL.get(x.device.type, False):
         return torch.ops.betanas.dw_bn_act_grouped_train(x, weight, bn_weight, bn_bias, samples, channels, kernel_sizes,
                                                          int(height), int(width), int(stride), act, float(eps))
     out, mean, var = ref.dw_bn_act_grouped_train(x, weight, bn_weight, bn_bias, samples, channels, kernel_sizes,
@@ -103,6 +103,6 @@ def block_gate_grads(x, grad_out, expand_weight: List[torch.Tensor], expand_bn_w
             list(dw_bn_weight), list(dw_bn_bias), list(project_weight), list(project_bn_weight),
             list(project_bn_bias), int(stride), bool(residual), act, float(eps))
     with torch.no_grad():
-        if _HAS_KERNEL["block_gate_grads"].get(x.device.type, False):
+        if _HAS_KERNEL.get(x.device.type, False):
             return torch.ops.betanas.block_gate_grads(*args)
         return ref.block_gate_grads(*args)

@@ -1,8 +1,9 @@
 """The two-phase search loop shared by every strategy.
 
 Phase 1 trains the weights of one sampled path per block (uniform by shuffled cycles for betanas and
-spos, from p for proxyless); Phase 2 updates α on the held-out split with the binary-gate gradient
-(Eq. 4) plus the cost term (Eq. 6), then betanas drops paths below the threshold (Eq. 7).
+spos, from p for proxyless; with per-sample path sampling, one per block for each sample); Phase 2
+updates α on the held-out split with the binary-gate gradient (Eq. 4) plus the cost term (Eq. 6), then
+betanas drops paths below the threshold (Eq. 7).
 """
 from __future__ import annotations
 
@@ -55,6 +56,10 @@ class Search:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         base = build_space(cfg.space, stage_depths=cfg.stage_depths, width_mult=cfg.width_mult,
                            resolution=cfg.resolution, candidates=cfg.candidates)
+        if cfg.path_sampling == "per-sample" and cfg.batch_size < 2 * base.num_candidates:
+            raise ValueError(f"per-sample path sampling needs batch_size >= 2 x the number of candidates "
+                             f"({2 * base.num_candidates}), so that every path gets at least 2 samples for its "
+                             f"batch statistics; got {cfg.batch_size}")
         self.out = cfg.resume or cfg.out or os.path.join(
             "runs", f"{cfg.strategy}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
         self.data = self._load_data(cfg, base.config.resolution)
@@ -170,11 +175,16 @@ class Search:
         return max(self.phase1_steps - 1, 0) // self.bpe
 
     def phase1_step(self):
-        cfg = self.cfg
-        if cfg.strategy == "proxyless":
-            arch = self.state.sample_from_p(self.path_gen)
+        cfg, st = self.cfg, self.state
+        per_sample = cfg.path_sampling == "per-sample"
+        if per_sample and cfg.strategy == "proxyless":
+            paths = st.sample_from_p_per_sample(self.path_gen, cfg.batch_size)
+        elif per_sample:
+            paths = st.sample_uniform_cycle_per_sample(self.path_gen, cfg.batch_size)
+        elif cfg.strategy == "proxyless":
+            arch = st.sample_from_p(self.path_gen)
         else:
-            arch = self.state.sample_uniform_cycle(self.path_gen)
+            arch = st.sample_uniform_cycle(self.path_gen)
         idx = self.train_order.next_indices()
         x, y = self.data.train.batch(idx, train=True, generator=self.aug_gen)
         x, y = x.to(self.device), y.to(self.device)
@@ -184,20 +194,24 @@ class Search:
         self.model.train()
         self.sgd.zero_grad(set_to_none=True)  # unchosen paths keep grad None: SGD skips them entirely
         with self._autocast():
-            logits = self.model(x, arch)
+            logits = self.model.forward_per_sample(x, paths) if per_sample else self.model(x, arch)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.sgd)
         self.scaler.update()
-        for l, m in enumerate(arch):
-            self.state.phase1_counts[l, m] += 1
+        if per_sample:  # counted in samples
+            st.phase1_counts.scatter_add_(1, paths, torch.ones_like(paths))
+        else:
+            for l, m in enumerate(arch):
+                st.phase1_counts[l, m] += 1
         self.phase1_steps += 1
         return float(loss.detach()), float((logits.argmax(1) == y).float().mean()), lr
 
     def compute_gate_grad(self, x: torch.Tensor, y: torch.Tensor, arch: List[int]):
         """dL/dg_lm = Σ o_lm(x_l) ⊙ dL/dO_l for every remaining candidate: the sampled path runs with
-        autograd, the others are evaluated on the same block input without graphs. Weights stay frozen
-        and BatchNorm uses batch statistics without touching the running ones."""
+        autograd; the others of each block are evaluated on the same block input by one all-candidate
+        op, without graphs and without keeping their outputs. Weights stay frozen and BatchNorm uses batch
+        statistics without touching the running ones."""
         model, remaining = self.model, self.state.remaining
         model.train()
         set_bn_batch_stats_frozen(model, True)
@@ -210,10 +224,11 @@ class Search:
             gate = torch.zeros(remaining.shape, dtype=torch.float32)
             with torch.no_grad(), self._autocast():
                 for l, block in enumerate(model.blocks):
-                    dO = out_grads[l].float()
-                    for m in remaining[l].nonzero().flatten().tolist():
-                        o = outputs[l] if m == arch[l] else block(inputs[l], m)
-                        gate[l, m] = (o.float() * dO).sum().cpu() / scale
+                    dO = out_grads[l]
+                    gate[l, arch[l]] = float((outputs[l].float() * dO.float()).sum()) / scale
+                    others = [m for m in remaining[l].nonzero().flatten().tolist() if m != arch[l]]
+                    for m, value in block.gate_grads(inputs[l], dO, others).items():
+                        gate[l, m] = value / scale
         finally:
             set_bn_batch_stats_frozen(model, False)
         return gate, float(loss.detach()), float((logits.argmax(1) == y).float().mean())

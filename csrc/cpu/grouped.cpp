@@ -10,6 +10,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include "common/dispatch.h"
@@ -188,6 +189,8 @@ at::Tensor block_gate_grads_cpu(const at::Tensor& x_in, const at::Tensor& grad_o
                                 at::TensorList project_bn_weight, at::TensorList project_bn_bias, int64_t stride,
                                 bool residual, int64_t act, double eps) {
   const char* op = "betanas::block_gate_grads";
+  // The GEMMs below must run in x's dtype even when the caller is inside an autocast region.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const BlockCandidates b =
       check_block_gate_args(op, c10::kCPU, x_in, grad_out_in, expand_weight, expand_bn_weight, expand_bn_bias,
                             dw_weight, dw_bn_weight, dw_bn_bias, project_weight, project_bn_weight, project_bn_bias,
