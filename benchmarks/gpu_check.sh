@@ -20,7 +20,8 @@ fi
 
 stamp "CUDA tests"
 # The op-level tests run every case on CPU and CUDA; only the CUDA ones are selected here.
-python3 -m pytest tests/test_dw_bn_act.py tests/test_nn.py tests/test_build.py -q -k "cuda or build" \
+python3 -m pytest tests/test_dw_bn_act.py tests/test_nn.py tests/test_build.py tests/test_gate_grad.py \
+  tests/test_grouped_ops.py tests/test_per_sample.py -q -k "cuda or build" \
   -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -n 25
 tests_rc=${PIPESTATUS[0]}
 
@@ -37,7 +38,7 @@ import re, sys
 rows = [l for l in open(sys.argv[1]) if l.startswith("|") and "---" not in l] if len(sys.argv) > 1 else []
 print("\n".join(r.rstrip() for r in rows[:1]))
 for r in rows[1:]:
-    if "fwd+bwd" in r or "eval" in r:
+    if "fwd+bwd" in r or "eval" in r or "cuda" in r:
         print(r.rstrip())
 for l in open(sys.argv[1]):
     if l.startswith("- eval k=3"):

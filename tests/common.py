@@ -1,6 +1,11 @@
-"""Shared test helpers: devices, dtypes and the per-dtype tolerance table."""
+"""Shared test helpers: devices, dtypes, the per-dtype tolerance table, and tiny searches."""
+import json
+import os
+
 import pytest
 import torch
+
+from betanas_fast.search import Search, SearchConfig
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -29,3 +34,22 @@ def device_dtype_params():
         for dtype in KERNEL_DTYPES[device]:
             params.append(pytest.param(device, dtype, marks=marks, id=f"{device}-{str(dtype)[6:]}"))
     return params
+
+
+def tiny(tmp_path=None, **kw):
+    """A search configuration small enough for a test: the demo space with 5 choice blocks, tiny splits."""
+    d = dict(stage_depths=[1, 2, 1, 1], heldout=64, val=64, batch_size=32, heldout_batch_size=32, epochs=2,
+             warmup_epochs=1, phase_ratio=2, progress=False, plots=False, tensorboard=False, threads=2,
+             bn_recalib_batches=1, out=str(tmp_path / "run") if tmp_path is not None else None)
+    d.update(kw)
+    return SearchConfig(**d)
+
+
+def built(tmp_path, **kw):
+    s = Search(tiny(tmp_path, **kw))
+    s._build()
+    return s
+
+
+def read_history(out):
+    return [json.loads(ln) for ln in open(os.path.join(out, "history.jsonl"))]

@@ -11,19 +11,7 @@ from betanas_fast.nn import set_bn_batch_stats_frozen
 from betanas_fast.search import ArchState, Search, SearchConfig, gate_grad_to_alpha_grad, parse_config
 from betanas_fast.search import checkpoint as ckpt
 
-
-def tiny(tmp_path=None, **kw):
-    d = dict(stage_depths=[1, 2, 1, 1], heldout=64, val=64, batch_size=32, heldout_batch_size=32, epochs=2,
-             warmup_epochs=1, phase_ratio=2, progress=False, plots=False, tensorboard=False, threads=2,
-             bn_recalib_batches=1, out=str(tmp_path / "run") if tmp_path is not None else None)
-    d.update(kw)
-    return SearchConfig(**d)
-
-
-def built(tmp_path, **kw):
-    s = Search(tiny(tmp_path, **kw))
-    s._build()
-    return s
+from common import built, read_history, tiny
 
 
 # --- sampling --------------------------------------------------------------------------------------------------
@@ -176,10 +164,6 @@ def test_recentre_keeps_p():
 
 
 # --- resume ----------------------------------------------------------------------------------------------------
-def _hist(out):
-    return [json.loads(ln) for ln in open(os.path.join(out, "history.jsonl"))]
-
-
 def test_resume_equals_uninterrupted(tmp_path):
     kw = dict(epochs=1, warmup_epochs=0, batch_size=64, checkpoint_every=4, drop_threshold=-0.02, arch_lr=0.03)
     full = tiny(tmp_path, **kw)
@@ -189,11 +173,11 @@ def test_resume_equals_uninterrupted(tmp_path):
     part.out = str(tmp_path / "part")
     assert Search(part).run() is None
     assert not os.path.exists(os.path.join(part.out, "arch.json"))
-    assert len(_hist(part.out)) == 10 and ckpt.latest_iteration(os.path.join(part.out, "checkpoints")) == 8
+    assert len(read_history(part.out)) == 10 and ckpt.latest_iteration(os.path.join(part.out, "checkpoints")) == 8
     Search(SearchConfig(resume=part.out, progress=False)).run()
     a, b = json.load(open(os.path.join(full.out, "arch.json"))), json.load(open(os.path.join(part.out, "arch.json")))
     assert a == b
-    ha, hb = _hist(full.out), _hist(part.out)
+    ha, hb = read_history(full.out), read_history(part.out)
     assert [r["alpha"] for r in ha] == [r["alpha"] for r in hb] and [r["step"] for r in hb] == list(range(1, len(ha) + 1))
     assert any(r["drops"] for r in ha)  # the run exercised drops
 

@@ -10,6 +10,17 @@ from torch import nn
 from .. import ops
 
 
+def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """What nn.BatchNorm2d does to its running statistics after a training step that normalised with the
+    batch statistics `mean` and biased `var`, each over `count` values per channel: count the batch, then
+    an exponential (momentum) or cumulative (momentum None) average, with the unbiased variance."""
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+        bn.running_var.lerp_((var * (count / (count - 1))).to(bn.running_var.dtype), momentum)
+
+
 class DWConvBNAct(nn.Module):
     def __init__(self, channels: int, kernel_size: int = 3, stride: int = 1, act: str = "relu6",
                  eps: float = 1e-5, momentum: float = 0.1):
@@ -30,17 +41,13 @@ class DWConvBNAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn
-        use_batch_stats = bn.training or not bn.track_running_stats
-        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if not bn.training and bn.track_running_stats:
+            return ops.dw_bn_act(x, self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                 stride=self.stride, act=self.act, training=False, eps=bn.eps)
+        out, mean, var = ops.dw_bn_act_train(x, self.conv.weight, bn.weight, bn.bias, self.stride, self.act, bn.eps)
         if bn.training and bn.track_running_stats:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
-                momentum = 1.0 / float(bn.num_batches_tracked)
-        return ops.dw_bn_act(
-            x, self.conv.weight, bn.weight, bn.bias,
-            bn.running_mean if bn.track_running_stats else None,
-            bn.running_var if bn.track_running_stats else None,
-            stride=self.stride, act=self.act, training=use_batch_stats, momentum=momentum, eps=bn.eps)
+            update_running_stats(bn, mean, var, out.shape[0] * out.shape[2] * out.shape[3])
+        return out
 
     def extra_repr(self) -> str:
         return f"act={self.act}"

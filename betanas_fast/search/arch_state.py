@@ -46,6 +46,28 @@ class ArchState:
             self.cycles[l] = queue
         return arch
 
+    def sample_uniform_cycle_per_sample(self, generator: torch.Generator, batch_size: int) -> torch.Tensor:
+        """LongTensor [L, N]: a path per block for each of N samples, from the same shuffled-cycle stream
+        as `sample_uniform_cycle`, N entries per block per step, dealt to the samples in random order.
+        The cycles that open within a step put the paths this step took from the previous cycle last, so
+        within a step every remaining path gets floor(N/M') or ceil(N/M') samples."""
+        paths = torch.empty(self.num_blocks, batch_size, dtype=torch.long)
+        for l in range(self.num_blocks):
+            queue = [m for m in self.cycles[l] if self.remaining[l, m]]
+            drawn = queue[:batch_size]
+            queue = queue[batch_size:]
+            rem = self.remaining_paths(l)
+            fresh, again = [m for m in rem if m not in drawn], [m for m in rem if m in drawn]
+            while len(drawn) < batch_size:
+                queue = ([fresh[i] for i in torch.randperm(len(fresh), generator=generator).tolist()]
+                         + [again[i] for i in torch.randperm(len(again), generator=generator).tolist()])
+                need = batch_size - len(drawn)
+                drawn += queue[:need]
+                queue = queue[need:]
+            paths[l] = torch.tensor(drawn)[torch.randperm(batch_size, generator=generator)]
+            self.cycles[l] = queue
+        return paths
+
     def sample_uniform_iid(self, generator: torch.Generator) -> List[int]:
         arch = []
         for l in range(self.num_blocks):
@@ -55,6 +77,10 @@ class ArchState:
 
     def sample_from_p(self, generator: torch.Generator) -> List[int]:
         return torch.multinomial(self.probs(), 1, generator=generator).flatten().tolist()
+
+    def sample_from_p_per_sample(self, generator: torch.Generator, batch_size: int) -> torch.Tensor:
+        """LongTensor [L, N]: each sample's path in each block drawn from p independently."""
+        return torch.multinomial(self.probs(), batch_size, replacement=True, generator=generator)
 
     def argmax_arch(self) -> List[int]:
         a = self.alpha.detach().masked_fill(~self.remaining, float("-inf"))

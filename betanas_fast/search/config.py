@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
 
 STRATEGIES = ("betanas", "proxyless", "spos", "random")
+PATH_SAMPLING = ("per-batch", "per-sample")
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
 
 
@@ -33,6 +34,7 @@ class SearchConfig:
     batch_size: int = 64
     heldout_batch_size: int = 64
     phase_ratio: int = 2            # Phase-1 weight steps per α step
+    path_sampling: str = "per-batch"  # Phase 1: one path per block for the batch, or one per sample
     warmup_epochs: int = 25         # no α steps and no drops before this epoch
     # weights (SGD)
     lr: float = 0.1
@@ -87,6 +89,14 @@ def load_preset(name_or_path: str) -> dict:
     return d
 
 
+HELP = {
+    "path_sampling": "Phase 1: per-batch, one path per block for the whole batch (the paper's); per-sample, each "
+                     "sample its own path (balanced within each step, or from p for proxyless; Phase-1 counts then "
+                     "count samples, not steps; needs a batch of at least 2 x the number of candidates). "
+                     "Default per-batch",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m betanas_fast.search",
                                 description="BetaNAS search (balanced training + selective drop) and baselines. "
@@ -116,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                 kw = {"choices": ("auto", "dali", "torchvision")}
             if f.name == "heldout_per_class":
                 typ = int
-            p.add_argument(flag, dest=f.name, type=typ, default=None, help=f"default {default}", **kw)
+            if f.name == "path_sampling":
+                kw = {"choices": PATH_SAMPLING}
+            p.add_argument(flag, dest=f.name, type=typ, default=None, help=HELP.get(f.name, f"default {default}"),
+                           **kw)
     return p
 
 
@@ -131,6 +144,8 @@ def validate_config(cfg: SearchConfig) -> None:
     """Checks that need no data or model; the space, data and FLOPs checks follow in `prepare`."""
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {cfg.strategy!r}; expected one of {STRATEGIES}")
+    if cfg.path_sampling not in PATH_SAMPLING:
+        raise ValueError(f"unknown path sampling {cfg.path_sampling!r}; expected one of {PATH_SAMPLING}")
     if cfg.drop_threshold >= 0:
         raise ValueError(f"drop threshold {cfg.drop_threshold} would drop every path: α starts at 0 and each "
                          f"block's remaining α are re-centred to mean 0, so the threshold must be negative")

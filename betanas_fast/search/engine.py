@@ -18,6 +18,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.deterministic
 
 from .. import cost as cost_model
 from ..data import BatchOrder, build_data
@@ -52,6 +53,9 @@ class Search:
         self.device = resolve_device(cfg.device)
         # Exact resume needs bit-reproducible steps.
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # ...without its NaN-filling of every new tensor (a guard against reading uninitialised memory,
+        # which no op here does): on the CPU that fill cost as much as the small convolutions themselves.
+        torch.utils.deterministic.fill_uninitialized_memory = False
         if self.device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         base = build_space(cfg.space, stage_depths=cfg.stage_depths, width_mult=cfg.width_mult,

@@ -1,0 +1,164 @@
+"""The search step of the demo supernet (all 7 paths remaining in every block, as at the start of a
+search; batch 64, 32x32 digits, fp32) with the kernels against the references, in one run:
+
+- Phase-2 step (`Search.compute_gate_grad` + the α gradient): betanas_fast (fused depthwise op and one
+  block_gate_grads call per block) vs `reference` (every op's pure-PyTorch reference: the sampled path
+  with autograd, then an eager no-grad loop over the other candidates) vs `module-loop` (the loop over
+  the candidates' own modules that the engine ran before the all-candidate op, with the fused
+  depthwise kernel);
+- whole search step (`phase_ratio` Phase-1 steps + one Phase-2 step, SGD and Adam included): kernels
+  vs references;
+- peak memory of the Phase-2 step: the CPU allocator's timeline from torch.profiler (or the CUDA
+  allocator's peak on a GPU), reported under the tables.
+On a GPU the Phase-2 step also runs at ImageNet shapes (mobile space, batch 256, 224x224, bf16 autocast).
+"""
+import json
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from betanas_fast import ops
+from betanas_fast.nn import set_bn_batch_stats_frozen
+from betanas_fast.search import Search, SearchConfig, gate_grad_to_alpha_grad
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def make_search(tmp, device="cpu", **kw):
+    cfg = dict(space="demo", epochs=4, warmup_epochs=0, batch_size=64, heldout_batch_size=64, progress=False,
+               plots=False, tensorboard=False, device=device, out=os.path.join(tmp, "run"), seed=0)
+    cfg.update(kw)
+    s = Search(SearchConfig(**cfg))
+    s._build()
+    return s
+
+
+def module_loop_gates(s, x, y, arch):
+    """The engine's Phase-2 gate gradients before the all-candidate op: every other remaining candidate
+    through its own modules (no_grad), reduced against dL/dO one at a time."""
+    model, remaining = s.model, s.state.remaining
+    model.train()
+    set_bn_batch_stats_frozen(model, True)
+    try:
+        logits, inputs, outputs = model.forward_with_blocks(x, arch)
+        out_grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), outputs)
+        gate = torch.zeros(remaining.shape)
+        with torch.no_grad():
+            for l, block in enumerate(model.blocks):
+                for m in remaining[l].nonzero().flatten().tolist():
+                    o = outputs[l] if m == arch[l] else block(inputs[l], m)
+                    gate[l, m] = (o.float() * out_grads[l].float()).sum()
+    finally:
+        set_bn_batch_stats_frozen(model, False)
+    return gate
+
+
+PHASE2 = {
+    "betanas_fast": lambda s, x, y, arch: s.compute_gate_grad(x, y, arch)[0],
+    "module-loop": module_loop_gates,
+}
+
+
+def phase2_fn(impl, s, x, y, arch):
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    gates = PHASE2.get(impl, PHASE2["betanas_fast"])
+
+    def step():
+        if impl == "reference":
+            with ops.reference_ops():
+                gate = gates(s, x, y, arch)
+                gate_grad_to_alpha_grad(s.state.alpha.detach(), s.state.remaining, gate, s.cost_mflops, 0.05)
+        else:
+            gate = gates(s, x, y, arch)
+            gate_grad_to_alpha_grad(s.state.alpha.detach(), s.state.remaining, gate, s.cost_mflops, 0.05)
+        sync()
+
+    return step
+
+
+def heldout_batch(s, device):
+    x, y = s.data.heldout.batch(torch.arange(64), train=False)
+    arch = s.state.sample_from_p(torch.Generator().manual_seed(1))
+    return x.to(device), y.to(device), arch
+
+
+@pytest.mark.parametrize("impl", ["betanas_fast", "reference", "module-loop"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_phase2_step(record, impl, device):
+    with tempfile.TemporaryDirectory() as tmp:
+        s = make_search(tmp, device)
+        x, y, arch = heldout_batch(s, device)
+        record("Phase-2 step, demo supernet, 7 paths per block", {"device": device}, impl,
+               phase2_fn(impl, s, x, y, arch))
+
+
+@pytest.mark.parametrize("impl", ["betanas_fast", "reference"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_search_step(record, impl, device):
+    with tempfile.TemporaryDirectory() as tmp:
+        s = make_search(tmp, device)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+        def step():
+            s.state.remaining.copy_(s.state.allowed)  # keep every path: the same work in every round
+            if impl == "reference":
+                with ops.reference_ops():
+                    s._iteration()
+            else:
+                s._iteration()
+            sync()
+
+        record(f"whole search step ({s.cfg.phase_ratio} Phase-1 + 1 Phase-2), demo", {"device": device}, impl, step)
+
+
+def peak_bytes(fn, device):
+    """Peak bytes allocated during fn() above what was allocated before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        return torch.cuda.max_memory_allocated() - base
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "timeline.json")
+        prof.export_memory_timeline(path, device="cpu")
+        with open(path) as f:
+            _, sizes = json.load(f)
+    return float(np.asarray(sizes).sum(axis=1).max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_phase2_peak_memory(device, report_line):
+    with tempfile.TemporaryDirectory() as tmp:
+        s = make_search(tmp, device)
+        x, y, arch = heldout_batch(s, device)
+        peaks = {}
+        for impl in ("betanas_fast", "reference", "module-loop"):
+            fn = phase2_fn(impl, s, x, y, arch)
+            fn()  # warm-up
+            peaks[impl] = peak_bytes(fn, device)
+    assert all(v > 0 for v in peaks.values()), peaks  # the measurement saw the step's allocations
+    report_line(f"Phase-2 step peak memory, demo, {device}: " + ", ".join(
+        f"{k} {v / 2**20:.1f} MiB" for k, v in peaks.items())
+        + f"; reference/betanas_fast {peaks['reference'] / peaks['betanas_fast']:.2f}x")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="ImageNet shapes only on a GPU")
+@pytest.mark.parametrize("impl", ["betanas_fast", "reference", "module-loop"])
+def test_phase2_step_imagenet_shapes(record, report_line, impl):
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        s = make_search(tmp, "cuda", space="mobile", heldout_batch_size=256, amp=True, amp_dtype="bf16")
+        x = torch.randn(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, s.space.config.num_classes, (256,), device="cuda")
+        arch = s.state.sample_from_p(torch.Generator().manual_seed(1))
+        fn = phase2_fn(impl, s, x, y, arch)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            record("Phase-2 step, mobile space, batch 256, 224x224, bf16", {"device": "cuda"}, impl, fn)
+            report_line(f"Phase-2 peak memory at ImageNet shapes, {impl}: {peak_bytes(fn, 'cuda') / 2**30:.2f} GiB")
