@@ -21,7 +21,7 @@ _HAS_KERNEL = {d: has_kernel("dw_bn_act_grouped_train", d) and has_kernel("block
                for d in ("cpu", "cuda")}
 
 
-def _check_groups(x, samples, channels, kernel_sizes, height, width, stride):
+def _check_groups(x, samples, channels, kernel_sizes, height, width):
     torch._check(len(samples) == len(channels) == len(kernel_sizes),
                  lambda: f"samples, channels and kernel_sizes must have one entry per group, got "
                          f"{len(samples)}, {len(channels)}, {len(kernel_sizes)}")
@@ -42,7 +42,7 @@ if KERNELS_LOADED:
 
     @torch.library.register_fake("betanas::dw_bn_act_grouped_train")
     def _grouped_fake(x, weight, bn_weight, bn_bias, samples, channels, kernel_sizes, height, width, stride, act, eps):
-        _check_groups(x, samples, channels, kernel_sizes, height, width, stride)
+        _check_groups(x, samples, channels, kernel_sizes, height, width)
         c = sum(channels)
         return (x.new_empty(_out_numel(samples, channels, kernel_sizes, height, width, stride)),
                 x.new_empty((c,), dtype=_stats_dtype(x)), x.new_empty((c,), dtype=_stats_dtype(x)))
@@ -50,7 +50,7 @@ if KERNELS_LOADED:
     @torch.library.register_fake("betanas::dw_bn_act_grouped_train_backward")
     def _grouped_backward_fake(grad_out, x, weight, bn_weight, bn_bias, mean, var, samples, channels, kernel_sizes,
                                height, width, stride, act, eps):
-        _check_groups(x, samples, channels, kernel_sizes, height, width, stride)
+        _check_groups(x, samples, channels, kernel_sizes, height, width)
         return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
 
     @torch.library.register_fake("betanas::block_gate_grads")

@@ -32,23 +32,29 @@ std::vector<int32_t> group_of_channel(const DwGroups& groups) {
   return owner;
 }
 
+// f(group, channel within the group, channel overall, k, s, act) for every channel of every group, in one
+// parallel loop; k, s and act are integral constants (template values inside f).
+template <typename F>
+void for_each_group_channel(const DwGroups& groups, int64_t stride, int64_t act, F&& f) {
+  const auto owner = group_of_channel(groups);
+  for_each_channel(groups.total_channels, [&](int64_t ch) {
+    const DwGroup& g = groups.groups[owner[ch]];
+    dispatch_kernel_stride(g.kernel, stride, [&](auto k, auto s) {
+      dispatch_act(act, [&](auto a) { f(g, ch - g.channel_offset, ch, k, s, a); });
+    });
+  });
+}
+
 template <typename scalar_t, typename T = at::opmath_type<scalar_t>>
 void grouped_forward(const DwGroups& groups, const scalar_t* x, scalar_t* y, int64_t H, int64_t W, int64_t stride,
                      int64_t act, double eps, const std::vector<T>& w, const std::vector<T>& gamma,
                      const std::vector<T>& beta, T* mean, T* var) {
-  const auto owner = group_of_channel(groups);
-  for_each_channel(groups.total_channels, [&](int64_t ch) {
-    const DwGroup& g = groups.groups[owner[ch]];
-    const int64_t c = ch - g.channel_offset;
-    dispatch_kernel_stride(g.kernel, stride, [&](auto k, auto s) {
-      constexpr int K = decltype(k)::value, S = decltype(s)::value;
-      const DwPlane<T, K, S> plane(H, W);
-      dispatch_act(act, [&](auto a) {
-        train_forward_channel<scalar_t, K, S, decltype(a)::value>(
-            plane, x + g.x_offset + c * H * W, g.x_step, y + g.y_offset + c * plane.Ho * plane.Wo, g.y_step,
-            g.samples, w.data() + g.weight_offset + c * K * K, gamma[ch], beta[ch], eps, mean + ch, var + ch);
-      });
-    });
+  for_each_group_channel(groups, stride, act, [&](const DwGroup& g, int64_t c, int64_t ch, auto k, auto s, auto a) {
+    constexpr int K = decltype(k)::value, S = decltype(s)::value;
+    const DwPlane<T, K, S> plane(H, W);
+    train_forward_channel<scalar_t, K, S, decltype(a)::value>(
+        plane, x + g.x_offset + c * H * W, g.x_step, y + g.y_offset + c * plane.Ho * plane.Wo, g.y_step, g.samples,
+        w.data() + g.weight_offset + c * K * K, gamma[ch], beta[ch], eps, mean + ch, var + ch);
   });
 }
 
@@ -86,7 +92,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_grouped_tra
   const at::Tensor x = x_in.contiguous(), grad_out = grad_out_in.to(x.scalar_type()).contiguous();
   at::Tensor grad_x = at::empty_like(x);
   std::vector<double> gw(groups.weight_numel), gg(groups.total_channels), gb(groups.total_channels);
-  const auto owner = group_of_channel(groups);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dw_bn_act_grouped_train_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const auto w = to_vector<T>(weight), gamma = to_vector<T>(bn_weight), beta = to_vector<T>(bn_bias);
@@ -94,19 +99,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_grouped_tra
     const scalar_t* xd = x.const_data_ptr<scalar_t>();
     const scalar_t* gd = grad_out.const_data_ptr<scalar_t>();
     scalar_t* dxd = grad_x.mutable_data_ptr<scalar_t>();
-    for_each_channel(groups.total_channels, [&](int64_t ch) {
-      const DwGroup& g = groups.groups[owner[ch]];
-      const int64_t c = ch - g.channel_offset;
-      dispatch_kernel_stride(g.kernel, stride, [&](auto k, auto s) {
-        constexpr int K = decltype(k)::value, S = decltype(s)::value;
-        const DwPlane<T, K, S> plane(H, W);
-        dispatch_act(act, [&](auto a) {
-          train_backward_channel<scalar_t, K, S, decltype(a)::value>(
-              plane, gd + g.y_offset + c * plane.Ho * plane.Wo, g.y_step, xd + g.x_offset + c * H * W,
-              dxd + g.x_offset + c * H * W, g.x_step, g.samples, w.data() + g.weight_offset + c * K * K, gamma[ch],
-              beta[ch], m[ch], v[ch], eps, gw.data() + g.weight_offset + c * K * K, &gg[ch], &gb[ch]);
-        });
-      });
+    for_each_group_channel(groups, stride, act, [&](const DwGroup& g, int64_t c, int64_t ch, auto k, auto s, auto a) {
+      constexpr int K = decltype(k)::value, S = decltype(s)::value;
+      const DwPlane<T, K, S> plane(H, W);
+      train_backward_channel<scalar_t, K, S, decltype(a)::value>(
+          plane, gd + g.y_offset + c * plane.Ho * plane.Wo, g.y_step, xd + g.x_offset + c * H * W,
+          dxd + g.x_offset + c * H * W, g.x_step, g.samples, w.data() + g.weight_offset + c * K * K, gamma[ch],
+          beta[ch], m[ch], v[ch], eps, gw.data() + g.weight_offset + c * K * K, &gg[ch], &gb[ch]);
     });
   });
   return {grad_x, like_param(gw, weight), like_param(gg, bn_weight), like_param(gb, bn_bias)};
