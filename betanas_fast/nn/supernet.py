@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import ops
 from ..space import SearchSpace
-from .dispatch import choice_block_per_sample
+from .per_sample import choice_block_per_sample
 from .mbconv import MBConv
 
 
