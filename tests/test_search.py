@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from betanas_fast.nn import set_bn_batch_stats_frozen
-from betanas_fast.search import ArchState, Search, SearchConfig, gate_grad_to_alpha_grad, parse_config
+from betanas_fast.search import ArchState, Search, SearchConfig, parse_config
 from betanas_fast.search import checkpoint as ckpt
 
 from common import built, read_history, tiny
@@ -118,7 +118,7 @@ def test_alpha_gradient_equals_eq4_plus_cost(tmp_path):
     x, y = s.data.heldout.batch(torch.arange(16), train=False)
     arch = st.sample_from_p(torch.Generator().manual_seed(1))
     before = {k: v.clone() for k, v in s.model.state_dict().items()}
-    gate, _, _ = s.compute_gate_grad(x, y, arch)
+    gate, _, _ = s.model.gate_grad_table(x, y, arch, st.remaining)
     for k, v in s.model.state_dict().items():
         assert torch.equal(v, before[k]), k  # frozen weights, BN running stats untouched
     assert all(p.grad is None for p in s.model.parameters())
@@ -126,7 +126,7 @@ def test_alpha_gradient_equals_eq4_plus_cost(tmp_path):
     torch.testing.assert_close(gate, expected_gate, rtol=1e-4, atol=1e-6)
 
     beta, cost = 0.3, s.cost_mflops
-    got = gate_grad_to_alpha_grad(st.alpha.detach(), st.remaining, gate, cost, beta)
+    got = st.alpha_grad(gate, cost, beta)
     p = st.probs()
     want = torch.zeros_like(got)
     for l in range(p.shape[0]):
@@ -251,8 +251,67 @@ def test_main_command_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["spos", "random"])
 def test_other_strategies_run(tmp_path, strategy):
-    cfg = tiny(tmp_path, strategy=strategy, epochs=1, warmup_epochs=0, batch_size=64, spos_population=4,
+    cfg = tiny(tmp_path, strategy=strategy, epochs=1, warmup_epochs=0, batch_size=64, spos_population=4, spos_parents=2,
                spos_generations=2,
                flops_target=0.6)
     res = Search(cfg).run()
     assert res["mflops"] <= 0.6 and len(res["arch"]) == 5
+
+
+# --- configuration as data -------------------------------------------------------------------------------------
+def test_every_flag_comes_from_the_config_fields():
+    from dataclasses import fields
+
+    from betanas_fast.search.config import build_parser
+    parser = build_parser()
+    flags = {a.dest: a for a in parser._actions if a.dest not in ("help", "preset")}
+    assert set(flags) == {f.name for f in fields(SearchConfig)}
+    for f in fields(SearchConfig):
+        assert f.metadata["help"] and flags[f.name].help.startswith(f.metadata["help"]), f.name
+    assert flags["strategy"].choices == ("betanas", "proxyless", "spos", "random")
+    assert flags["stage_depths"].nargs == "+" and flags["stage_depths"].type is int
+    assert flags["flops_target"].type is float
+    with pytest.raises(SystemExit):
+        parse_config(["--path-sampling", "per-pixel"])
+    assert parse_config(["--no-augment", "--stage-depths", "1", "2", "1", "1"]).stage_depths == [1, 2, 1, 1]
+
+
+def test_weight_decay_skips_batchnorm_and_biases(tmp_path):
+    s = built(tmp_path)
+    decay, no_decay = s.sgd.param_groups
+    assert decay["weight_decay"] == s.cfg.weight_decay and no_decay["weight_decay"] == 0.0
+    bn_and_bias = {id(p) for m in s.model.modules() for n, p in m.named_parameters(recurse=False)
+                   if isinstance(m, torch.nn.BatchNorm2d) or n == "bias"}
+    assert {id(p) for p in no_decay["params"]} == bn_and_bias and bn_and_bias
+    everything = built(tmp_path / "all", weight_decay_bn=True)
+    assert len(everything.sgd.param_groups[0]["params"]) == len(list(everything.model.parameters()))
+
+
+def test_amp_runs_fp32_on_a_cpu_without_native_bf16(monkeypatch, capsys):
+    from betanas_fast.search import runtime
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.resolve_amp_dtype(True, "auto", cpu) is None
+    assert "no native bf16" in capsys.readouterr().out
+    assert runtime.resolve_amp_dtype(True, "bf16", cpu) == torch.bfloat16   # forced
+    assert runtime.resolve_amp_dtype(False, "bf16", cpu) is None
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.resolve_amp_dtype(True, "auto", cpu) == torch.bfloat16
+
+
+def test_flops_target_adapts_beta_and_is_reported(tmp_path):
+    s = built(tmp_path, epochs=1, warmup_epochs=0, flops_target=0.5)
+    betas = []
+    for _ in range(4):
+        s._iteration()
+        betas.append(s.beta)
+    expected = [s.expected_mflops() > 0.5]  # the last direction taken
+    assert betas[0] != s.cfg.beta and len(set(betas)) == 4   # β moves at every α step
+    assert (betas[-1] > betas[-2]) == expected[0]
+    from betanas_fast.search.report import arch_summary, format_table
+    arch = s.state.argmax_arch()
+    res = arch_summary(s.space, s.state, arch, "betanas", None, 0.5)
+    assert res["flops_target"] == 0.5 and res["meets_flops_target"] == (res["mflops"] <= 0.5)
+    assert "FLOPs target 0.5000 MFLOPs" in format_table(res)
+    untargeted = arch_summary(s.space, s.state, arch, "betanas", None)
+    assert untargeted["flops_target"] is None and untargeted["meets_flops_target"] is None

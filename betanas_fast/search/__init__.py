@@ -1,12 +1,12 @@
-"""The search: configuration, architecture state, strategies and the two-phase loop.
+"""The search: configuration, strategies, architecture state and the two-phase loop.
 `python -m betanas_fast.search --help` lists every option."""
 from .arch_state import ArchState
-from .config import STRATEGIES, SearchConfig, parse_config, validate_config
+from .config import SearchConfig, parse_config, validate_config
 from .engine import Search
-from .gate_grad import gate_grad_to_alpha_grad
+from .strategies import STRATEGIES, Strategy, make_strategy
 
-__all__ = ["ArchState", "STRATEGIES", "SearchConfig", "parse_config", "validate_config", "Search",
-           "gate_grad_to_alpha_grad", "main"]
+__all__ = ["ArchState", "STRATEGIES", "Strategy", "make_strategy", "SearchConfig", "parse_config", "validate_config",
+           "Search", "main"]
 
 
 def main(argv=None):

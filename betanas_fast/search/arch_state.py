@@ -1,18 +1,26 @@
-"""Architecture state: α, the remaining paths, counters, drop records and the path samplers."""
+"""Architecture state: α and its update (Eq. 4 + the cost term, Adam, re-centring, selective drop), the
+remaining paths, counters, drop records and the path samplers."""
 from __future__ import annotations
 
-from typing import List, Optional
+import copy
+from typing import List, Optional, Tuple
 
 import torch
 
+from .. import ops
+
 
 class ArchState:
-    """α (L x M, init 0), `remaining` (L x M bool; candidates not allowed in a block start removed),
-    per-path Phase-1 training counts and Phase-2 sample counts, and the record of every drop."""
+    """α (L x M, init 0) and its Adam optimiser, `remaining` (L x M bool; candidates not allowed in a block
+    start removed), per-path Phase-1 training counts and Phase-2 sample counts, and the record of every
+    drop."""
 
-    def __init__(self, allowed: List[List[bool]]):
+    def __init__(self, allowed: List[List[bool]], lr: float = 1e-3, betas: Tuple[float, float] = (0.0, 0.999),
+                 eps: float = 1e-8):
         self.allowed = torch.tensor(allowed, dtype=torch.bool)
         self.alpha = torch.nn.Parameter(torch.zeros(self.allowed.shape))
+        # β1 = 0 by default (ProxylessNAS's choice): a stale momentum never pushes a path.
+        self.optimizer = torch.optim.Adam([self.alpha], lr=lr, betas=betas, eps=eps, weight_decay=0.0)
         self.remaining = self.allowed.clone()
         self.phase1_counts = torch.zeros(self.allowed.shape, dtype=torch.long)
         self.phase2_counts = torch.zeros(self.allowed.shape, dtype=torch.long)
@@ -68,13 +76,6 @@ class ArchState:
             self.cycles[l] = queue
         return paths
 
-    def sample_uniform_iid(self, generator: torch.Generator) -> List[int]:
-        arch = []
-        for l in range(self.num_blocks):
-            rem = self.remaining_paths(l)
-            arch.append(rem[int(torch.randint(len(rem), (1,), generator=generator))])
-        return arch
-
     def sample_from_p(self, generator: torch.Generator) -> List[int]:
         return torch.multinomial(self.probs(), 1, generator=generator).flatten().tolist()
 
@@ -87,6 +88,25 @@ class ArchState:
         return a.argmax(1).tolist()
 
     # --- update and drop --------------------------------------------------------------------------------
+    def alpha_grad(self, gate_grad: torch.Tensor, cost: torch.Tensor, beta: float) -> torch.Tensor:
+        """dL/dα (L x M fp32, 0 on dropped paths) from the table of dL/dg over the remaining paths:
+        Eq. 4, dL/dα_m = Σ_j dL/dg_j p_j (δ_mj − p_m), plus ∂/∂α_m of β Σ_j p_j cost_j (Eq. 6)."""
+        as_f32 = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731
+        _, grad = ops.alpha_grad(as_f32(self.alpha), self.remaining.contiguous(), as_f32(gate_grad), as_f32(cost),
+                                 float(beta))
+        return grad
+
+    def step(self, gate_grad: torch.Tensor, cost: torch.Tensor, beta: float) -> None:
+        """One α update: the gradient above, an Adam step in which dropped entries do not move, then the
+        re-centring of every block's remaining α."""
+        frozen = self.alpha.detach().clone()
+        self.alpha.grad = self.alpha_grad(gate_grad, cost, beta)
+        self.optimizer.step()
+        with torch.no_grad():
+            self.alpha.data[~self.remaining] = frozen[~self.remaining]
+        self.alpha.grad = None
+        self.recentre()
+
     @torch.no_grad()
     def recentre(self) -> None:
         """Remaining α of each block to mean 0 (p unchanged), so a fixed negative threshold means
@@ -117,13 +137,15 @@ class ArchState:
 
     # --- checkpoint -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"alpha": self.alpha.detach().clone(), "remaining": self.remaining.clone(),
+        return {"alpha": self.alpha.detach().clone(), "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "remaining": self.remaining.clone(),
                 "phase1_counts": self.phase1_counts.clone(), "phase2_counts": self.phase2_counts.clone(),
                 "drops": [dict(d) for d in self.drops], "cycles": [list(c) for c in self.cycles]}
 
     def load_state_dict(self, d: dict) -> None:
         with torch.no_grad():
             self.alpha.copy_(d["alpha"])
+        self.optimizer.load_state_dict(d["optimizer"])
         self.remaining = d["remaining"].clone()
         self.phase1_counts = d["phase1_counts"].clone()
         self.phase2_counts = d["phase2_counts"].clone()

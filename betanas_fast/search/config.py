@@ -1,74 +1,118 @@
-"""Search configuration: one dataclass, its command line, presets, and the fail-fast checks."""
+"""Search configuration: one dataclass whose field metadata is the command line, presets, and the
+fail-fast checks.
+
+Every field's help text, choices and parser type live next to its default (`_opt`); `build_parser`
+reads them and knows no field by name.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import List, Optional
 
-STRATEGIES = ("betanas", "proxyless", "spos", "random")
-PATH_SAMPLING = ("per-batch", "per-sample")
+from ..space import PRESETS as SPACES
+from .strategies import STRATEGIES
+
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
+PATH_SAMPLING = ("per-batch", "per-sample")
+AMP_DTYPES = ("auto", "bf16", "fp16")
+
+
+def _opt(default, help: str, *, choices=None, type=None, nargs=None):
+    """A config field with its command-line description (`type` is the parser's element type where the
+    default does not tell it, e.g. for None defaults; `choices` a tuple, or a function giving one when the
+    choices can grow, as the strategy table can)."""
+    meta = {"help": help, "choices": choices, "type": type, "nargs": nargs}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class SearchConfig:
     # what to search
-    strategy: str = "betanas"
-    space: str = "demo"
-    width_mult: Optional[float] = None
-    resolution: Optional[int] = None
-    stage_depths: Optional[List[int]] = None
-    candidates: Optional[List[str]] = None
+    strategy: str = _opt("betanas", "betanas (balanced training + selective drop), proxyless (paths trained "
+                                    "in proportion to p), spos (uniform training, then evolution under the "
+                                    "FLOPs budget), random (random architectures under the budget)",
+                         choices=lambda: tuple(STRATEGIES))
+    space: str = _opt("demo", "search-space preset: demo (8 blocks, 32x32) or mobile (the paper's 21 blocks)",
+                      choices=tuple(SPACES))
+    width_mult: Optional[float] = _opt(None, "channel width multiplier (default: the space's)", type=float)
+    resolution: Optional[int] = _opt(None, "input resolution (default: the space's)", type=int)
+    stage_depths: Optional[List[int]] = _opt(None, "choice blocks per stage", type=int, nargs="+")
+    candidates: Optional[List[str]] = _opt(None, "candidate names, e.g. mb_k3_e3 mb_k5_e6 skip "
+                                                 "(default: the space's seven)", type=str, nargs="+")
     # data
-    dataset: str = "digits"         # a registered data source; --data switches it to "imagenet"
-    data: Optional[str] = None      # an ImageNet-layout folder (train/<class>/*, optional val/<class>/*)
-    loader: str = "auto"            # for --data: dali, torchvision (PIL + DataLoader), auto (DALI if installed)
-    heldout: int = 300              # held-out images for α in total (split evenly over the classes)
-    heldout_per_class: Optional[int] = None
-    val: int = 200
-    augment: bool = True
+    dataset: str = _opt("digits", "a registered data source; --data switches it to imagenet")
+    data: Optional[str] = _opt(None, "an ImageNet-layout folder (train/<class>/*, optional val/<class>/*)", type=str)
+    loader: str = _opt("auto", "for --data: dali, torchvision (PIL + DataLoader) or auto (DALI if installed)",
+                       choices=("auto", "dali", "torchvision"))
+    heldout: int = _opt(300, "held-out images for α in total (split evenly over the classes)")
+    heldout_per_class: Optional[int] = _opt(None, "held-out images per class (instead of --heldout)", type=int)
+    val: int = _opt(200, "validation images for the final score")
+    augment: bool = _opt(True, "training augmentation")
     # schedule
-    epochs: int = 100
-    batch_size: int = 64
-    heldout_batch_size: int = 64
-    phase_ratio: int = 2            # Phase-1 weight steps per α step
-    path_sampling: str = "per-batch"  # Phase 1: one path per block for the batch, or one per sample
-    warmup_epochs: int = 25         # no α steps and no drops before this epoch
+    epochs: int = _opt(60, "epochs of Phase-1 weight training")
+    batch_size: int = _opt(64, "Phase-1 batch")
+    heldout_batch_size: int = _opt(64, "Phase-2 (held-out) batch")
+    phase_ratio: int = _opt(2, "Phase-1 weight steps per α step")
+    path_sampling: str = _opt("per-batch", "Phase 1: per-batch, one path per block for the whole batch (the "
+                                           "paper's); per-sample, each sample its own path (balanced within each "
+                                           "step, or from p for proxyless; Phase-1 counts then count samples; needs "
+                                           "a batch of at least 2 x the number of candidates)",
+                              choices=PATH_SAMPLING)
+    warmup_epochs: int = _opt(15, "no α steps and no drops before this epoch")
     # weights (SGD)
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-5
-    label_smoothing: float = 0.0
+    lr: float = _opt(0.1, "SGD learning rate (cosine schedule)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(True, "Nesterov momentum")
+    weight_decay: float = _opt(5e-5, "weight decay of the convolution and linear weights")
+    weight_decay_bn: bool = _opt(False, "also decay BatchNorm weights and all biases (excluded by default, as in "
+                                        "ProxylessNAS)")
+    label_smoothing: float = _opt(0.0, "Phase-1 label smoothing")
     # architecture (Adam on α)
-    arch_lr: float = 1e-2
-    arch_beta1: float = 0.0
-    arch_beta2: float = 0.999
-    arch_eps: float = 1e-8
-    drop_threshold: float = -0.25
-    beta: float = 0.05              # cost weight, per MFLOP (million multiply-adds)
-    flops_target: Optional[float] = None   # MFLOPs of the whole net
-    beta_adapt: float = 0.0         # >0: multiply/divide β by (1 + beta_adapt) when above/below the target
+    arch_lr: float = _opt(5e-3, "Adam learning rate of α. With β1 = 0 each step moves α by about ±lr whatever the "
+                                "gradient, so noise random-walks α by lr·sqrt(α steps): keep that below half "
+                                "the threshold's magnitude (the run warns otherwise)")
+    arch_beta1: float = _opt(0.0, "Adam β1 of α (0: no stale momentum pushes a path)")
+    arch_beta2: float = _opt(0.999, "Adam β2 of α")
+    arch_eps: float = _opt(1e-8, "Adam eps of α")
+    drop_threshold: float = _opt(-0.4, "a path whose (re-centred) α falls below this is dropped for good")
+    beta: float = _opt(0.05, "cost weight β of Eq. 6, per MFLOP (million multiply-adds)")
+    flops_target: Optional[float] = _opt(None, "MFLOPs of the whole net to aim at: β then adapts toward it, and "
+                                               "the report says whether the searched net meets it; spos and random "
+                                               "take it as a hard budget", type=float)
+    beta_adapt: float = _opt(0.02, "with --flops-target: β is multiplied / divided by (1 + this) after each α "
+                                   "step while the expected MFLOPs are above / below the target")
+    phase2_amp: bool = _opt(False, "run Phase 2 under --amp's autocast too (faster on GPUs; the α gradient's "
+                                   "signs then disagree with a float64 computation far more often)")
     # spos / random
-    spos_population: int = 16
-    spos_generations: int = 5
-    spos_mutation_prob: float = 0.1
-    bn_recalib_batches: int = 4
+    spos_population: int = _opt(50, "spos: evolution population")
+    spos_generations: int = _opt(20, "spos: generations")
+    spos_parents: int = _opt(10, "spos: the top architectures kept as parents each generation")
+    spos_mutation_prob: float = _opt(0.1, "spos: per-block mutation probability")
+    bn_recalib_batches: int = _opt(4, "training batches that recompute BatchNorm statistics before a sub-net "
+                                      "is scored")
     # run
-    seed: int = 0
-    amp: bool = False
-    amp_dtype: str = "auto"         # auto: bf16 (CPU, or CUDA with bf16); fp16 uses loss scaling
-    device: str = "auto"
-    threads: Optional[int] = None
-    out: Optional[str] = None
-    resume: Optional[str] = None
-    checkpoint_every: int = 25      # α iterations between checkpoints
-    stop_after: Optional[int] = None  # stop (without final outputs) after this many iterations: a simulated kill
-    progress: bool = True
-    plots: bool = True
-    tensorboard: bool = True
+    seed: int = _opt(0, "seed of every generator of the run")
+    amp: bool = _opt(False, "mixed precision where it makes the run faster: bf16 autocast on CUDA (fp16 with a "
+                            "GradScaler where bf16 is missing) and on CPUs with native bf16 (AVX512-BF16/AMX); "
+                            "fp32 on other CPUs, where bf16 is slower (--amp-dtype bf16 forces it)")
+    amp_dtype: str = _opt("auto", "autocast dtype with --amp (auto: as --amp describes)", choices=AMP_DTYPES)
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto (CUDA when available)")
+    threads: Optional[int] = _opt(None, "CPU threads (default: torch's)", type=int)
+    out: Optional[str] = _opt(None, "run directory (default runs/<strategy>-<time>)", type=str)
+    resume: Optional[str] = _opt(None, "continue the killed run in this directory exactly", type=str)
+    checkpoint_every: int = _opt(25, "α iterations between checkpoints")
+    stop_after: Optional[int] = _opt(None, "stop (without final outputs) after this many iterations: a simulated "
+                                           "kill", type=int)
+    progress: bool = _opt(True, "progress bar")
+    plots: bool = _opt(True, "write the figures")
+    tensorboard: bool = _opt(True, "write TensorBoard events")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,47 +133,29 @@ def load_preset(name_or_path: str) -> dict:
     return d
 
 
-HELP = {
-    "path_sampling": "Phase 1: per-batch, one path per block for the whole batch (the paper's); per-sample, each "
-                     "sample its own path (balanced within each step, or from p for proxyless; Phase-1 counts then "
-                     "count samples, not steps; needs a batch of at least 2 x the number of candidates). "
-                     "Default per-batch",
-}
+def _choices(f) -> Optional[tuple]:
+    choices = f.metadata["choices"]
+    return choices() if callable(choices) else choices
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m betanas_fast.search",
                                 description="BetaNAS search (balanced training + selective drop) and baselines. "
-                                            "Every default is set for the embedded digits demo.")
+                                            "Every default is set for the embedded digits demo.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default=None, help="JSON preset (name in betanas_fast/presets or a path), "
-                                                  "applied before the other flags, e.g. imagenet")
-    d = SearchConfig()
+                                                  "applied before the other flags: imagenet, spos_demo")
     for f in fields(SearchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(d, f.name)
+        meta = f.metadata
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kw = dict(dest=f.name, default=None, help=f"{meta['help']} (default: {default})")
         if isinstance(default, bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"default {default}")
-        elif f.name in ("stage_depths",):
-            p.add_argument(flag, dest=f.name, type=int, nargs="+", default=None, help="blocks per stage")
-        elif f.name in ("candidates",):
-            p.add_argument(flag, dest=f.name, nargs="+", default=None,
-                           help="candidate names, e.g. mb_k3_e3 mb_k5_e6 skip (default: the space's seven)")
+            kw["action"] = argparse.BooleanOptionalAction
         else:
-            typ = {"strategy": str}.get(f.name)
-            if typ is None:
-                typ = type(default) if default is not None else (
-                    float if f.name in ("width_mult", "flops_target") else int if f.name in (
-                        "resolution", "threads", "stop_after") else str)
-            kw = {"choices": STRATEGIES} if f.name == "strategy" else {}
-            if f.name == "loader":
-                kw = {"choices": ("auto", "dali", "torchvision")}
-            if f.name == "heldout_per_class":
-                typ = int
-            if f.name == "path_sampling":
-                kw = {"choices": PATH_SAMPLING}
-            p.add_argument(flag, dest=f.name, type=typ, default=None, help=HELP.get(f.name, f"default {default}"),
-                           **kw)
+            kw.update(type=meta["type"] or type(default), choices=_choices(f))
+            if meta["nargs"]:
+                kw["nargs"] = meta["nargs"]
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return p
 
 
@@ -140,19 +166,29 @@ def parse_config(argv: Optional[List[str]] = None) -> SearchConfig:
     return SearchConfig(**values)
 
 
-def validate_config(cfg: SearchConfig) -> None:
-    """Checks that need no data or model; the space, data and FLOPs checks follow in `prepare`."""
-    if cfg.strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {cfg.strategy!r}; expected one of {STRATEGIES}")
-    if cfg.path_sampling not in PATH_SAMPLING:
-        raise ValueError(f"unknown path sampling {cfg.path_sampling!r}; expected one of {PATH_SAMPLING}")
+def alpha_walk(cfg: SearchConfig, alpha_steps: int) -> float:
+    """How far pure noise moves α: Adam with β1 = 0 steps about ±lr whatever the gradient's size, so
+    after n α steps a zero-mean gradient has moved α by about lr·sqrt(n)."""
+    return cfg.arch_lr * math.sqrt(max(alpha_steps, 0))
+
+
+def validate_config(cfg: SearchConfig, alpha_steps: Optional[int] = None) -> None:
+    """Checks that need no data or model (the space, data and FLOPs checks follow in the engine). With
+    the number of α steps known, also warns when noise alone could reach the drop threshold."""
+    for f in fields(SearchConfig):
+        choices = _choices(f)
+        if choices is not None and getattr(cfg, f.name) not in choices:
+            raise ValueError(f"{f.name} must be one of {choices}, got {getattr(cfg, f.name)!r}")
     if cfg.drop_threshold >= 0:
         raise ValueError(f"drop threshold {cfg.drop_threshold} would drop every path: α starts at 0 and each "
                          f"block's remaining α are re-centred to mean 0, so the threshold must be negative")
-    for name in ("epochs", "batch_size", "heldout_batch_size", "phase_ratio", "checkpoint_every"):
+    for name in ("epochs", "batch_size", "heldout_batch_size", "phase_ratio", "checkpoint_every",
+                 "spos_population", "spos_generations", "spos_parents"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs and cfg.strategy in ("betanas", "proxyless"):
+    if cfg.spos_parents > cfg.spos_population:
+        raise ValueError(f"spos_parents ({cfg.spos_parents}) must not exceed spos_population ({cfg.spos_population})")
+    if STRATEGIES[cfg.strategy].trains_alpha and not 0 <= cfg.warmup_epochs < cfg.epochs:
         raise ValueError(f"warmup_epochs ({cfg.warmup_epochs}) must be in [0, epochs={cfg.epochs}), "
                          f"or α would never be updated")
     if cfg.lr <= 0 or cfg.arch_lr <= 0:
@@ -161,7 +197,21 @@ def validate_config(cfg: SearchConfig) -> None:
         raise ValueError(f"label smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if cfg.data is not None and not os.path.isdir(cfg.data):
         raise ValueError(f"--data {cfg.data!r} is not a directory (expected train/<class>/* inside)")
-    if cfg.amp_dtype not in ("auto", "bf16", "fp16"):
-        raise ValueError(f"amp_dtype must be auto, bf16 or fp16, got {cfg.amp_dtype!r}")
     if cfg.flops_target is not None and cfg.flops_target <= 0:
         raise ValueError(f"FLOPs target must be positive (MFLOPs), got {cfg.flops_target}")
+    if cfg.beta_adapt < 0:
+        raise ValueError(f"beta_adapt must be >= 0, got {cfg.beta_adapt}")
+    if alpha_steps is not None:
+        check_noise_floor(cfg, alpha_steps)
+
+
+def check_noise_floor(cfg: SearchConfig, alpha_steps: int) -> None:
+    """Warns when noise alone could move α to the drop threshold within the run's α steps."""
+    if not STRATEGIES[cfg.strategy].drops_paths:
+        return
+    walk = alpha_walk(cfg, alpha_steps)
+    if walk > abs(cfg.drop_threshold) / 2:
+        warnings.warn(
+            f"arch_lr {cfg.arch_lr} over {alpha_steps} α steps lets noise move α by about lr·sqrt(steps) = "
+            f"{walk:.3f}, more than half the drop threshold's magnitude ({abs(cfg.drop_threshold) / 2:.3f}): "
+            f"paths may be dropped by chance. Lower --arch-lr or --drop-threshold.", UserWarning, stacklevel=3)

@@ -1,13 +1,12 @@
 """The two-phase search loop shared by every strategy.
 
-Phase 1 trains the weights of one sampled path per block (uniform by shuffled cycles for betanas and
-spos, from p for proxyless; with per-sample path sampling, one per block for each sample); Phase 2
-updates α on the held-out split with the binary-gate gradient (Eq. 4) plus the cost term (Eq. 6), then
-betanas drops paths below the threshold (Eq. 7).
+Phase 1 trains the weights of the paths the strategy samples; Phase 2 (for strategies that train α)
+asks the supernet for the binary-gate gradient table on a held-out batch and lets the α state take its
+step (Eq. 4 + the cost term of Eq. 6, Adam, re-centring); the strategy then says what follows (BetaNAS:
+the selective drop of Eq. 7) and, at the end, which architecture is the result.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
@@ -18,59 +17,43 @@ from typing import List, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch.utils.deterministic
 
 from .. import cost as cost_model
 from ..data import BatchOrder, build_data
-from ..nn.supernet import Supernet, set_bn_batch_stats_frozen
-from ..space import build_space
+from ..nn.supernet import Supernet
+from ..space import PRESETS as SPACES, build_space
 from . import checkpoint as ckpt
 from .arch_state import ArchState, masked_list
-from .config import SearchConfig, validate_config
-from .evolution import evolution_search, sample_within_budget
-from .gate_grad import gate_grad_to_alpha_grad
+from .config import SearchConfig, check_noise_floor, validate_config
 from .report import arch_summary, format_table
-
-USES_ALPHA = ("betanas", "proxyless")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from .runtime import autocast, configure_process, resolve_amp_dtype, resolve_device
+from .strategies import Selection, make_strategy
 
 
 class Search:
-    """Prepare (all checks, no compute) in __init__; `run()` does the search and writes the outputs."""
+    """Prepare (all checks, no compute) in __init__; `run()` does the search and writes the outputs.
+    The flow is one way: configuration -> process settings -> data -> space -> costs -> schedule."""
 
     def __init__(self, cfg: SearchConfig):
         if cfg.resume:
             cfg = self._resumed_config(cfg)
         validate_config(cfg)
         self.cfg = cfg
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        self.strategy = make_strategy(cfg)
         self.device = resolve_device(cfg.device)
-        # Exact resume needs bit-reproducible steps.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        # ...without its NaN-filling of every new tensor (a guard against reading uninitialised memory,
-        # which no op here does): on the CPU that fill cost as much as the small convolutions themselves.
-        torch.utils.deterministic.fill_uninitialized_memory = False
-        if self.device.type == "cuda":
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        base = build_space(cfg.space, stage_depths=cfg.stage_depths, width_mult=cfg.width_mult,
-                           resolution=cfg.resolution, candidates=cfg.candidates)
-        if cfg.path_sampling == "per-sample" and cfg.batch_size < 2 * base.num_candidates:
-            raise ValueError(f"per-sample path sampling needs batch_size >= 2 x the number of candidates "
-                             f"({2 * base.num_candidates}), so that every path gets at least 2 samples for its "
-                             f"batch statistics; got {cfg.batch_size}")
+        configure_process(self.device, cfg.threads)
+        self.amp_dtype = resolve_amp_dtype(cfg.amp, cfg.amp_dtype, self.device)
         self.out = cfg.resume or cfg.out or os.path.join(
             "runs", f"{cfg.strategy}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
-        self.data = self._load_data(cfg, base.config.resolution)
+        self.data = self._load_data(cfg, cfg.resolution or SPACES[cfg.space].resolution)
         self.space = build_space(cfg.space, stage_depths=cfg.stage_depths, width_mult=cfg.width_mult,
                                  resolution=cfg.resolution, candidates=cfg.candidates,
                                  num_classes=self.data.num_classes)
-        if len(self.data.heldout) < cfg.heldout_batch_size and cfg.strategy in USES_ALPHA:
+        if cfg.path_sampling == "per-sample" and cfg.batch_size < 2 * self.space.num_candidates:
+            raise ValueError(f"per-sample path sampling needs batch_size >= 2 x the number of candidates "
+                             f"({2 * self.space.num_candidates}), so that every path gets at least 2 samples for "
+                             f"its batch statistics; got {cfg.batch_size}")
+        if len(self.data.heldout) < cfg.heldout_batch_size and self.strategy.trains_alpha:
             raise ValueError(f"held-out split ({len(self.data.heldout)}) is smaller than one held-out batch "
                              f"({cfg.heldout_batch_size})")
         if len(self.data.train) < cfg.batch_size:
@@ -82,14 +65,16 @@ class Search:
             raise ValueError(f"FLOPs target {cfg.flops_target} MFLOPs is below the smallest net of this space "
                              f"({floor:.4f} MFLOPs)")
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp_dtype)
-        if amp_dtype is None:
-            amp_dtype = torch.float16 if (self.device.type == "cuda" and not torch.cuda.is_bf16_supported()) \
-                else torch.bfloat16
-        self.amp_dtype = amp_dtype
         self.bpe = len(self.data.train) // cfg.batch_size
-        self.total_phase1 = 0 if cfg.strategy == "random" else cfg.epochs * self.bpe
+        self.total_phase1 = cfg.epochs * self.bpe if self.strategy.trains_weights else 0
         self.iterations = math.ceil(self.total_phase1 / cfg.phase_ratio)
+        self.alpha_steps = sum(self._alpha_step_at(i) for i in range(1, self.iterations + 1))
+        check_noise_floor(cfg, self.alpha_steps)
+
+    def _alpha_step_at(self, iteration: int) -> bool:
+        """Whether iteration `iteration` (1-based) ends with an α step: after the warm-up epochs only."""
+        phase1_steps = min(iteration * self.cfg.phase_ratio, self.total_phase1)
+        return self.strategy.trains_alpha and self._epoch_of(phase1_steps) >= self.cfg.warmup_epochs
 
     def _load_data(self, cfg: SearchConfig, resolution: int):
         dataset = "imagenet" if cfg.data is not None and cfg.dataset == "digits" else cfg.dataset
@@ -123,12 +108,11 @@ class Search:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model = Supernet(self.space).to(self.device)
-        self.state = ArchState(self.space.allowed_mask())
-        self.sgd = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
-        self.adam = torch.optim.Adam([self.state.alpha], lr=cfg.arch_lr, betas=(cfg.arch_beta1, cfg.arch_beta2),
-                                     eps=cfg.arch_eps, weight_decay=0.0)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.amp_dtype == torch.float16
+        self.state = ArchState(self.space.allowed_mask(), lr=cfg.arch_lr, betas=(cfg.arch_beta1, cfg.arch_beta2),
+                               eps=cfg.arch_eps)
+        self.sgd = torch.optim.SGD(self._weight_groups(), lr=cfg.lr, momentum=cfg.momentum,
+                                   nesterov=cfg.nesterov and cfg.momentum > 0)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16
                                            and self.device.type == "cuda")
         self.path_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
@@ -138,12 +122,20 @@ class Search:
         self.iteration = 0
         self.phase1_steps = 0
 
+    def _weight_groups(self) -> List[dict]:
+        """Weight decay on the convolution and linear weights; BatchNorm weights and biases (every 1-D
+        parameter) only with `weight_decay_bn`, as ProxylessNAS excludes them."""
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            (decay if p.ndim > 1 or self.cfg.weight_decay_bn else no_decay).append(p)
+        return [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
     def _generators(self) -> dict:
         return {"path": self.path_gen, "aug": self.aug_gen}
 
     def _checkpoint_state(self) -> dict:
         return {"iteration": self.iteration, "phase1_steps": self.phase1_steps, "beta": self.beta,
-                "model": self.model.state_dict(), "sgd": self.sgd.state_dict(), "adam": self.adam.state_dict(),
+                "model": self.model.state_dict(), "sgd": self.sgd.state_dict(),
                 "scaler": self.scaler.state_dict(), "arch": self.state.state_dict(),
                 "train_order": self.train_order.state_dict(), "heldout_order": self.heldout_order.state_dict(),
                 "rng": ckpt.rng_state(self._generators())}
@@ -152,7 +144,6 @@ class Search:
         path, s = ckpt.load_latest(self.ckpt_dir)
         self.model.load_state_dict(s["model"])
         self.sgd.load_state_dict(s["sgd"])
-        self.adam.load_state_dict(s["adam"])
         if s["scaler"]:
             self.scaler.load_state_dict(s["scaler"])
         self.state.load_state_dict(s["arch"])
@@ -170,25 +161,24 @@ class Search:
         print(f"resumed from {path} at iteration {self.iteration}")
 
     def _autocast(self):
-        if not self.cfg.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
+
+    def _phase2_autocast(self):
+        """Phase 2 in fp32 unless asked otherwise: only the differences between the candidates' dL/dg
+        reach α, and bf16 rounding swamps them."""
+        return autocast(self.device, self.amp_dtype if self.cfg.phase2_amp else None)
 
     # --- the two phases -----------------------------------------------------------------------------------
+    def _epoch_of(self, phase1_steps: int) -> int:
+        return max(phase1_steps - 1, 0) // self.bpe
+
     def epoch(self) -> int:
-        return max(self.phase1_steps - 1, 0) // self.bpe
+        return self._epoch_of(self.phase1_steps)
 
     def phase1_step(self):
         cfg, st = self.cfg, self.state
         per_sample = cfg.path_sampling == "per-sample"
-        if per_sample and cfg.strategy == "proxyless":
-            paths = st.sample_from_p_per_sample(self.path_gen, cfg.batch_size)
-        elif per_sample:
-            paths = st.sample_uniform_cycle_per_sample(self.path_gen, cfg.batch_size)
-        elif cfg.strategy == "proxyless":
-            arch = st.sample_from_p(self.path_gen)
-        else:
-            arch = st.sample_uniform_cycle(self.path_gen)
+        paths = self.strategy.sample_phase1(st, self.path_gen, cfg.batch_size, per_sample)
         idx = self.train_order.next_indices()
         x, y = self.data.train.batch(idx, train=True, generator=self.aug_gen)
         x, y = x.to(self.device), y.to(self.device)
@@ -198,7 +188,7 @@ class Search:
         self.model.train()
         self.sgd.zero_grad(set_to_none=True)  # unchosen paths keep grad None: SGD skips them entirely
         with self._autocast():
-            logits = self.model.forward_per_sample(x, paths) if per_sample else self.model(x, arch)
+            logits = self.model.forward_per_sample(x, paths) if per_sample else self.model(x, paths)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.sgd)
@@ -206,36 +196,10 @@ class Search:
         if per_sample:  # counted in samples
             st.phase1_counts.scatter_add_(1, paths, torch.ones_like(paths))
         else:
-            for l, m in enumerate(arch):
+            for l, m in enumerate(paths):
                 st.phase1_counts[l, m] += 1
         self.phase1_steps += 1
         return float(loss.detach()), float((logits.argmax(1) == y).float().mean()), lr
-
-    def compute_gate_grad(self, x: torch.Tensor, y: torch.Tensor, arch: List[int]):
-        """dL/dg_lm = Σ o_lm(x_l) ⊙ dL/dO_l for every remaining candidate: the sampled path runs with
-        autograd; the others of each block are evaluated on the same block input by one all-candidate
-        op, without graphs and without keeping their outputs. Weights stay frozen and BatchNorm uses batch
-        statistics without touching the running ones."""
-        model, remaining = self.model, self.state.remaining
-        model.train()
-        set_bn_batch_stats_frozen(model, True)
-        try:
-            scale = 1024.0 if (self.cfg.amp and self.amp_dtype == torch.float16) else 1.0
-            with self._autocast():
-                logits, inputs, outputs = model.forward_with_blocks(x, arch)
-            loss = F.cross_entropy(logits.float(), y)
-            out_grads = torch.autograd.grad(loss * scale, outputs)
-            gate = torch.zeros(remaining.shape, dtype=torch.float32)
-            with torch.no_grad(), self._autocast():
-                for l, block in enumerate(model.blocks):
-                    dO = out_grads[l]
-                    gate[l, arch[l]] = float((outputs[l].float() * dO.float()).sum()) / scale
-                    others = [m for m in remaining[l].nonzero().flatten().tolist() if m != arch[l]]
-                    for m, value in block.gate_grads(inputs[l], dO, others).items():
-                        gate[l, m] = value / scale
-        finally:
-            set_bn_batch_stats_frozen(model, False)
-        return gate, float(loss.detach()), float((logits.argmax(1) == y).float().mean())
 
     def phase2_step(self):
         cfg, st = self.cfg, self.state
@@ -244,14 +208,9 @@ class Search:
             st.phase2_counts[l, m] += 1
         idx = self.heldout_order.next_indices()
         x, y = self.data.heldout.batch(idx, train=False)
-        gate, loss, acc = self.compute_gate_grad(x.to(self.device), y.to(self.device), arch)
-        frozen = st.alpha.detach().clone()
-        st.alpha.grad = gate_grad_to_alpha_grad(st.alpha.detach(), st.remaining, gate, self.cost_mflops, self.beta)
-        self.adam.step()
-        with torch.no_grad():  # dropped entries never move
-            st.alpha.data[~st.remaining] = frozen[~st.remaining]
-        st.alpha.grad = None
-        st.recentre()
+        gate, loss, acc = self.model.gate_grad_table(x.to(self.device), y.to(self.device), arch, st.remaining,
+                                                     autocast=self._phase2_autocast())
+        st.step(gate, self.cost_mflops, self.beta)
         if cfg.flops_target is not None and cfg.beta_adapt > 0:
             above = self.expected_mflops() > cfg.flops_target
             self.beta = self.beta * (1 + cfg.beta_adapt) if above else self.beta / (1 + cfg.beta_adapt)
@@ -273,8 +232,9 @@ class Search:
             open(os.path.join(self.out, "history.jsonl"), "w").close()
         print("resolved configuration:\n" + json.dumps(cfg.to_dict(), indent=2))
         print(f"space: {self.space.num_blocks} choice blocks x {self.space.num_candidates} candidates "
-              f"{self.space.candidate_names}; device {self.device}; amp {cfg.amp} ({self.amp_dtype}); "
-              f"{self.iterations} iterations of {cfg.phase_ratio} weight steps + 1 α step; out {self.out}")
+              f"{self.space.candidate_names}; device {self.device}; autocast {self.amp_dtype or 'off (fp32)'}; "
+              f"{self.iterations} iterations of {cfg.phase_ratio} weight steps, {self.alpha_steps} of them with an "
+              f"α step; out {self.out}")
         writer = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -328,10 +288,9 @@ class Search:
         epoch = self.epoch()
         loss2 = acc2 = None
         drops = []
-        if cfg.strategy in USES_ALPHA and epoch >= cfg.warmup_epochs:
+        if self._alpha_step_at(self.iteration):
             loss2, acc2 = self.phase2_step()
-            if cfg.strategy == "betanas":
-                drops = st.drop_below(cfg.drop_threshold, self.iteration)
+            drops = self.strategy.after_alpha_step(st, self.iteration)
         names = self.space.candidate_names
         return {"step": self.iteration, "epoch": epoch, "phase1_steps": self.phase1_steps, "lr": lr,
                 "phase1_loss": float(np.mean(losses)), "phase1_acc": float(np.mean(accs)),
@@ -380,22 +339,12 @@ class Search:
 
     def _finish(self) -> dict:
         cfg = self.cfg
-        extra = {}
-        budget = cfg.flops_target
-        gen = torch.Generator().manual_seed(cfg.seed + 6)
-        if cfg.strategy in USES_ALPHA:
-            arch = self.state.argmax_arch()
-        elif cfg.strategy == "spos":
-            arch, score, trace = evolution_search(
-                self.state.allowed, lambda a: self.recalibrate_and_score(a, self.data.heldout), self.arch_mflops,
-                budget, gen, cfg.spos_population, cfg.spos_generations, cfg.spos_mutation_prob,
-                progress=lambda g, s: print(f"evolution generation {g}: best held-out acc {s:.4f}"))
-            extra = {"heldout_acc": score, "evolution_trace": trace}
-        else:
-            arch = sample_within_budget(self.state.allowed, gen, self.arch_mflops, budget)
+        selection = Selection(score=lambda a: self.recalibrate_and_score(a, self.data.heldout), mflops=self.arch_mflops,
+                              budget=cfg.flops_target, generator=torch.Generator().manual_seed(cfg.seed + 6))
+        arch, extra = self.strategy.select(self.state, selection)
         val_split = self.data.val if len(self.data.val) else self.data.heldout
         val_acc = self.recalibrate_and_score(arch, val_split) if self.total_phase1 else None
-        summary = arch_summary(self.space, self.state, arch, cfg.strategy, val_acc, extra)
+        summary = arch_summary(self.space, self.state, arch, cfg.strategy, val_acc, cfg.flops_target, extra)
         with open(os.path.join(self.out, "arch.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(format_table(summary))

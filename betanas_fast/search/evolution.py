@@ -2,9 +2,11 @@
 both under the FLOPs budget."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Set, Tuple
 
 import torch
+
+Arch = Tuple[int, ...]
 
 
 def sample_arch(allowed: torch.Tensor, generator: torch.Generator) -> List[int]:
@@ -24,45 +26,64 @@ def sample_within_budget(allowed, generator, cost_fn: Callable[[List[int]], floa
     raise RuntimeError(f"no architecture under {budget} MFLOPs found in {tries} random samples")
 
 
+def _mutate(parent: Arch, allowed, generator, prob: float) -> Arch:
+    fresh = sample_arch(allowed, generator)
+    mut = (torch.rand(len(parent), generator=generator) < prob).tolist()
+    return tuple(f if m else c for c, f, m in zip(parent, fresh, mut))
+
+
+def _crossover(a: Arch, b: Arch, generator) -> Arch:
+    pick = (torch.rand(len(a), generator=generator) < 0.5).tolist()
+    return tuple(x if k else y for x, y, k in zip(a, b, pick))
+
+
 def evolution_search(allowed: torch.Tensor, score_fn: Callable[[List[int]], float],
                      cost_fn: Callable[[List[int]], float], budget: Optional[float], generator: torch.Generator,
-                     population: int = 50, generations: int = 20, mutation_prob: float = 0.1,
+                     population: int = 50, generations: int = 20, parents: int = 10, mutation_prob: float = 0.1,
                      progress: Optional[Callable[[int, float], None]] = None) -> Tuple[List[int], float, list]:
-    """SPOS-style: keep the top quarter, refill with half mutants, half crossovers; every child must
-    fit the budget. Returns (best arch, its score, [(generation, best score)])."""
+    """SPOS's evolution: each generation the top `parents` of every architecture scored so far breed
+    `population` children, half by mutation and half by crossover. A child is kept only if it fits the
+    budget and was never seen before (no duplicates, no re-scoring); when breeding stalls, unseen random
+    architectures under the budget fill the generation. Returns (best arch, its score,
+    [(generation, best score, architectures scored)])."""
     scores = {}
+    seen: Set[Arch] = set()
 
-    def score(a):
-        key = tuple(a)
-        if key not in scores:
-            scores[key] = score_fn(list(a))
-        return scores[key]
+    def fits(a: Arch) -> bool:
+        return budget is None or cost_fn(list(a)) <= budget
 
-    pop = [sample_within_budget(allowed, generator, cost_fn, budget) for _ in range(population)]
+    def fill(children: List[Arch], want: int, make: Callable[[], Arch]) -> None:
+        for _ in range(50 * max(want, 1)):
+            if len(children) >= want:
+                return
+            child = make()
+            if child not in seen and fits(child):
+                seen.add(child)
+                children.append(child)
+
+    pop: List[Arch] = []
+    fill(pop, population, lambda: tuple(sample_within_budget(allowed, generator, cost_fn, budget)))
     trace = []
-    n_parents = max(2, population // 4)
     for gen in range(generations):
-        ranked = sorted(pop, key=lambda a: -score(a))
-        parents = ranked[:n_parents]
-        trace.append((gen, score(parents[0])))
+        for a in pop:
+            scores[a] = score_fn(list(a))
+        ranked = sorted(scores, key=lambda a: -scores[a])
+        top = ranked[:parents]
+        trace.append((gen, scores[top[0]], len(scores)))
         if progress:
-            progress(gen, score(parents[0]))
+            progress(gen, scores[top[0]])
         if gen == generations - 1:
             break
-        children, attempts = [], 0
-        while len(children) < population - n_parents and attempts < 100 * population:
-            attempts += 1
-            if len(children) < (population - n_parents) // 2:
-                p = parents[int(torch.randint(n_parents, (1,), generator=generator))]
-                fresh = sample_arch(allowed, generator)
-                mut = torch.rand(len(p), generator=generator) < mutation_prob
-                child = [f if m else c for c, f, m in zip(p, fresh, mut.tolist())]
-            else:
-                i, j = torch.randint(n_parents, (2,), generator=generator).tolist()
-                pick = torch.rand(len(parents[i]), generator=generator) < 0.5
-                child = [a if k else b for a, b, k in zip(parents[i], parents[j], pick.tolist())]
-            if budget is None or cost_fn(child) <= budget:
-                children.append(child)
-        pop = parents + children
+
+        def pick() -> Arch:
+            return top[int(torch.randint(len(top), (1,), generator=generator))]
+
+        children: List[Arch] = []
+        fill(children, population // 2, lambda: _mutate(pick(), allowed, generator, mutation_prob))
+        fill(children, population, lambda: _crossover(pick(), pick(), generator))
+        fill(children, population, lambda: tuple(sample_arch(allowed, generator)))
+        if not children:  # the whole space under the budget has been scored
+            break
+        pop = children
     best = max(scores, key=lambda k: scores[k])
     return list(best), scores[best], trace

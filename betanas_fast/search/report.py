@@ -8,7 +8,7 @@ from ..space import SearchSpace
 
 
 def arch_summary(space: SearchSpace, state, arch: List[int], strategy: str, val_acc: Optional[float],
-                 extra: Optional[dict] = None) -> dict:
+                 flops_target: Optional[float] = None, extra: Optional[dict] = None) -> dict:
     names = space.candidate_names
     alpha, p = state.alpha.detach(), state.probs()
     net = cost_model.arch_cost(space, arch)
@@ -26,6 +26,8 @@ def arch_summary(space: SearchSpace, state, arch: List[int], strategy: str, val_
     return {"strategy": strategy, "space": space.config.to_dict(), "candidates": names,
             "arch": [space.block_string(l, m) for l, m in enumerate(arch)], "choices": list(arch),
             "mflops": net.mflops, "macs": net.macs, "params": net.params, "val_acc": val_acc,
+            "flops_target": flops_target,
+            "meets_flops_target": None if flops_target is None else bool(net.mflops <= flops_target),
             "blocks": blocks, **(extra or {})}
 
 
@@ -35,8 +37,11 @@ def format_table(summary: dict) -> str:
         dropped = ", ".join(f"{d['op']}@{d['step']}" for d in b["dropped"]) or "-"
         rows.append(f"{b['block']:>3} {str(b['in_channels']) + '->' + str(b['out_channels']):>9} {b['stride']:>1}  "
                     f"{b['op']:<22} {b['chosen_p']:>6.3f} {b['mflops']:>8.4f}  {dropped}")
-    acc = summary["val_acc"]
+    acc, target = summary["val_acc"], summary.get("flops_target")
     rows.append(f"strategy {summary['strategy']}: {summary['mflops']:.4f} MFLOPs (multiply-adds), "
                 f"{summary['params'] / 1e6:.4f} M params"
                 + ("" if acc is None else f", validation accuracy {acc:.4f} (inherited weights, BN recalibrated)"))
+    if target is not None:
+        verdict = "meets it" if summary["meets_flops_target"] else "ABOVE it"
+        rows.append(f"FLOPs target {target:.4f} MFLOPs: the searched net ({summary['mflops']:.4f} MFLOPs) {verdict}")
     return "\n".join(rows)
