@@ -1,10 +1,18 @@
 """Builds betanas_fast._C: CPU kernels always, CUDA kernels when torch has CUDA and a toolkit is found.
 
+Which CUDA architectures, following torch's own convention:
+  - TORCH_CUDA_ARCH_LIST set (e.g. "9.0", or "8.0;9.0+PTX"): exactly those; the way to build on a GPU-less
+    login node for GPU nodes;
+  - otherwise, GPUs visible: their architectures (torch's cpp_extension picks them);
+  - otherwise, no CUDA kernels at all (the CPU kernels only), unless BETANAS_FORCE_CUDA=1, which builds
+    csrc/DEFAULT_CUDA_ARCHS (filtered to what the nvcc found supports) so that the CUDA sources keep
+    compiling on machines without a GPU (CI does this).
+
 Switches (environment variables):
   BETANAS_FORCE_CPU=1      build the CPU kernels only, even where CUDA is available
-  BETANAS_FORCE_CUDA=1     fail instead of falling back to a CPU-only build when CUDA is not usable
-  TORCH_CUDA_ARCH_LIST     CUDA architectures, e.g. "9.0" (default: csrc/DEFAULT_CUDA_ARCHS, filtered
-                           to what the nvcc found supports); the CMake build reads the same setting
+  BETANAS_FORCE_CUDA=1     build the CUDA kernels even without a GPU or an arch list; fail instead of falling
+                           back to a CPU-only build when CUDA is not usable
+  TORCH_CUDA_ARCH_LIST     CUDA architectures, e.g. "9.0"; the CMake build reads the same setting
   MAX_JOBS                 parallel compile jobs (torch's knob)
   CUDA_HOME                the CUDA toolkit (default: the directory of the nvcc on PATH, resolved)
   BETANAS_CPU_MARCH        -march for the CPU kernels (default "native": the library is always built
@@ -73,14 +81,18 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 torch_has_cuda = torch.version.cuda is not None
-use_cuda = (not _env_flag("BETANAS_FORCE_CPU")) and torch_has_cuda and cuda_home is not None
-if _env_flag("BETANAS_FORCE_CUDA") and not use_cuda:
+cuda_usable = (not _env_flag("BETANAS_FORCE_CPU")) and torch_has_cuda and cuda_home is not None
+if _env_flag("BETANAS_FORCE_CUDA") and not cuda_usable:
     sys.exit(f"BETANAS_FORCE_CUDA=1 but CUDA is not usable: torch.version.cuda={torch.version.cuda}, "
-             f"CUDA toolkit={cuda_home}")
+             f"CUDA toolkit={cuda_home}, BETANAS_FORCE_CPU={os.environ.get('BETANAS_FORCE_CPU', '0')}")
+gpus_visible = cuda_usable and torch.cuda.is_available() and torch.cuda.device_count() > 0
+# Compiling for GPUs nobody asked for takes most of an install on a machine without any.
+use_cuda = cuda_usable and (bool(os.environ.get("TORCH_CUDA_ARCH_LIST")) or gpus_visible
+                            or _env_flag("BETANAS_FORCE_CUDA"))
 
 nvcc_version = _nvcc_version(cuda_home) if use_cuda else None
-if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-    # Without a visible GPU torch cannot pick an arch (and older releases crash trying): set one.
+if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not gpus_visible:
+    # BETANAS_FORCE_CUDA without a GPU: torch cannot pick an arch (and older releases crash trying).
     os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list(nvcc_version)
 
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
@@ -113,8 +125,13 @@ print(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.ver
 print(f"  kernels: CPU{' + CUDA' if use_cuda else ' only'}"
       + ("" if use_cuda else f"  (torch CUDA: {torch.version.cuda}, toolkit: {cuda_home},"
                                f" BETANAS_FORCE_CPU={os.environ.get('BETANAS_FORCE_CPU', '0')})"))
+if cuda_usable and not use_cuda:
+    print("  no GPU visible and TORCH_CUDA_ARCH_LIST unset: no CUDA kernels built (set TORCH_CUDA_ARCH_LIST, "
+          "e.g. \"9.0\", to build for GPUs elsewhere; BETANAS_FORCE_CUDA=1 for the default list)")
 if use_cuda:
-    print(f"  CUDA_HOME {cuda_home}, nvcc {nvcc_version}, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the visible GPUs' (" + ", ".join(
+        sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})) + ")"
+    print(f"  CUDA_HOME {cuda_home}, nvcc {nvcc_version}, architectures: {archs}")
 print(f"  MAX_JOBS={os.environ.get('MAX_JOBS', '(torch default)')}, sources: {len(sources)}, "
       f"CPU -march={cpu_march or '(compiler default)'}")
 
@@ -137,7 +154,8 @@ class BuildExt(BuildExtension):
         package_dir = os.path.join(ROOT if self.inplace else self.build_lib, "betanas_fast")
         with open(os.path.join(package_dir, "_build_config.py"), "w") as f:
             f.write("# Written by setup.py when it built _C.\n")
-            for key, value in BUILD_CONFIG.items():
+            # A source checkout without a library of its own loads an installed one only of its own version.
+            for key, value in {"PACKAGE_VERSION": self.distribution.get_version(), **BUILD_CONFIG}.items():
                 f.write(f"{key} = {value!r}\n")
 
 

@@ -20,7 +20,7 @@ fi
 
 stamp "CUDA tests"
 # The op-level tests run every case on CPU and CUDA; only the CUDA ones are selected here.
-python3 -m pytest tests/test_dw_bn_act.py tests/test_nn.py tests/test_build.py tests/test_gate_grad.py \
+python3 -m pytest tests/test_dw_bn_act.py tests/test_nn.py tests/test_build.py tests/test_alpha_grad.py \
   tests/test_grouped_ops.py tests/test_per_sample.py -q -k "cuda or build" \
   -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -n 25
 tests_rc=${PIPESTATUS[0]}

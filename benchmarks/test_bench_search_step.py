@@ -1,17 +1,20 @@
 """The search step of the demo supernet (all 7 paths remaining in every block, as at the start of a
 search; batch 64, 32x32 digits, fp32) with the kernels against the references, in one run:
 
-- Phase-2 step (`Search.compute_gate_grad` + the α gradient): betanas_fast (fused depthwise op and one
+- Phase-2 step (`Supernet.gate_grad_table` + the α gradient, in fp32 as the engine runs it): betanas_fast (fused depthwise op and one
   block_gate_grads call per block) vs `reference` (every op's pure-PyTorch reference: the sampled path
   with autograd, then an eager no-grad loop over the other candidates) vs `module-loop` (the loop over
   the candidates' own modules that the engine ran before the all-candidate op, with the fused
   depthwise kernel);
 - whole search step (`phase_ratio` Phase-1 steps + one Phase-2 step, SGD and Adam included): kernels
   vs references;
+- the cost of Phase 2's precision: the engine's fp32 Phase 2 vs the same step under bf16 autocast
+  (`--phase2-amp`), whose α-gradient signs disagree with float64 far more often (tests/test_precision.py);
 - peak memory of the Phase-2 step: the CPU allocator's timeline from torch.profiler (or the CUDA
   allocator's peak on a GPU), reported under the tables.
-On a GPU the Phase-2 step also runs at ImageNet shapes (mobile space, batch 256, 224x224, bf16 autocast).
+On a GPU the Phase-2 step also runs at ImageNet shapes (mobile space, batch 256, 224x224, fp32 and bf16).
 """
+import contextlib
 import json
 import os
 import tempfile
@@ -23,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from betanas_fast import ops
 from betanas_fast.nn import set_bn_batch_stats_frozen
-from betanas_fast.search import Search, SearchConfig, gate_grad_to_alpha_grad
+from betanas_fast.search import Search, SearchConfig
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -58,23 +61,25 @@ def module_loop_gates(s, x, y, arch):
 
 
 PHASE2 = {
-    "betanas_fast": lambda s, x, y, arch: s.compute_gate_grad(x, y, arch)[0],
+    "betanas_fast": lambda s, x, y, arch, autocast=None: s.model.gate_grad_table(x, y, arch, s.state.remaining,
+                                                                                  autocast=autocast)[0],
     "module-loop": module_loop_gates,
 }
 
 
-def phase2_fn(impl, s, x, y, arch):
+def phase2_fn(impl, s, x, y, arch, precision="fp32"):
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     gates = PHASE2.get(impl, PHASE2["betanas_fast"])
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
 
     def step():
-        if impl == "reference":
-            with ops.reference_ops():
+        if impl == "module-loop":
+            with autocast or contextlib.nullcontext():
                 gate = gates(s, x, y, arch)
-                gate_grad_to_alpha_grad(s.state.alpha.detach(), s.state.remaining, gate, s.cost_mflops, 0.05)
         else:
-            gate = gates(s, x, y, arch)
-            gate_grad_to_alpha_grad(s.state.alpha.detach(), s.state.remaining, gate, s.cost_mflops, 0.05)
+            with ops.reference_ops() if impl == "reference" else contextlib.nullcontext():
+                gate = gates(s, x, y, arch, autocast)
+        s.state.alpha_grad(gate, s.cost_mflops, 0.05)
         sync()
 
     return step
@@ -117,6 +122,18 @@ def test_phase2_step(record, report_line, impl, device):
     report_line(f"- Phase-2 step peak memory (allocator timeline), demo, {device}, {impl}: {peak / 2**20:.1f} MiB")
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_phase2_precision(record, precision, device):
+    """What the fp32 Phase 2 costs against bf16 autocast (ratio > 1: fp32 is faster)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        s = make_search(tmp, device)
+        x, y, arch = heldout_batch(s, device)
+        impl = "betanas_fast" if precision == "fp32" else "bf16 autocast"
+        record("Phase-2 step precision: fp32 (engine default) vs bf16 autocast, demo", {"device": device}, impl,
+               phase2_fn("betanas_fast", s, x, y, arch, precision))
+
+
 @pytest.mark.parametrize("impl", ["betanas_fast", "reference"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_search_step(record, impl, device):
@@ -137,15 +154,16 @@ def test_search_step(record, impl, device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="ImageNet shapes only on a GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("impl", ["betanas_fast", "reference", "module-loop"])
-def test_phase2_step_imagenet_shapes(record, report_line, impl):
+def test_phase2_step_imagenet_shapes(record, report_line, impl, precision):
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         s = make_search(tmp, "cuda", space="mobile", heldout_batch_size=256, amp=True, amp_dtype="bf16")
         x = torch.randn(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, s.space.config.num_classes, (256,), device="cuda")
         arch = s.state.sample_from_p(torch.Generator().manual_seed(1))
-        fn = phase2_fn(impl, s, x, y, arch)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            record("Phase-2 step, mobile space, batch 256, 224x224, bf16", {"device": "cuda"}, impl, fn)
-            report_line(f"- Phase-2 peak memory at ImageNet shapes, {impl}: {peak_bytes(fn, 'cuda') / 2**30:.2f} GiB")
+        fn = phase2_fn(impl, s, x, y, arch, precision)
+        record(f"Phase-2 step, mobile space, batch 256, 224x224, {precision}", {"device": "cuda"}, impl, fn)
+        report_line(f"- Phase-2 peak memory at ImageNet shapes, {impl}, {precision}: "
+                    f"{peak_bytes(fn, 'cuda') / 2**30:.2f} GiB")

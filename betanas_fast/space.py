@@ -9,6 +9,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
+from ._rules import conv_out_size
+
 SKIP = "skip"
 _MB_NAME = re.compile(r"^mb_k(\d+)_e(\d+(?:\.\d+)?)$")
 
@@ -59,12 +61,12 @@ class ChoiceBlockSpec:
 
     @property
     def out_resolution(self) -> int:
-        return conv_out(self.in_resolution, self.stride)
+        return conv_out_size(self.in_resolution, self.stride)
 
 
-def conv_out(resolution: int, stride: int) -> int:
-    # 'same' padding (k // 2) with odd kernels: ceil(H / s)
-    return (resolution + stride - 1) // stride
+def expanded_channels(in_channels: int, expand_ratio: float) -> int:
+    """The width of an MBConv's expanded (depthwise) stage."""
+    return int(round(in_channels * expand_ratio))
 
 
 def make_divisible(v: float, divisor: int = 8) -> int:
@@ -134,7 +136,7 @@ class SearchSpace:
         self.first_block_channels = ch(config.first_block_channels)
         self.head_channels = (make_divisible(config.head_channels * max(1.0, config.width_mult),
                                              config.channel_divisor))
-        res = conv_out(config.resolution, config.stem_stride)
+        res = conv_out_size(config.resolution, config.stem_stride)
         self.first_block_resolution = res
         blocks: List[ChoiceBlockSpec] = []
         cin = self.first_block_channels
@@ -148,7 +150,7 @@ class SearchSpace:
                     raise ValueError(f"choice block {len(blocks)} (stage {si}, {cin}->{cout}, stride {s}) has no "
                                      f"legal candidate: 'skip' needs stride 1 and equal channels")
                 blocks.append(ChoiceBlockSpec(len(blocks), si, cin, cout, s, res, allowed))
-                res = conv_out(res, s)
+                res = conv_out_size(res, s)
                 cin = cout
         if not blocks:
             raise ValueError("the space has no choice blocks")
@@ -220,4 +222,4 @@ def count_skip_blocks(space: SearchSpace) -> int:
 
 
 __all__ = ["SKIP", "Candidate", "ChoiceBlockSpec", "SpaceConfig", "SearchSpace", "PRESETS", "DEFAULT_CANDIDATES",
-           "build_space", "parse_candidate", "make_divisible", "conv_out", "count_skip_blocks"]
+           "build_space", "parse_candidate", "make_divisible", "expanded_channels", "count_skip_blocks"]

@@ -32,7 +32,7 @@ TORCH_LIBRARY(betanas, m) {
   // p = softmax(alpha over the remaining paths), 0 on dropped ones; grad_alpha = the binary-gate gradient
   // sum_j gate_grad_j p_j (delta_mj - p_m) over remaining j, plus the exact gradient of
   // beta * sum_m p_m cost_m; 0 on dropped paths. float32 [L, M]; remaining is bool [L, M].
-  m.def("gate_grad(Tensor alpha, Tensor remaining, Tensor gate_grad, Tensor cost, float beta) -> "
+  m.def("alpha_grad(Tensor alpha, Tensor remaining, Tensor gate_grad, Tensor cost, float beta) -> "
         "(Tensor p, Tensor grad_alpha)");
 
   // The depthwise stages of G groups in one call (Phase 1 with a path per sample): group g has samples[g]

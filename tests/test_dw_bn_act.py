@@ -176,6 +176,27 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(x.grad, eager_grad)
 
 
+def test_torch_compile_traces_the_kernel_or_reference_choice():
+    """The choice is plain Python that dynamo traces and guards: the compiled graph holds the fused op, and
+    within ops.reference_ops() the reference's convolution instead."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    layer = betanas_fast.nn.DWConvBNAct(8, 3, 1, "relu6")
+    compiled = torch.compile(layer, backend=capture, fullgraph=True)
+    x = torch.randn(2, 8, 7, 7)
+    expected = layer(x)
+    torch.testing.assert_close(compiled(x), expected)
+    with betanas_fast.ops.reference_ops():
+        torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
+    assert len(graphs) == 2
+    assert "betanas.dw_bn_act_train" in graphs[0] and "conv2d" not in graphs[0]
+    assert "betanas" not in graphs[1] and "conv2d" in graphs[1]
+
+
 class TestBadInput:
     """The C++ entry points reject bad input with a message that names the argument."""
 

@@ -1,7 +1,10 @@
 import pytest
+import torch
+import torch.nn.functional as F
 
-from betanas_fast.nn import Net
-from betanas_fast.space import SKIP, build_space, count_skip_blocks, parse_candidate
+from betanas_fast._rules import conv_out_size
+from betanas_fast.nn import MBConv, Net
+from betanas_fast.space import SKIP, build_space, count_skip_blocks, expanded_channels, parse_candidate
 
 
 def test_mobile_space_shape():
@@ -52,3 +55,23 @@ def test_identity_where_shapes_change_rejected():
     arch[0] = sp.index_of(SKIP)  # block 0 has stride 2
     with pytest.raises(ValueError, match="not allowed"):
         Net(sp, arch)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_conv_out_size_is_torchs_for_odd_kernels(k, stride):
+    for size in range(1, 12):
+        out = F.conv2d(torch.zeros(1, 1, size, size), torch.zeros(1, 1, k, k), stride=stride, padding=k // 2)
+        assert out.shape[-1] == conv_out_size(size, stride), (size, k, stride)
+
+
+def test_blocks_and_modules_share_the_space_shapes():
+    sp = build_space("demo")
+    for b in sp.blocks:
+        for c in sp.candidates:
+            if c.is_skip:
+                continue
+            block = MBConv(b.in_channels, b.out_channels, c.kernel_size, b.stride, c.expand_ratio)
+            assert block.depthwise.conv.in_channels == expanded_channels(b.in_channels, c.expand_ratio)
+            x = torch.zeros(2, b.in_channels, b.in_resolution, b.in_resolution)
+            assert block.eval()(x).shape[-1] == b.out_resolution

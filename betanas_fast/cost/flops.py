@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Sequence
 
-from ..space import ChoiceBlockSpec, SearchSpace, conv_out
+from .._rules import conv_out_size
+from ..space import ChoiceBlockSpec, SearchSpace, expanded_channels
 
 
 def _conv_macs(cin: int, cout: int, k: int, out_res: int, groups: int = 1) -> int:
@@ -20,18 +21,14 @@ def _conv_params(cin: int, cout: int, k: int, groups: int = 1) -> int:
     return cout * (cin // groups) * k * k
 
 
-def _expanded(cin: int, e: float) -> int:
-    return int(round(cin * e))  # as betanas_fast.nn.mbconv.expanded_channels
-
-
 def _mbconv_macs(cin, cout, k, s, e, res) -> int:
-    mid, out_res = _expanded(cin, e), conv_out(res, s)
+    mid, out_res = expanded_channels(cin, e), conv_out_size(res, s)
     macs = _conv_macs(cin, mid, 1, res) if e != 1 else 0
     return macs + _conv_macs(mid, mid, k, out_res, groups=mid) + _conv_macs(mid, cout, 1, out_res)
 
 
 def _mbconv_params(cin, cout, k, e) -> int:
-    mid = _expanded(cin, e)
+    mid = expanded_channels(cin, e)
     p = (_conv_params(cin, mid, 1) + 2 * mid) if e != 1 else 0
     return p + _conv_params(mid, mid, k, mid) + 2 * mid + _conv_params(mid, cout, 1) + 2 * cout
 

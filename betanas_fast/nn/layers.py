@@ -10,15 +10,14 @@ from torch import nn
 from .. import ops
 
 
-def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+def update_bn_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
     """What nn.BatchNorm2d does to its running statistics after a training step that normalised with the
     batch statistics `mean` and biased `var`, each over `count` values per channel: count the batch, then
-    an exponential (momentum) or cumulative (momentum None) average, with the unbiased variance."""
+    an exponential (momentum) or cumulative (momentum None) average (ops.update_running_stats)."""
     with torch.no_grad():
         bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-        bn.running_var.lerp_((var * (count / (count - 1))).to(bn.running_var.dtype), momentum)
+    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    ops.update_running_stats(bn.running_mean, bn.running_var, mean, var, count, momentum)
 
 
 class DWConvBNAct(nn.Module):
@@ -46,7 +45,7 @@ class DWConvBNAct(nn.Module):
                                  stride=self.stride, act=self.act, training=False, eps=bn.eps)
         out, mean, var = ops.dw_bn_act_train(x, self.conv.weight, bn.weight, bn.bias, self.stride, self.act, bn.eps)
         if bn.training and bn.track_running_stats:
-            update_running_stats(bn, mean, var, out.shape[0] * out.shape[2] * out.shape[3])
+            update_bn_running_stats(bn, mean, var, out.shape[0] * out.shape[2] * out.shape[3])
         return out
 
     def extra_repr(self) -> str:

@@ -4,11 +4,8 @@ plus the residual when the stride is 1 and the channels are unchanged."""
 import torch
 from torch import nn
 
+from ..space import expanded_channels
 from .layers import DWConvBNAct
-
-
-def expanded_channels(in_channels: int, expand_ratio: float) -> int:
-    return int(round(in_channels * expand_ratio))
 
 
 class MBConv(nn.Module):

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from .layers import update_running_stats
+from .._rules import conv_out_size
+from .layers import update_bn_running_stats
 from .mbconv import MBConv
 
 
@@ -29,7 +30,7 @@ def _depthwise_grouped(names: Sequence[str], cands: Sequence[MBConv], hs: Sequen
     if any((d.stride, d.act, d.bn.eps) != (stride, act, eps) for d in dws):
         raise ValueError("the candidates of one choice block must share stride, activation and BatchNorm eps")
     h, w = hs[0].shape[2:]
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1  # 'same' padding, odd kernels
+    ho, wo = conv_out_size(h, stride), conv_out_size(w, stride)
     samples, channels = [t.shape[0] for t in hs], [t.shape[1] for t in hs]
     for name, n in zip(names, samples):
         if n * ho * wo == 1:
@@ -43,7 +44,7 @@ def _depthwise_grouped(names: Sequence[str], cands: Sequence[MBConv], hs: Sequen
     outs = out.split([n * c * ho * wo for n, c in zip(samples, channels)])
     for d, n, m, v in zip(dws, samples, mean.split(channels), var.split(channels)):
         if d.bn.training and d.bn.track_running_stats:
-            update_running_stats(d.bn, m, v, n * ho * wo)
+            update_bn_running_stats(d.bn, m, v, n * ho * wo)
     return [o.view(n, c, ho, wo) for o, n, c in zip(outs, samples, channels)]
 
 

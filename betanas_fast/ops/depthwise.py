@@ -10,43 +10,14 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .._ext import KERNELS_LOADED, has_kernel
-
-OP_NAMES = ("dw_bn_act_train", "dw_bn_act_train_backward", "dw_bn_act_eval", "dw_bn_act_eval_backward")
-
-# The `act` codes of the op schemas.
-ACTIVATIONS = {"none": 0, "relu6": 1, "silu": 2, "swish": 2}
-
-# Decided once at import, so that the dispatch below is plain Python that torch.compile traces.
-_HAS_KERNEL = {device: has_kernel("dw_bn_act_train", device) for device in ("cpu", "cuda")}
+from .._ext import KERNELS_LOADED, use_kernel
+from .._rules import conv_out_size
+from ._common import act_code, empty_like_layout, empty_stats
 
 
-def _act_code(act) -> int:
-    if isinstance(act, int) and act in ACTIVATIONS.values():
-        return act
-    if act not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[act]
-
-
-def _memory_format(x):
-    """The layout the kernels give their outputs (csrc/common/checks.h: layout_of)."""
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def _out_shape(x, weight, stride):
-    k = weight.shape[-1]
+def _out_shape(x, stride):
     n, c, h, w = x.shape
-    return (n, c, (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1)
-
-
-def _empty(x, shape):
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
-
-
-def _stats_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (n, c, conv_out_size(h, stride), conv_out_size(w, stride))
 
 
 def _check_shapes(x, weight):
@@ -61,24 +32,23 @@ if KERNELS_LOADED:
     def _train_fake(x, weight, bn_weight, bn_bias, stride, act, eps):
         _check_shapes(x, weight)
         c = x.shape[1]
-        out = _empty(x, _out_shape(x, weight, stride))
-        return out, x.new_empty((c,), dtype=_stats_dtype(x)), x.new_empty((c,), dtype=_stats_dtype(x))
+        return empty_like_layout(x, _out_shape(x, stride)), empty_stats(x, c), empty_stats(x, c)
 
     @torch.library.register_fake("betanas::dw_bn_act_train_backward")
     def _train_backward_fake(grad_out, x, weight, bn_weight, bn_bias, mean, var, stride, act, eps):
         _check_shapes(x, weight)
-        return (_empty(x, x.shape), torch.empty_like(weight),
+        return (empty_like_layout(x, x.shape), torch.empty_like(weight),
                 torch.empty_like(bn_weight), torch.empty_like(bn_bias))
 
     @torch.library.register_fake("betanas::dw_bn_act_eval")
     def _eval_fake(x, weight, scale, shift, stride, act):
         _check_shapes(x, weight)
-        return _empty(x, _out_shape(x, weight, stride))
+        return empty_like_layout(x, _out_shape(x, stride))
 
     @torch.library.register_fake("betanas::dw_bn_act_eval_backward")
     def _eval_backward_fake(grad_out, x, weight, scale, shift, stride, act):
         _check_shapes(x, weight)
-        return (_empty(x, x.shape), torch.empty_like(weight),
+        return (empty_like_layout(x, x.shape), torch.empty_like(weight),
                 torch.empty_like(scale), torch.empty_like(shift))
 
     def _train_setup_context(ctx, inputs, output):
@@ -110,8 +80,8 @@ if KERNELS_LOADED:
 
 def dw_bn_act_train(x, weight, bn_weight, bn_bias, stride: int = 1, act="relu6", eps: float = 1e-5):
     """Training mode with batch statistics: returns (out, mean, biased var); mean and var carry no gradient."""
-    act = _act_code(act)
-    if _HAS_KERNEL.get(x.device.type, False):
+    act = act_code(act)
+    if use_kernel("dw_bn_act_train", x.device.type):
         return torch.ops.betanas.dw_bn_act_train(x, weight, bn_weight, bn_bias, stride, act, eps)
     out, mean, var = reference.dw_bn_act_train(x, weight, bn_weight, bn_bias, stride, act, eps)
     return out, mean.detach(), var.detach()
@@ -119,8 +89,8 @@ def dw_bn_act_train(x, weight, bn_weight, bn_bias, stride: int = 1, act="relu6",
 
 def dw_bn_act_eval(x, weight, scale, shift, stride: int = 1, act="relu6"):
     """Evaluation mode with batch norm folded into y = act(scale * conv(x) + shift)."""
-    act = _act_code(act)
-    if _HAS_KERNEL.get(x.device.type, False):
+    act = act_code(act)
+    if use_kernel("dw_bn_act_eval", x.device.type):
         return torch.ops.betanas.dw_bn_act_eval(x, weight, scale, shift, stride, act)
     return reference.dw_bn_act_eval(x, weight, scale, shift, stride, act)
 
@@ -133,11 +103,19 @@ def dw_bn_act(x, weight, bn_weight, bn_bias, running_mean: Optional[torch.Tensor
     if training or running_mean is None:
         out, mean, var = dw_bn_act_train(x, weight, bn_weight, bn_bias, stride, act, eps)
         if training and running_mean is not None:
-            count = out.shape[0] * out.shape[2] * out.shape[3]
-            with torch.no_grad():
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+            update_running_stats(running_mean, running_var, mean, var, out.shape[0] * out.shape[2] * out.shape[3],
+                                 momentum)
         return out
     scale = bn_weight * torch.rsqrt(running_var + eps)
     shift = bn_bias - running_mean * scale
     return dw_bn_act_eval(x, weight, scale, shift, stride, act)
+
+
+def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+                         var: torch.Tensor, count: int, momentum: float) -> None:
+    """What BatchNorm does to its running statistics, in place, after normalising with the batch statistics
+    `mean` and biased `var`, each over `count` values per channel: an exponential average with weight
+    `momentum` of the mean and of the unbiased variance."""
+    with torch.no_grad():
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)

@@ -11,14 +11,10 @@ from typing import List, Sequence
 
 import torch
 
-from .._ext import KERNELS_LOADED, has_kernel
+from .._ext import KERNELS_LOADED, use_kernel
+from .._rules import conv_out_size
 from ..reference import grouped as ref
-from .depthwise import _act_code, _stats_dtype
-
-OP_NAMES = ("dw_bn_act_grouped_train", "dw_bn_act_grouped_train_backward", "block_gate_grads")
-
-_HAS_KERNEL = {d: has_kernel("dw_bn_act_grouped_train", d) and has_kernel("block_gate_grads", d)
-               for d in ("cpu", "cuda")}
+from ._common import act_code, empty_stats
 
 
 def _check_groups(x, samples, channels, kernel_sizes, height, width):
@@ -33,9 +29,9 @@ def _check_groups(x, samples, channels, kernel_sizes, height, width):
                          f"got shape {tuple(x.shape)}")
 
 
-def _out_numel(samples, channels, kernel_sizes, height, width, stride):
-    return sum(n * c * ref.conv_out(height, k, stride) * ref.conv_out(width, k, stride)
-               for n, c, k in zip(samples, channels, kernel_sizes))
+def _out_numel(samples, channels, height, width, stride):
+    plane = conv_out_size(height, stride) * conv_out_size(width, stride)  # the same for every odd kernel size
+    return sum(n * c for n, c in zip(samples, channels)) * plane
 
 
 if KERNELS_LOADED:
@@ -44,8 +40,8 @@ if KERNELS_LOADED:
     def _grouped_fake(x, weight, bn_weight, bn_bias, samples, channels, kernel_sizes, height, width, stride, act, eps):
         _check_groups(x, samples, channels, kernel_sizes, height, width)
         c = sum(channels)
-        return (x.new_empty(_out_numel(samples, channels, kernel_sizes, height, width, stride)),
-                x.new_empty((c,), dtype=_stats_dtype(x)), x.new_empty((c,), dtype=_stats_dtype(x)))
+        return (x.new_empty(_out_numel(samples, channels, height, width, stride)), empty_stats(x, c),
+                empty_stats(x, c))
 
     @torch.library.register_fake("betanas::dw_bn_act_grouped_train_backward")
     def _grouped_backward_fake(grad_out, x, weight, bn_weight, bn_bias, mean, var, samples, channels, kernel_sizes,
@@ -80,9 +76,9 @@ def dw_bn_act_grouped_train(x, weight, bn_weight, bn_bias, samples: Sequence[int
     """The depthwise stage (training mode, batch statistics per group) of G groups in one call.
     Flat group-major tensors (see betanas_fast.reference.grouped); returns (out, mean, biased var),
     mean and var without gradient."""
-    act = _act_code(act)
+    act = act_code(act)
     samples, channels, kernel_sizes = [int(v) for v in samples], [int(v) for v in channels], [int(v) for v in kernel_sizes]
-    if _HAS_KERNEL.get(x.device.type, False):
+    if use_kernel("dw_bn_act_grouped_train", x.device.type):
         return torch.ops.betanas.dw_bn_act_grouped_train(x, weight, bn_weight, bn_bias, samples, channels, kernel_sizes,
                                                          int(height), int(width), int(stride), act, float(eps))
     out, mean, var = ref.dw_bn_act_grouped_train(x, weight, bn_weight, bn_bias, samples, channels, kernel_sizes,
@@ -98,11 +94,11 @@ def block_gate_grads(x, grad_out, expand_weight: List[torch.Tensor], expand_bn_w
     """float32 [K + 1]: sum(o_j(x) * grad_out) for each of the K MBConv candidates given by their
     parameters (o_j includes x when `residual`), then sum(x * grad_out) (the identity path; 0 when the
     shapes differ). BatchNorm normalises with batch statistics; nothing is recorded for autograd."""
-    act = _act_code(act)
+    act = act_code(act)
     args = (x, grad_out, list(expand_weight), list(expand_bn_weight), list(expand_bn_bias), list(dw_weight),
             list(dw_bn_weight), list(dw_bn_bias), list(project_weight), list(project_bn_weight),
             list(project_bn_bias), int(stride), bool(residual), act, float(eps))
     with torch.no_grad():
-        if _HAS_KERNEL.get(x.device.type, False):
+        if use_kernel("block_gate_grads", x.device.type):
             return torch.ops.betanas.block_gate_grads(*args)
         return ref.block_gate_grads(*args)

@@ -8,6 +8,6 @@ from .depthwise import (
     dw_bn_act_train,
     dw_bn_act_train_backward,
 )
-from .gate import gate_grad
+from .alpha import alpha_grad
 
-__all__ = ["dw_bn_act_train", "dw_bn_act_train_backward", "dw_bn_act_eval", "dw_bn_act_eval_backward", "gate_grad"]
+__all__ = ["dw_bn_act_train", "dw_bn_act_train_backward", "dw_bn_act_eval", "dw_bn_act_eval_backward", "alpha_grad"]

@@ -7,19 +7,12 @@ runs in x's dtype, like torch's own composite.
 import torch
 import torch.nn.functional as F
 
-_ACT_FUNCTIONS = {0: lambda t: t, 1: F.relu6, 2: F.silu}
-
-
-def _act(t, act):
-    return _ACT_FUNCTIONS[act](t)
-
-
-def _stats_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .._rules import stats_dtype
+from ._common import activation
 
 
 def _per_channel(t, like):
-    return t.to(_stats_dtype(like)).view(1, -1, 1, 1)
+    return t.to(stats_dtype(like)).view(1, -1, 1, 1)
 
 
 def depthwise_conv(x, weight, stride):
@@ -29,17 +22,17 @@ def depthwise_conv(x, weight, stride):
 
 def dw_bn_act_train(x, weight, bn_weight, bn_bias, stride, act, eps):
     """Returns (out, mean, var): var is the biased batch variance."""
-    z = depthwise_conv(x, weight, stride).to(_stats_dtype(x))
+    z = depthwise_conv(x, weight, stride).to(stats_dtype(x))
     mean = z.mean(dim=(0, 2, 3))
     var = z.var(dim=(0, 2, 3), unbiased=False)
     xhat = (z - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + eps)
-    out = _act(xhat * _per_channel(bn_weight, x) + _per_channel(bn_bias, x), act)
+    out = activation(xhat * _per_channel(bn_weight, x) + _per_channel(bn_bias, x), act)
     return out.to(x.dtype), mean, var
 
 
 def dw_bn_act_eval(x, weight, scale, shift, stride, act):
-    z = depthwise_conv(x, weight, stride).to(_stats_dtype(x))
-    return _act(z * _per_channel(scale, x) + _per_channel(shift, x), act).to(x.dtype)
+    z = depthwise_conv(x, weight, stride).to(stats_dtype(x))
+    return activation(z * _per_channel(scale, x) + _per_channel(shift, x), act).to(x.dtype)
 
 
 def _vjp(fn, grad_out, tensors):

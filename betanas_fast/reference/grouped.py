@@ -19,11 +19,9 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .depthwise import _act, _stats_dtype, dw_bn_act_train
-
-
-def conv_out(size: int, k: int, stride: int) -> int:
-    return (size + 2 * (k // 2) - k) // stride + 1
+from .._rules import conv_out_size, stats_dtype
+from ._common import activation
+from .depthwise import dw_bn_act_train
 
 
 def group_layout(samples, channels, kernel_sizes, height, width, stride):
@@ -32,7 +30,7 @@ def group_layout(samples, channels, kernel_sizes, height, width, stride):
     xi = yi = ci = wi = 0
     for n, c, k in zip(samples, channels, kernel_sizes):
         xn = n * c * height * width
-        yn = n * c * conv_out(height, k, stride) * conv_out(width, k, stride)
+        yn = n * c * conv_out_size(height, stride) * conv_out_size(width, stride)
         offs.append((xi, xn, yi, yn, ci, wi))
         xi, yi, ci, wi = xi + xn, yi + yn, ci + c, wi + c * k * k
     return offs
@@ -44,10 +42,10 @@ def dw_bn_act_grouped_train(x, weight, bn_weight, bn_bias, samples, channels, ke
     outs, means, vars_ = [], [], []
     layout = group_layout(samples, channels, kernel_sizes, height, width, stride)
     for (xo, xn, _, _, co, wo), n, c, k in zip(layout, samples, channels, kernel_sizes):
-        ho, wo_ = conv_out(height, k, stride), conv_out(width, k, stride)
+        ho, wo_ = conv_out_size(height, stride), conv_out_size(width, stride)
         if n == 0:
             outs.append(x.new_empty(0))
-            zero = torch.zeros(c, dtype=_stats_dtype(x), device=x.device)
+            zero = torch.zeros(c, dtype=stats_dtype(x), device=x.device)
             means.append(zero)
             vars_.append(zero)
             continue
@@ -74,7 +72,7 @@ def dw_bn_act_grouped_train_backward(grad_out, x, weight, bn_weight, bn_bias, me
 
 def _bn_batch(z, gamma, beta, eps):
     """Batch norm with batch statistics in float32 (float64 for float64), result in z's dtype."""
-    zs = z.to(_stats_dtype(z))
+    zs = z.to(stats_dtype(z))
     mean = zs.mean(dim=(0, 2, 3), keepdim=True)
     var = zs.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
     out = (zs - mean) * torch.rsqrt(var + eps) * gamma.to(zs.dtype).view(1, -1, 1, 1) \
@@ -86,8 +84,8 @@ def mbconv_batch_stats(x, expand_weight, expand_bn_weight, expand_bn_bias, dw_we
                        project_weight, project_bn_weight, project_bn_bias, stride, residual, act, eps):
     """One MBConv forward with batch-statistics BatchNorm, in x's dtype (statistics in float32)."""
     dt = x.dtype
-    h = _act(_bn_batch(F.conv2d(x, expand_weight.to(dt).view(-1, x.shape[1], 1, 1)), expand_bn_weight,
-                       expand_bn_bias, eps), act)
+    h = activation(_bn_batch(F.conv2d(x, expand_weight.to(dt).view(-1, x.shape[1], 1, 1)), expand_bn_weight,
+                             expand_bn_bias, eps), act)
     h = dw_bn_act_train(h, dw_weight.to(dt), dw_bn_weight, dw_bn_bias, stride, act, eps)[0]
     o = _bn_batch(F.conv2d(h, project_weight.to(dt).view(-1, h.shape[1], 1, 1)), project_bn_weight,
                   project_bn_bias, eps)

@@ -56,7 +56,7 @@ class SearchConfig:
     val: int = _opt(200, "validation images for the final score")
     augment: bool = _opt(True, "training augmentation")
     # schedule
-    epochs: int = _opt(60, "epochs of Phase-1 weight training")
+    epochs: int = _opt(100, "epochs of Phase-1 weight training")
     batch_size: int = _opt(64, "Phase-1 batch")
     heldout_batch_size: int = _opt(64, "Phase-2 (held-out) batch")
     phase_ratio: int = _opt(2, "Phase-1 weight steps per α step")
@@ -65,7 +65,7 @@ class SearchConfig:
                                            "step, or from p for proxyless; Phase-1 counts then count samples; needs "
                                            "a batch of at least 2 x the number of candidates)",
                               choices=PATH_SAMPLING)
-    warmup_epochs: int = _opt(15, "no α steps and no drops before this epoch")
+    warmup_epochs: int = _opt(25, "no α steps and no drops before this epoch")
     # weights (SGD)
     lr: float = _opt(0.1, "SGD learning rate (cosine schedule)")
     momentum: float = _opt(0.9, "SGD momentum")

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include "common/dispatch.h"
+
 namespace betanas {
 
 // Whether an op treats x as channels_last. The Python fake kernels apply the same rule, so that the
@@ -17,9 +19,16 @@ inline at::MemoryFormat layout_of(const at::Tensor& x) {
   return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+// Output size of a convolution with padding kernel_size / 2 (ceil(in / stride) for the odd kernels of the ops).
+// Python: betanas_fast._rules.conv_out_size.
 inline int64_t conv_out_size(int64_t in, int64_t kernel_size, int64_t stride) {
   return (in + 2 * (kernel_size / 2) - kernel_size) / stride + 1;
 }
+
+// Batch statistics, per-channel sums and the BatchNorm arithmetic are kept in float32, or float64 for float64
+// tensors. Python: betanas_fast._rules.stats_dtype.
+inline at::ScalarType stats_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+inline at::ScalarType stats_dtype(const at::Tensor& x) { return stats_dtype(x.scalar_type()); }
 
 struct NamedTensor {
   const char* name;
@@ -61,7 +70,7 @@ inline void check_dw_args(const char* op, c10::DeviceType device_type, const at:
                 p.t.scalar_type(), "; it must be x's dtype (", dt, ") or float32");
   }
   TORCH_CHECK(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
-  TORCH_CHECK(act >= 0 && act <= 2, op, ": act must be 0 (none), 1 (relu6) or 2 (silu), got ", act);
+  TORCH_CHECK(act_switch(act, [](auto) {}), op, ": act must be 0 (none), 1 (relu6) or 2 (silu), got ", act);
 }
 
 // A training-mode batch norm needs more than one value per channel, as torch's BatchNorm says.

@@ -1,7 +1,9 @@
 // Turns the runtime kernel size, stride and activation into template constants, so that the kernels'
 // inner loops never branch on them (flash-attention's switch idiom, written as generic lambdas).
 #pragma once
+#include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include <c10/util/Exception.h>
 
@@ -32,15 +34,24 @@ void dispatch_kernel_stride(int64_t kernel_size, int64_t stride, F&& f) {
   }
 }
 
-// f(IntConst<ACT>{}) for the activations of Act.
+// The one list of activations turned into template constants, for host and device code alike:
+// f(IntConst<ACT>{}) and true, or false without calling f for a value outside Act. Device code runs after the
+// ops have checked act, so it has no error path of its own.
+template <typename F>
+BETANAS_HD bool act_switch(int64_t act, F&& f) {
+  switch (act) {
+    case kActNone: f(IntConst<kActNone>{}); return true;
+    case kActReLU6: f(IntConst<kActReLU6>{}); return true;
+    case kActSiLU: f(IntConst<kActSiLU>{}); return true;
+    default: return false;
+  }
+}
+
+// act_switch for host code: a value outside Act is an error.
 template <typename F>
 void dispatch_act(int64_t act, F&& f) {
-  switch (act) {
-    case kActNone: f(IntConst<kActNone>{}); break;
-    case kActReLU6: f(IntConst<kActReLU6>{}); break;
-    case kActSiLU: f(IntConst<kActSiLU>{}); break;
-    default: TORCH_CHECK(false, "betanas: act must be 0 (none), 1 (relu6) or 2 (silu), got ", act);
-  }
+  const bool known = act_switch(act, std::forward<F>(f));
+  TORCH_CHECK(known, "betanas: act must be 0 (none), 1 (relu6) or 2 (silu), got ", act);
 }
 
 }  // namespace betanas

@@ -39,8 +39,6 @@ inline Grad4 dense_train_backward(const at::Tensor& gy, const at::Tensor& x, con
   return op.call(gy, x, w, g, b, mean, var, stride, act, eps);
 }
 
-inline at::ScalarType opmath(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 inline Train3 grouped_train(const char* op, c10::DeviceType device, const at::Tensor& x_in, const at::Tensor& weight,
                             const at::Tensor& bn_weight, const at::Tensor& bn_bias, at::IntArrayRef samples,
                             at::IntArrayRef channels, at::IntArrayRef kernel_sizes, int64_t H, int64_t W,
@@ -49,8 +47,8 @@ inline Train3 grouped_train(const char* op, c10::DeviceType device, const at::Te
                                              kernel_sizes, H, W, stride, act);
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty({groups.y_numel}, x.options());
-  at::Tensor mean = at::zeros({groups.total_channels}, x.options().dtype(opmath(x)));
-  at::Tensor var = at::zeros({groups.total_channels}, x.options().dtype(opmath(x)));
+  at::Tensor mean = at::zeros({groups.total_channels}, x.options().dtype(stats_dtype(x)));
+  at::Tensor var = at::zeros({groups.total_channels}, x.options().dtype(stats_dtype(x)));
   for (const DwGroup& g : groups.groups) {
     if (g.samples == 0) continue;
     const int64_t C = g.channels, k = g.kernel;
@@ -96,9 +94,9 @@ inline Grad4 grouped_train_backward(const char* op, c10::DeviceType device, cons
   return {grad_x, grad_w, grad_g, grad_b};
 }
 
-// Batch norm with batch statistics over dims (0, 2) of t [N, C, S], computed in opmath.
+// Batch norm with batch statistics over dims (0, 2) of t [N, C, S], computed in the statistics dtype.
 inline at::Tensor bn_batch(const at::Tensor& t, const at::Tensor& gamma, const at::Tensor& beta, double eps) {
-  const at::Tensor z = t.to(opmath(t));
+  const at::Tensor z = t.to(stats_dtype(t));
   auto [var, mean] = at::var_mean(z, {0, 2}, /*correction=*/0, /*keepdim=*/true);
   return (z - mean) * at::rsqrt(var + eps) * gamma.to(z.scalar_type()).view({1, -1, 1}) +
          beta.to(z.scalar_type()).view({1, -1, 1});
@@ -120,10 +118,11 @@ inline at::Tensor block_gate_grads(const char* op, c10::DeviceType device, const
   TORCH_CHECK(!residual || same_shape, op, ": residual=True needs grad_out of x's shape ", x_in.sizes(), ", got ",
               grad_out_in.sizes());
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor g = grad_out_in.to(opmath(x)).contiguous().view({b.N, b.Cout, b.Ho * b.Wo});
+  const at::Tensor g = grad_out_in.to(stats_dtype(x)).contiguous().view({b.N, b.Cout, b.Ho * b.Wo});
   const size_t K = b.mid.size();
   std::vector<at::Tensor> values;
-  const at::Tensor identity = same_shape ? at::sum(x.to(opmath(x)).view_as(g) * g) : at::zeros({}, g.options());
+  const at::Tensor identity =
+      same_shape ? at::sum(x.to(stats_dtype(x)).view_as(g) * g) : at::zeros({}, g.options());
   if (K > 0) {
     std::vector<at::Tensor> w_e;
     for (size_t j = 0; j < K; ++j) w_e.push_back(ew[j].reshape({b.mid[j], b.Cin}));

@@ -235,11 +235,6 @@ inline at::Tensor like_param(const std::vector<double>& v, const at::Tensor& par
   return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).view(param.sizes()).to(param.scalar_type());
 }
 
-// Batch statistics and per-channel sums are kept in float32, or float64 for float64 tensors.
-inline at::ScalarType stats_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 template <typename F>
 void for_each_channel(int64_t C, F&& f) {
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {

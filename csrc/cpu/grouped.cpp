@@ -198,11 +198,11 @@ at::Tensor block_gate_grads_cpu(const at::Tensor& x_in, const at::Tensor& grad_o
   TORCH_CHECK(!residual || same_shape, op, ": residual=True needs grad_out of x's shape ", x_in.sizes(), ", got ",
               grad_out_in.sizes());
   const at::Tensor x = x_in.contiguous();
-  const auto opmath = stats_dtype(x);
-  const at::Tensor g = grad_out_in.to(opmath).contiguous();
+  const auto stats_type = stats_dtype(x);
+  const at::Tensor g = grad_out_in.to(stats_type).contiguous();
   const size_t K = b.mid.size();
   at::Tensor result = at::zeros({static_cast<int64_t>(K) + 1}, x.options().dtype(at::kFloat));
-  const double identity = same_shape ? at::sum(x.to(opmath) * g, at::kDouble).item<double>() : 0.0;
+  const double identity = same_shape ? at::sum(x.to(stats_type) * g, at::kDouble).item<double>() : 0.0;
   result[K] = identity;
   if (K == 0) return result;
 

@@ -8,16 +8,13 @@
 //   fastest, so blocks running at the same time read neighbouring channels of the same pixels (whole L2
 //   sectors in channels_last). Each block walks a fixed, contiguous run of (image, tile) items: the work
 //   split depends on the shape only, so every reduction below is run-to-run deterministic (no atomics).
+//   dw_tile_plan.cuh chooses CT and the tile per shape; dw_tile.cuh decodes them on the device.
 // * Shared memory. Each item stages the x tile with its halo (zero padded at the image border) in shared
-//   memory, converted to the arithmetic type T (float, double for float64). The global <-> shared copies are
-//   the only layout-dependent code: NCHW copies run along W, channels_last copies run along C with 16-byte
-//   vectors when C allows it; both are coalesced. Shared arrays are [channel][row][col]; the plane pitch is
-//   1 mod 32 and the row pitch is chosen so that a warp (CT channels x 32/CT micro-tiles) hits 32 distinct
-//   banks.
+//   memory, converted to the arithmetic type T (float, double for float64); the copies (dw_tile.cuh) are the
+//   only layout-dependent code.
 // * Compute. Thread (channel = tid % CT, slot = tid / CT) computes 2x4 output micro-tiles from shared memory
-//   with the kernel size K and stride S as template constants: input rows are streamed through registers,
-//   the K*K weights of the thread's channel stay in registers, so a 2x4 micro-tile of a 3x3 conv needs
-//   24 shared loads for 72 FMAs. The activation is a runtime switch taken once per micro-tile.
+//   with the kernel size K and stride S as template constants (dw_conv_micro.cuh). The activation is a
+//   runtime switch taken once per micro-tile.
 // * Training forward: pass 1 computes z and per-thread Welford statistics of each 2x4 micro-tile merged with
 //   Chan's formula, then per block (fixed order); a finalize kernel merges the per-block (count, mean, M2)
 //   in double into mean/var and the folded scale/shift. Pass 2 recomputes z (re-reading x costs the same as
@@ -46,12 +43,8 @@
 //   writes dz in float32 to global memory and runs a separate dgrad/wgrad pass may win there.
 // * Fuse the small finalize kernels into the last block of the reducing pass (a grid-wide ticket) to save
 //   launches on small shapes; autotune the tile plan on the device instead of the static cost model.
-#include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
-#include <map>
-#include <mutex>
 #include <tuple>
 #include <utility>
 
@@ -65,22 +58,12 @@
 #include "common/activation.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "cuda/dw_conv_micro.cuh"
+#include "cuda/dw_tile.cuh"
+#include "cuda/dw_tile_plan.cuh"
 
 namespace betanas {
 namespace {
-
-constexpr int kThreads = 256;  // every kernel of this file runs 256-thread blocks
-constexpr int kRH = 2;         // micro-tile rows (outputs per thread per step)
-constexpr int kRW = 4;         // micro-tile columns
-#ifndef BETANAS_DW_TARGET_BLOCKS
-#define BETANAS_DW_TARGET_BLOCKS 2048
-#endif
-constexpr int kTargetBlocks = BETANAS_DW_TARGET_BLOCKS;  // blocks per launch the work split aims at
-#ifndef BETANAS_DW_MAX_MICRO
-#define BETANAS_DW_MAX_MICRO 16
-#endif
-constexpr int kMaxMicro = BETANAS_DW_MAX_MICRO;  // largest tile: kMaxMicro x kMaxMicro micro-tiles
-constexpr int kRedChunk = 8;   // values reduced at a time at the end of the backward kernel
 
 // Modes of the forward kernel.
 constexpr int kZStats = 0;  // batch statistics of z = conv(x)
@@ -90,40 +73,357 @@ constexpr int kGStats = 2;  // sum(g), sum(g * (z - mean)), g = act'(a*z+b) * dy
 constexpr int kBwdTrain = 0;
 constexpr int kBwdEval = 1;
 
-#define BDEV __device__ __forceinline__
+// The kernels' argument: the tile geometry and one pass's data.
+template <typename scalar_t>
+struct Params : TileGeometry {
+  using T = at::opmath_type<scalar_t>;
+  const scalar_t* x = nullptr;   // [N, C, H, W]
+  const scalar_t* dy = nullptr;  // [N, C, Ho, Wo]
+  scalar_t* out = nullptr;       // y [N, C, Ho, Wo] (forward) or grad_x [N, C, H, W] (backward)
+  const T* w = nullptr;          // [C, K*K]
+  const T* ca = nullptr;         // per-channel coefficients [C]: z -> a*z + b, mean, dz = a*g - c0 - c1*(z-m)
+  const T* cb = nullptr;
+  const T* cm = nullptr;
+  const T* c0 = nullptr;
+  const T* c1 = nullptr;
+  T* partial = nullptr;  // per-block partial results [value][C][G]
+  int mode = 0, act = 0;
+};
 
-#ifndef BETANAS_CUDA_EMULATION
-template <typename T>
-BDEV T* dyn_smem() {
-  extern __shared__ __align__(16) unsigned char betanas_dyn_smem[];
-  return reinterpret_cast<T*>(betanas_dyn_smem);
+// The thread's channel, in registers for the whole launch: its taps and the coefficients of Params that the
+// mode uses (zero otherwise, and for an inactive thread).
+template <typename T, int KK>
+struct ChannelCoef {
+  T w[KK];
+  T a = T(0), b = T(0), mean = T(0), c0 = T(0), c1 = T(0);
+};
+
+template <int KK, typename scalar_t, typename T>
+BDEV void load_taps(const Params<scalar_t>& p, const BlockWork& bw, T (&w)[KK]) {
+#pragma unroll
+  for (int t = 0; t < KK; ++t) w[t] = bw.active ? p.w[int64_t(bw.c) * KK + t] : T(0);
 }
 
-BDEV uint32_t umulhi(uint32_t a, uint32_t b) { return __umulhi(a, b); }
+template <typename scalar_t, typename T>
+BDEV void store_partial(const Params<scalar_t>& p, int v, int64_t c, int g, T value) {
+  p.partial[(int64_t(v) * p.C + c) * p.G + g] = value;
+}
 
-// Every kernel of this file: 1-D grid of 256-thread blocks on the current stream.
-template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), int64_t grid, size_t smem, Args&&... args) {
-  if (grid == 0) return;
-  TORCH_INTERNAL_ASSERT(grid <= INT32_MAX, "betanas: grid too large: ", grid);
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+// ---------------------------------------------------------------------------------------------------------
+// Forward kernel: z over owned tiles; modes kZStats, kApply, kGStats.
+
+template <int KK, typename scalar_t, typename T = at::opmath_type<scalar_t>>
+BDEV ChannelCoef<T, KK> fwd_channel(const Params<scalar_t>& p, const BlockWork& bw) {
+  ChannelCoef<T, KK> cf;
+  load_taps(p, bw, cf.w);
+  if (bw.active && p.mode != kZStats) {
+    cf.a = p.ca[bw.c];
+    cf.b = p.cb[bw.c];
   }
-  kernel<<<static_cast<unsigned>(grid), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      std::forward<Args>(args)...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (bw.active && p.mode == kGStats) cf.mean = p.cm[bw.c];
+  return cf;
 }
 
-size_t smem_optin_bytes() { return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin; }
-size_t smem_per_sm_bytes() { return at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor; }
-#else
-// A host test harness that runs every CUDA thread as a CPU thread provides these.
-using betanas_emu::dyn_smem;
-using betanas_emu::launch;
-using betanas_emu::smem_optin_bytes;
-using betanas_emu::smem_per_sm_bytes;
-using betanas_emu::umulhi;
-#endif
+// The item's x tile with its halo (zero padded at the image border) and, for kGStats, its dy tile.
+template <int K, int S, typename scalar_t, typename T>
+BDEV void fwd_load_tile(const Params<scalar_t>& p, const BlockWork& bw, const TileItem& ti, T* xs, T* ys) {
+  constexpr int P = K / 2;
+  load_region(p, p.xr, Window{ti.in_off, p.H, p.W, bw.c0, ti.oh0 * S - P, ti.ow0 * S - P}, p.x, xs);
+  if (p.mode == kGStats) load_region(p, p.yr, Window{ti.out_off, p.Ho, p.Wo, bw.c0, ti.oh0, ti.ow0}, p.dy, ys);
+}
+
+// kZStats: Welford statistics of the micro-tile's valid outputs (vr rows, vc cols), merged into the thread's
+// (count, mean, M2).
+template <typename T>
+BDEV void zstats_micro(const T (&z)[kRH][kRW], int vr, int vc, T (&st)[3]) {
+  T lsum = T(0);
+  int ln = 0;
+#pragma unroll
+  for (int a = 0; a < kRH; ++a) {
+#pragma unroll
+    for (int b = 0; b < kRW; ++b) {
+      if (a < vr && b < vc) {
+        lsum += z[a][b];
+        ++ln;
+      }
+    }
+  }
+  if (ln == 0) return;
+  const T lmean = lsum / T(ln);
+  T lm2 = T(0);
+#pragma unroll
+  for (int a = 0; a < kRH; ++a) {
+#pragma unroll
+    for (int b = 0; b < kRW; ++b) {
+      if (a < vr && b < vc) {
+        const T d = z[a][b] - lmean;
+        lm2 += d * d;
+      }
+    }
+  }
+  welford_merge(st[0], st[1], st[2], T(ln), lmean, lm2);
+}
+
+// kApply: act(a*z + b) into the staged y tile; the store skips what lies past the plane.
+template <typename T, int KK>
+BDEV void apply_micro(int act, const ChannelCoef<T, KK>& cf, const T (&z)[kRH][kRW], T* yv, int rp) {
+  act_switch(act, [&](auto ac) {
+    constexpr int ACT = decltype(ac)::value;
+#pragma unroll
+    for (int a = 0; a < kRH; ++a) {
+#pragma unroll
+      for (int b = 0; b < kRW; ++b) yv[a * rp + b] = act_forward<ACT>(cf.a * z[a][b] + cf.b);
+    }
+  });
+}
+
+// kGStats: sums of g = act'(a*z + b) * dy and of g * (z - mean) over the valid outputs, dy staged in dyv.
+template <typename T, int KK>
+BDEV void gstats_micro(int act, const ChannelCoef<T, KK>& cf, const T (&z)[kRH][kRW], int vr, int vc,
+                       const T* dyv, int rp, T (&st)[3]) {
+  act_switch(act, [&](auto ac) {
+    constexpr int ACT = decltype(ac)::value;
+#pragma unroll
+    for (int a = 0; a < kRH; ++a) {
+#pragma unroll
+      for (int b = 0; b < kRW; ++b) {
+        if (a < vr && b < vc) {
+          const T gv = act_backward<ACT>(cf.a * z[a][b] + cf.b, dyv[a * rp + b]);
+          st[0] += gv;
+          st[1] += gv * (z[a][b] - cf.mean);
+        }
+      }
+    }
+  });
+}
+
+// z on the thread's micro-tiles of the item, consumed at once by the mode.
+template <int K, int S, typename scalar_t, typename T>
+BDEV void fwd_compute_tile(const Params<scalar_t>& p, const BlockWork& bw, const TileItem& ti,
+                           const ChannelCoef<T, K * K>& cf, const T* xs, T* ys, T (&st)[3]) {
+  for (int m = bw.pos; m < p.MH * p.MW; m += bw.tpc) {
+    const MicroPos mp = micro_pos(p.fd_mh, p.MH, m);
+    T z[kRH][kRW];
+    conv_micro<K, S>(xs + p.xr.at(bw.lc, mp.r0 * S, mp.q0 * S), p.xr.rp, cf.w, z);
+    const int vr = p.Ho - (ti.oh0 + mp.r0), vc = p.Wo - (ti.ow0 + mp.q0);  // valid rows / cols of the micro-tile
+    T* yv = ys + p.yr.at(bw.lc, mp.r0, mp.q0);
+    if (p.mode == kZStats) {
+      zstats_micro(z, vr, vc, st);
+    } else if (p.mode == kApply) {
+      apply_micro(p.act, cf, z, yv, p.yr.rp);
+    } else {
+      gstats_micro(p.act, cf, z, vr, vc, yv, p.yr.rp, st);
+    }
+  }
+}
+
+// Per-channel reduction of the threads' statistics over the block, in a fixed order, into the partials.
+template <typename scalar_t, typename T>
+BDEV void fwd_reduce_block(const Params<scalar_t>& p, const BlockWork& bw, const T (&st)[3], T* red) {
+  const int tid = threadIdx.x;
+  __syncthreads();
+  red[tid] = st[0];
+  red[kThreads + tid] = st[1];
+  red[2 * kThreads + tid] = st[2];
+  __syncthreads();
+  if (tid >= p.CT || bw.c0 + tid >= p.C) return;
+  const int64_t c = bw.c0 + tid;
+  if (p.mode == kZStats) {
+    T n = T(0), mean = T(0), m2 = T(0);
+    for (int j = 0; j < bw.tpc; ++j) {
+      const int idx = (j << p.ct_shift) + tid;
+      if (red[idx] == T(0)) continue;
+      welford_merge(n, mean, m2, red[idx], red[kThreads + idx], red[2 * kThreads + idx]);
+    }
+    store_partial(p, 0, c, bw.g, n);
+    store_partial(p, 1, c, bw.g, mean);
+    store_partial(p, 2, c, bw.g, m2);
+  } else {
+    store_partial(p, 0, c, bw.g, channel_sum(red, tid, bw.tpc, p.ct_shift));
+    store_partial(p, 1, c, bw.g, channel_sum(red + kThreads, tid, bw.tpc, p.ct_shift));
+  }
+}
+
+template <typename scalar_t, int K, int S>
+__global__ void __launch_bounds__(kThreads) dw_fwd_kernel(const Params<scalar_t> p) {
+  using T = at::opmath_type<scalar_t>;
+  T* xs = dyn_smem<T>();
+  T* ys = xs + p.CT * p.xr.pl;
+  const BlockWork bw = block_work(p);
+  const ChannelCoef<T, K * K> cf = fwd_channel<K * K>(p, bw);
+  T st[3] = {T(0), T(0), T(0)};  // kZStats: count, mean, M2 (Chan); kGStats: sum g, sum g * (z - mean)
+  for (int64_t it = bw.it0; it < bw.it1; ++it) {
+    const TileItem ti = tile_item(p, it);
+    __syncthreads();  // the previous item is done with the shared tiles
+    fwd_load_tile<K, S>(p, bw, ti, xs, ys);
+    __syncthreads();
+    if (bw.active) fwd_compute_tile<K, S>(p, bw, ti, cf, xs, ys, st);
+    if (p.mode == kApply) {
+      __syncthreads();
+      store_region(p, p.yr, Window{ti.out_off, p.Ho, p.Wo, bw.c0, ti.oh0, ti.ow0}, ys, p.out);
+    }
+  }
+  if (p.mode != kApply) fwd_reduce_block(p, bw, st, xs);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward kernel: dz on the owned tile plus a halo of HD outputs, then grad_weight partials over the owned
+// outputs and grad_x of the owned inputs [oh0*S, (oh0+TOH)*S) x [ow0*S, (ow0+TOW)*S).
+
+template <int KK, typename scalar_t, typename T = at::opmath_type<scalar_t>>
+BDEV ChannelCoef<T, KK> bwd_channel(const Params<scalar_t>& p, const BlockWork& bw) {
+  ChannelCoef<T, KK> cf;
+  load_taps(p, bw, cf.w);
+  if (bw.active) {
+    cf.a = p.ca[bw.c];
+    cf.b = p.cb[bw.c];
+    if (p.mode == kBwdTrain) {
+      cf.mean = p.cm[bw.c];
+      cf.c0 = p.c0[bw.c];
+      cf.c1 = p.c1[bw.c];
+    }
+  }
+  return cf;
+}
+
+// The x tile under the dz region and the dy tile of the dz region (the tile plus a halo of HD outputs).
+template <int K, int S, typename scalar_t, typename T>
+BDEV void bwd_load_tile(const Params<scalar_t>& p, const BlockWork& bw, const TileItem& ti, T* xs, T* ds) {
+  constexpr int P = K / 2, HD = (P + S - 1) / S;
+  load_region(p, p.xr, Window{ti.in_off, p.H, p.W, bw.c0, (ti.oh0 - HD) * S - P, (ti.ow0 - HD) * S - P}, p.x,
+              xs);
+  load_region(p, p.yr, Window{ti.out_off, p.Ho, p.Wo, bw.c0, ti.oh0 - HD, ti.ow0 - HD}, p.dy, ds);
+}
+
+// Batch-norm and activation backward of one micro-tile of the dz region: dy in dv becomes dz, zero outside the
+// output plane. Evaluation mode also sums g*z and g over the owned outputs (grad scale and shift).
+template <int ACT, int HD, typename scalar_t, typename T, int KK>
+BDEV void dz_micro(const Params<scalar_t>& p, const TileItem& ti, const MicroPos& mp, const ChannelCoef<T, KK>& cf,
+                   const T (&z)[kRH][kRW], T* dv, T& s_gz, T& s_g) {
+  const bool train = p.mode == kBwdTrain;
+  const int TOH = p.MH * kRH, TOW = p.MW * kRW, rp = p.yr.rp;
+  const int ohb = ti.oh0 - HD + mp.r0, owb = ti.ow0 - HD + mp.q0;
+#pragma unroll
+  for (int a = 0; a < kRH; ++a) {
+#pragma unroll
+    for (int b = 0; b < kRW; ++b) {
+      const int oh = ohb + a, ow = owb + b;
+      const bool valid = oh >= 0 && oh < p.Ho && ow >= 0 && ow < p.Wo;
+      const T zz = z[a][b];
+      const T gv = act_backward<ACT>(cf.a * zz + cf.b, dv[a * rp + b]);
+      T dz;
+      if (train) {
+        dz = cf.a * gv - cf.c0 - cf.c1 * (zz - cf.mean);
+      } else {
+        dz = gv * cf.a;
+        const int r = mp.r0 + a, q = mp.q0 + b;
+        if (valid && r >= HD && r < HD + TOH && q >= HD && q < HD + TOW) {
+          s_gz += gv * zz;
+          s_g += gv;
+        }
+      }
+      dv[a * rp + b] = valid ? dz : T(0);
+    }
+  }
+}
+
+// 1. z recomputed over the dz region, then dz in place of dy.
+template <int K, int S, typename scalar_t, typename T>
+BDEV void bwd_dz_tile(const Params<scalar_t>& p, const BlockWork& bw, const TileItem& ti,
+                      const ChannelCoef<T, K * K>& cf, const T* xs, T* ds, T& s_gz, T& s_g) {
+  constexpr int HD = (K / 2 + S - 1) / S;
+  for (int m = bw.pos; m < p.mhd * p.mwd; m += bw.tpc) {
+    const MicroPos mp = micro_pos(p.fd_mhd, p.mhd, m);
+    T z[kRH][kRW];
+    conv_micro<K, S>(xs + p.xr.at(bw.lc, mp.r0 * S, mp.q0 * S), p.xr.rp, cf.w, z);
+    T* dv = ds + p.yr.at(bw.lc, mp.r0, mp.q0);
+    act_switch(p.act, [&](auto ac) { dz_micro<decltype(ac)::value, HD>(p, ti, mp, cf, z, dv, s_gz, s_g); });
+  }
+}
+
+// 2. grad_weight partial sums over the owned outputs.
+template <int K, int S, typename scalar_t, typename T>
+BDEV void bwd_wgrad_tile(const Params<scalar_t>& p, const BlockWork& bw, const T* xs, const T* ds, T (&gw)[K * K]) {
+  constexpr int HD = (K / 2 + S - 1) / S;
+  for (int m = bw.pos; m < p.MH * p.MW; m += bw.tpc) {
+    const MicroPos mp = micro_pos(p.fd_mh, p.MH, m);
+    wgrad_micro<K, S>(xs + p.xr.at(bw.lc, (HD + mp.r0) * S, (HD + mp.q0) * S), p.xr.rp,
+                      ds + p.yr.at(bw.lc, HD + mp.r0, HD + mp.q0), p.yr.rp, gw);
+  }
+}
+
+// 3. grad_x of the owned inputs, staged in gxs (the x tile's storage) for a coalesced store.
+template <int K, int S, typename scalar_t, typename T>
+BDEV void bwd_dgrad_tile(const Params<scalar_t>& p, const BlockWork& bw, const T (&w)[K * K], const T* ds, T* gxs) {
+  for (int m = bw.pos; m < p.MH * p.MW; m += bw.tpc) {
+    const MicroPos mp = micro_pos(p.fd_mh, p.MH, m);
+    T gx[S * kRH][S * kRW];
+    dgrad_micro<K, S>(ds + p.yr.at(bw.lc, mp.r0, mp.q0), p.yr.rp, w, gx);
+    T* gv = gxs + p.xr.at(bw.lc, S * mp.r0, S * mp.q0);
+#pragma unroll
+    for (int i = 0; i < S * kRH; ++i) {
+#pragma unroll
+      for (int j = 0; j < S * kRW; ++j) gv[i * p.xr.rp + j] = gx[i][j];
+    }
+  }
+}
+
+// Per-channel reduction of gw (and the evaluation sums) over the block, kRedChunk values at a time, in a fixed
+// order, into the partials.
+template <int KK, typename scalar_t, typename T>
+BDEV void bwd_reduce_block(const Params<scalar_t>& p, const BlockWork& bw, const T (&gw)[KK], T s_gz, T s_g,
+                           T* red) {
+  constexpr int NV = KK + 2;
+  const int nv = p.mode == kBwdTrain ? KK : NV;
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int v0 = 0; v0 < NV; v0 += kRedChunk) {
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kRedChunk; ++j) {
+      const int v = v0 + j;
+      if (v < NV) red[j * kThreads + tid] = v < KK ? gw[v < KK ? v : 0] : (v == KK ? s_gz : s_g);
+    }
+    __syncthreads();
+    for (int pr = tid; pr < (kRedChunk << p.ct_shift); pr += kThreads) {
+      const int j = pr >> p.ct_shift, l = pr & (p.CT - 1);
+      const int v = v0 + j;
+      if (v < nv && bw.c0 + l < p.C) {
+        store_partial(p, v, bw.c0 + l, bw.g, channel_sum(red + j * kThreads, l, bw.tpc, p.ct_shift));
+      }
+    }
+  }
+}
+
+template <typename scalar_t, int K, int S>
+__global__ void __launch_bounds__(kThreads) dw_bwd_kernel(const Params<scalar_t> p) {
+  using T = at::opmath_type<scalar_t>;
+  T* xs = dyn_smem<T>();
+  T* ds = xs + p.CT * p.xr.pl;
+  const BlockWork bw = block_work(p);
+  const ChannelCoef<T, K * K> cf = bwd_channel<K * K>(p, bw);
+  T gw[K * K];
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) gw[t] = T(0);
+  T s_gz = T(0), s_g = T(0);  // evaluation mode: sum g*z, sum g over owned outputs
+  for (int64_t it = bw.it0; it < bw.it1; ++it) {
+    const TileItem ti = tile_item(p, it);
+    __syncthreads();  // the previous item is done with the shared tiles
+    bwd_load_tile<K, S>(p, bw, ti, xs, ds);
+    __syncthreads();
+    if (bw.active) bwd_dz_tile<K, S>(p, bw, ti, cf, xs, ds, s_gz, s_g);
+    __syncthreads();
+    if (bw.active) bwd_wgrad_tile<K, S>(p, bw, xs, ds, gw);
+    __syncthreads();
+    if (bw.active) bwd_dgrad_tile<K, S>(p, bw, cf.w, ds, xs);  // x is no longer needed
+    __syncthreads();
+    store_region(p, p.gr, Window{ti.in_off, p.H, p.W, bw.c0, ti.oh0 * S, ti.ow0 * S}, xs, p.out);
+  }
+  bwd_reduce_block(p, bw, gw, s_gz, s_g, xs);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Per-channel kernels (one block per channel unless noted).
 
 // Rounded arithmetic that the compiler may not contract into an FMA, to reproduce the CPU's per-channel
 // coefficients exactly.
@@ -156,603 +456,6 @@ BDEV double sub_rn(double a, double b) {
 #endif
 }
 
-// n / d for 0 <= n < 2^31 by a multiply-high (ATen's IntDivider).
-struct FastDiv {
-  uint32_t d = 1, m = 1, s = 0;
-  FastDiv() = default;
-  explicit FastDiv(int64_t divisor) {
-    TORCH_INTERNAL_ASSERT(divisor >= 1 && divisor <= INT32_MAX);
-    d = static_cast<uint32_t>(divisor);
-    s = 0;
-    while ((uint64_t(1) << s) < d) ++s;
-    m = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << s) - d)) / d + 1);
-  }
-  BDEV int div(int n) const { return static_cast<int>((umulhi(static_cast<uint32_t>(n), m) + n) >> s); }
-};
-
-// A [channel][row][col] array in shared memory.
-struct Region {
-  int rows = 0, cols = 0;  // the part that is loaded or stored
-  int rp = 0, pl = 0;      // row and plane pitch, in elements
-  FastDiv fd_cols, fd_rows;
-};
-
-template <typename scalar_t>
-struct Params {
-  using T = at::opmath_type<scalar_t>;
-  const scalar_t* x = nullptr;   // [N, C, H, W]
-  const scalar_t* dy = nullptr;  // [N, C, Ho, Wo]
-  scalar_t* out = nullptr;       // y [N, C, Ho, Wo] (forward) or grad_x [N, C, H, W] (backward)
-  const T* w = nullptr;          // [C, K*K]
-  const T* ca = nullptr;         // per-channel coefficients [C]: z -> a*z + b, mean, dz = a*g - c0 - c1*(z-m)
-  const T* cb = nullptr;
-  const T* cm = nullptr;
-  const T* c0 = nullptr;
-  const T* c1 = nullptr;
-  T* partial = nullptr;  // per-block partial results [value][C][G]
-  int64_t items = 0, items_per_block = 0;
-  int C = 0, H = 0, W = 0, Ho = 0, Wo = 0;
-  int ncg = 1, G = 0, mode = 0, act = 0, cl = 0, vec = 0;
-  int CT = 1, ct_shift = 0, MH = 1, MW = 1, tiles_w = 1, tiles_per_img = 1;
-  int mhd = 1, mwd = 1;  // micro-tiles of the dz region (backward)
-  FastDiv fd_mh, fd_mhd;
-  Region xr, yr, gr;  // x tile; dy / y / dz tile; grad_x tile (backward, aliases xr's storage)
-};
-
-template <typename F>
-BDEV void act_switch(int act, F&& f) {
-  if (act == kActReLU6) {
-    f(IntConst<kActReLU6>{});
-  } else if (act == kActSiLU) {
-    f(IntConst<kActSiLU>{});
-  } else {
-    f(IntConst<kActNone>{});
-  }
-}
-
-template <typename scalar_t, int V>
-struct alignas(sizeof(scalar_t) * V) VecT {
-  scalar_t v[V];
-};
-
-template <int V>
-constexpr int log2_of() {
-  return V <= 1 ? 0 : 1 + log2_of<V / 2>();
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Global <-> shared copies of a tile: rows [r0, r0 + rows) x cols [q0, q0 + cols) of channels [c0, c0 + CT)
-// of one image (img_off: offset of the image, in elements). Outside the image and beyond C: zeros.
-
-template <typename scalar_t, typename T>
-BDEV void load_region(T* __restrict__ dst, const Region& rg, const scalar_t* __restrict__ src, int64_t img_off,
-                      int C, int Hs, int Ws, int c0, int CT, int ct_shift, int r0, int q0, bool cl, bool vec) {
-  const int tid = threadIdx.x;
-  if (!cl) {
-    const int total = CT * rg.rows * rg.cols;
-    for (int i = tid; i < total; i += kThreads) {
-      const int t = rg.fd_cols.div(i);
-      const int q = i - t * rg.cols;
-      const int c = rg.fd_rows.div(t);
-      const int r = t - c * rg.rows;
-      const int gr = r0 + r, gq = q0 + q, cg = c0 + c;
-      T v = T(0);
-      if (cg < C && gr >= 0 && gr < Hs && gq >= 0 && gq < Ws) {
-        v = static_cast<T>(src[img_off + (int64_t(cg) * Hs + gr) * Ws + gq]);
-      }
-      dst[c * rg.pl + r * rg.rp + q] = v;
-    }
-  } else if (vec) {
-    constexpr int V = 16 / sizeof(scalar_t);
-    const int nv_shift = ct_shift - log2_of<V>();  // vectors per pixel: CT / V
-    const int total = (rg.rows * rg.cols) << nv_shift;
-    for (int i = tid; i < total; i += kThreads) {
-      const int cv = i & ((1 << nv_shift) - 1);
-      const int pix = i >> nv_shift;
-      const int r = rg.fd_cols.div(pix);
-      const int q = pix - r * rg.cols;
-      const int gr = r0 + r, gq = q0 + q, cg = c0 + cv * V;
-      VecT<scalar_t, V> u;
-      const bool in = cg < C && gr >= 0 && gr < Hs && gq >= 0 && gq < Ws;
-      if (in) u = *reinterpret_cast<const VecT<scalar_t, V>*>(src + img_off + (int64_t(gr) * Ws + gq) * C + cg);
-      T* d = dst + (cv * V) * rg.pl + r * rg.rp + q;
-#pragma unroll
-      for (int j = 0; j < V; ++j) d[j * rg.pl] = in ? static_cast<T>(u.v[j]) : T(0);
-    }
-  } else {
-    const int total = (rg.rows * rg.cols) << ct_shift;
-    for (int i = tid; i < total; i += kThreads) {
-      const int c = i & (CT - 1);
-      const int pix = i >> ct_shift;
-      const int r = rg.fd_cols.div(pix);
-      const int q = pix - r * rg.cols;
-      const int gr = r0 + r, gq = q0 + q, cg = c0 + c;
-      T v = T(0);
-      if (cg < C && gr >= 0 && gr < Hs && gq >= 0 && gq < Ws) {
-        v = static_cast<T>(src[img_off + (int64_t(gr) * Ws + gq) * C + cg]);
-      }
-      dst[c * rg.pl + r * rg.rp + q] = v;
-    }
-  }
-}
-
-// Stores the tile's positions that lie inside the image (r0, q0 >= 0) and channels < C.
-template <typename scalar_t, typename T>
-BDEV void store_region(const T* __restrict__ srcs, const Region& rg, scalar_t* __restrict__ dst, int64_t img_off,
-                       int C, int Hs, int Ws, int c0, int CT, int ct_shift, int r0, int q0, bool cl, bool vec) {
-  const int tid = threadIdx.x;
-  if (!cl) {
-    const int total = CT * rg.rows * rg.cols;
-    for (int i = tid; i < total; i += kThreads) {
-      const int t = rg.fd_cols.div(i);
-      const int q = i - t * rg.cols;
-      const int c = rg.fd_rows.div(t);
-      const int r = t - c * rg.rows;
-      const int gr = r0 + r, gq = q0 + q, cg = c0 + c;
-      if (cg < C && gr < Hs && gq < Ws) {
-        dst[img_off + (int64_t(cg) * Hs + gr) * Ws + gq] = static_cast<scalar_t>(srcs[c * rg.pl + r * rg.rp + q]);
-      }
-    }
-  } else if (vec) {
-    constexpr int V = 16 / sizeof(scalar_t);
-    const int nv_shift = ct_shift - log2_of<V>();
-    const int total = (rg.rows * rg.cols) << nv_shift;
-    for (int i = tid; i < total; i += kThreads) {
-      const int cv = i & ((1 << nv_shift) - 1);
-      const int pix = i >> nv_shift;
-      const int r = rg.fd_cols.div(pix);
-      const int q = pix - r * rg.cols;
-      const int gr = r0 + r, gq = q0 + q, cg = c0 + cv * V;
-      if (cg < C && gr < Hs && gq < Ws) {
-        const T* s = srcs + (cv * V) * rg.pl + r * rg.rp + q;
-        VecT<scalar_t, V> u;
-#pragma unroll
-        for (int j = 0; j < V; ++j) u.v[j] = static_cast<scalar_t>(s[j * rg.pl]);
-        *reinterpret_cast<VecT<scalar_t, V>*>(dst + img_off + (int64_t(gr) * Ws + gq) * C + cg) = u;
-      }
-    }
-  } else {
-    const int total = (rg.rows * rg.cols) << ct_shift;
-    for (int i = tid; i < total; i += kThreads) {
-      const int c = i & (CT - 1);
-      const int pix = i >> ct_shift;
-      const int r = rg.fd_cols.div(pix);
-      const int q = pix - r * rg.cols;
-      const int gr = r0 + r, gq = q0 + q, cg = c0 + c;
-      if (cg < C && gr < Hs && gq < Ws) {
-        dst[img_off + (int64_t(gr) * Ws + gq) * C + cg] = static_cast<scalar_t>(srcs[c * rg.pl + r * rg.rp + q]);
-      }
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Micro-kernels on shared memory. All loops have compile-time trip counts and are fully unrolled; the tap
-// conditions fold away.
-
-// z[a][b] = sum_{kh, kw} w[kh][kw] * xs[a*S + kh][b*S + kw], summed kh-major as the CPU code does.
-template <int K, int S, typename T>
-BDEV void conv_micro(const T* __restrict__ xs, int rp, const T (&w)[K * K], T (&z)[kRH][kRW]) {
-  constexpr int ROWS = (kRH - 1) * S + K, SEGW = (kRW - 1) * S + K;
-#pragma unroll
-  for (int a = 0; a < kRH; ++a) {
-#pragma unroll
-    for (int b = 0; b < kRW; ++b) z[a][b] = T(0);
-  }
-#pragma unroll
-  for (int q = 0; q < ROWS; ++q) {
-    T seg[SEGW];
-#pragma unroll
-    for (int j = 0; j < SEGW; ++j) seg[j] = xs[q * rp + j];
-#pragma unroll
-    for (int a = 0; a < kRH; ++a) {
-      const int kh = q - a * S;
-      if (kh < 0 || kh >= K) continue;
-#pragma unroll
-      for (int kw = 0; kw < K; ++kw) {
-#pragma unroll
-        for (int b = 0; b < kRW; ++b) z[a][b] += w[kh * K + kw] * seg[b * S + kw];
-      }
-    }
-  }
-}
-
-// gw[kh][kw] += sum_{a, b} dz[a][b] * xs[a*S + kh][b*S + kw]
-template <int K, int S, typename T>
-BDEV void wgrad_micro(const T* __restrict__ xs, int xrp, const T* __restrict__ dzs, int drp, T (&gw)[K * K]) {
-  constexpr int ROWS = (kRH - 1) * S + K, SEGW = (kRW - 1) * S + K;
-  T d[kRH][kRW];
-#pragma unroll
-  for (int a = 0; a < kRH; ++a) {
-#pragma unroll
-    for (int b = 0; b < kRW; ++b) d[a][b] = dzs[a * drp + b];
-  }
-#pragma unroll
-  for (int q = 0; q < ROWS; ++q) {
-    T seg[SEGW];
-#pragma unroll
-    for (int j = 0; j < SEGW; ++j) seg[j] = xs[q * xrp + j];
-#pragma unroll
-    for (int a = 0; a < kRH; ++a) {
-      const int kh = q - a * S;
-      if (kh < 0 || kh >= K) continue;
-#pragma unroll
-      for (int kw = 0; kw < K; ++kw) {
-#pragma unroll
-        for (int b = 0; b < kRW; ++b) gw[kh * K + kw] += d[a][b] * seg[b * S + kw];
-      }
-    }
-  }
-}
-
-// Transposed convolution of dz into the S*kRH x S*kRW inputs (S*a + py, S*b + px) of a micro-tile:
-// gx[i][j] = sum over (oh, kh) with oh*S - P + kh = i (same for columns) of w[kh][kw] * dz[oh][ow].
-// dzs points at the window of dz rows/cols that can reach the micro-tile: dz window row q holds output row
-// a + q - HD relative to the micro-tile's first output row, HD = ceil(P / S).
-template <int K, int S, typename T>
-BDEV void dgrad_micro(const T* __restrict__ dzs, int rp, const T (&w)[K * K], T (&gx)[S * kRH][S * kRW]) {
-  constexpr int P = K / 2, HD = (P + S - 1) / S, WR = kRH + 2 * HD, WC = kRW + 2 * HD;
-#pragma unroll
-  for (int i = 0; i < S * kRH; ++i) {
-#pragma unroll
-    for (int j = 0; j < S * kRW; ++j) gx[i][j] = T(0);
-  }
-#pragma unroll
-  for (int q = 0; q < WR; ++q) {
-    T seg[WC];
-#pragma unroll
-    for (int j = 0; j < WC; ++j) seg[j] = dzs[q * rp + j];
-#pragma unroll
-    for (int a = 0; a < kRH; ++a) {
-#pragma unroll
-      for (int py = 0; py < S; ++py) {
-        // input row S*a + py receives output row (S*a + py + P - kh) / S = a + (q - a - HD): solve for kh.
-        const int kh = py + P - S * (q - a - HD);
-        if (kh < 0 || kh >= K) continue;
-#pragma unroll
-        for (int b = 0; b < kRW; ++b) {
-#pragma unroll
-          for (int px = 0; px < S; ++px) {
-#pragma unroll
-            for (int t = -HD; t <= HD; ++t) {
-              const int kw = px + P - S * t;
-              if (kw < 0 || kw >= K) continue;
-              gx[S * a + py][S * b + px] += w[kh * K + kw] * seg[b + t + HD];
-            }
-          }
-        }
-      }
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Forward kernel: z over owned tiles; modes kZStats, kApply, kGStats.
-
-template <typename scalar_t, int K, int S>
-__global__ void __launch_bounds__(kThreads) dw_fwd_kernel(const Params<scalar_t> p) {
-  using T = at::opmath_type<scalar_t>;
-  constexpr int P = K / 2, KK = K * K;
-  T* xs = dyn_smem<T>();
-  T* ys = xs + p.CT * p.xr.pl;
-  const int tid = threadIdx.x;
-  const int cgi = static_cast<int>(blockIdx.x % p.ncg);
-  const int g = static_cast<int>(blockIdx.x / p.ncg);
-  const int c0 = cgi * p.CT;
-  const int lc = tid & (p.CT - 1);
-  const int pos = tid >> p.ct_shift;
-  const int tpc = kThreads >> p.ct_shift;
-  const int c = c0 + lc;
-  const bool active = c < p.C;
-  const int mode = p.mode;
-
-  T w[KK];
-#pragma unroll
-  for (int t = 0; t < KK; ++t) w[t] = active ? p.w[int64_t(c) * KK + t] : T(0);
-  T ca = T(0), cb = T(0), cm = T(0);
-  if (active && mode != kZStats) {
-    ca = p.ca[c];
-    cb = p.cb[c];
-  }
-  if (active && mode == kGStats) cm = p.cm[c];
-  // kZStats: count, mean, M2 (Chan); kGStats: sum g, sum g * (z - mean).
-  T st0 = T(0), st1 = T(0), st2 = T(0);
-
-  const int TOH = p.MH * kRH, TOW = p.MW * kRW, nmicro = p.MH * p.MW;
-  const int64_t in_img = int64_t(p.C) * p.H * p.W, out_img = int64_t(p.C) * p.Ho * p.Wo;
-  const int64_t it0 = int64_t(g) * p.items_per_block;
-  const int64_t it1 = p.items < it0 + p.items_per_block ? p.items : it0 + p.items_per_block;
-  for (int64_t it = it0; it < it1; ++it) {
-    const int64_t n = it / p.tiles_per_img;
-    const int t = static_cast<int>(it - n * p.tiles_per_img);
-    const int th = t / p.tiles_w;
-    const int oh0 = th * TOH, ow0 = (t - th * p.tiles_w) * TOW;
-    __syncthreads();  // the previous item is done with the shared tiles
-    load_region(xs, p.xr, p.x, n * in_img, p.C, p.H, p.W, c0, p.CT, p.ct_shift, oh0 * S - P, ow0 * S - P, p.cl,
-                p.vec);
-    if (mode == kGStats) {
-      load_region(ys, p.yr, p.dy, n * out_img, p.C, p.Ho, p.Wo, c0, p.CT, p.ct_shift, oh0, ow0, p.cl, p.vec);
-    }
-    __syncthreads();
-    if (active) {
-      for (int m = pos; m < nmicro; m += tpc) {
-        const int mc = p.fd_mh.div(m);
-        const int mr = m - mc * p.MH;
-        const int r0 = mr * kRH, q0 = mc * kRW;
-        T z[kRH][kRW];
-        conv_micro<K, S>(xs + lc * p.xr.pl + r0 * S * p.xr.rp + q0 * S, p.xr.rp, w, z);
-        const int vr = p.Ho - (oh0 + r0), vc = p.Wo - (ow0 + q0);  // valid rows / cols of the micro-tile
-        T* yv = ys + lc * p.yr.pl + r0 * p.yr.rp + q0;
-        if (mode == kZStats) {
-          T lsum = T(0);
-          int ln = 0;
-#pragma unroll
-          for (int a = 0; a < kRH; ++a) {
-#pragma unroll
-            for (int b = 0; b < kRW; ++b) {
-              if (a < vr && b < vc) {
-                lsum += z[a][b];
-                ++ln;
-              }
-            }
-          }
-          if (ln > 0) {
-            const T lmean = lsum / T(ln);
-            T lm2 = T(0);
-#pragma unroll
-            for (int a = 0; a < kRH; ++a) {
-#pragma unroll
-              for (int b = 0; b < kRW; ++b) {
-                if (a < vr && b < vc) {
-                  const T d = z[a][b] - lmean;
-                  lm2 += d * d;
-                }
-              }
-            }
-            const T nn = st0 + T(ln);
-            const T delta = lmean - st1;
-            const T f = T(ln) / nn;
-            st1 += delta * f;
-            st2 += lm2 + delta * delta * st0 * f;
-            st0 = nn;
-          }
-        } else if (mode == kApply) {
-          act_switch(p.act, [&](auto ac) {
-            constexpr int ACT = decltype(ac)::value;
-#pragma unroll
-            for (int a = 0; a < kRH; ++a) {
-#pragma unroll
-              for (int b = 0; b < kRW; ++b) yv[a * p.yr.rp + b] = act_forward<ACT>(ca * z[a][b] + cb);
-            }
-          });
-        } else {
-          act_switch(p.act, [&](auto ac) {
-            constexpr int ACT = decltype(ac)::value;
-#pragma unroll
-            for (int a = 0; a < kRH; ++a) {
-#pragma unroll
-              for (int b = 0; b < kRW; ++b) {
-                if (a < vr && b < vc) {
-                  const T gv = act_backward<ACT>(ca * z[a][b] + cb, yv[a * p.yr.rp + b]);
-                  st0 += gv;
-                  st1 += gv * (z[a][b] - cm);
-                }
-              }
-            }
-          });
-        }
-      }
-    }
-    if (mode == kApply) {
-      __syncthreads();
-      store_region(ys, p.yr, p.out, n * out_img, p.C, p.Ho, p.Wo, c0, p.CT, p.ct_shift, oh0, ow0, p.cl, p.vec);
-    }
-  }
-  if (mode == kApply) return;
-
-  // Per-channel reduction over the block's threads, in a fixed order.
-  __syncthreads();
-  T* red = xs;
-  red[tid] = st0;
-  red[kThreads + tid] = st1;
-  red[2 * kThreads + tid] = st2;
-  __syncthreads();
-  if (tid < p.CT && c0 + tid < p.C) {
-    const int64_t cc = c0 + tid;
-    if (mode == kZStats) {
-      T n = T(0), mean = T(0), m2 = T(0);
-      for (int j = 0; j < tpc; ++j) {
-        const int idx = (j << p.ct_shift) + tid;
-        const T nb = red[idx];
-        if (nb == T(0)) continue;
-        const T nn = n + nb;
-        const T delta = red[kThreads + idx] - mean;
-        const T f = nb / nn;
-        mean += delta * f;
-        m2 += red[2 * kThreads + idx] + delta * delta * n * f;
-        n = nn;
-      }
-      p.partial[(0 * p.C + cc) * p.G + g] = n;
-      p.partial[(int64_t(1) * p.C + cc) * p.G + g] = mean;
-      p.partial[(int64_t(2) * p.C + cc) * p.G + g] = m2;
-    } else {
-      T s0 = T(0), s1 = T(0);
-      for (int j = 0; j < tpc; ++j) {
-        const int idx = (j << p.ct_shift) + tid;
-        s0 += red[idx];
-        s1 += red[kThreads + idx];
-      }
-      p.partial[(0 * p.C + cc) * p.G + g] = s0;
-      p.partial[(int64_t(1) * p.C + cc) * p.G + g] = s1;
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Backward kernel: dz on the owned tile plus a halo of HD outputs, then grad_weight partials over the owned
-// outputs and grad_x of the owned inputs [oh0*S, (oh0+TOH)*S) x [ow0*S, (ow0+TOW)*S).
-
-template <typename scalar_t, int K, int S>
-__global__ void __launch_bounds__(kThreads) dw_bwd_kernel(const Params<scalar_t> p) {
-  using T = at::opmath_type<scalar_t>;
-  constexpr int P = K / 2, KK = K * K, HD = (P + S - 1) / S, NV = KK + 2;
-  T* xs = dyn_smem<T>();
-  T* ds = xs + p.CT * p.xr.pl;
-  const int tid = threadIdx.x;
-  const int cgi = static_cast<int>(blockIdx.x % p.ncg);
-  const int g = static_cast<int>(blockIdx.x / p.ncg);
-  const int c0 = cgi * p.CT;
-  const int lc = tid & (p.CT - 1);
-  const int pos = tid >> p.ct_shift;
-  const int tpc = kThreads >> p.ct_shift;
-  const int c = c0 + lc;
-  const bool active = c < p.C;
-  const bool train = p.mode == kBwdTrain;
-
-  T w[KK];
-#pragma unroll
-  for (int t = 0; t < KK; ++t) w[t] = active ? p.w[int64_t(c) * KK + t] : T(0);
-  T ca = T(0), cb = T(0), cm = T(0), cc0 = T(0), cc1 = T(0);
-  if (active) {
-    ca = p.ca[c];
-    cb = p.cb[c];
-    if (train) {
-      cm = p.cm[c];
-      cc0 = p.c0[c];
-      cc1 = p.c1[c];
-    }
-  }
-  T gw[KK];
-#pragma unroll
-  for (int t = 0; t < KK; ++t) gw[t] = T(0);
-  T s_gz = T(0), s_g = T(0);  // evaluation mode: sum g*z, sum g over owned outputs
-
-  const int TOH = p.MH * kRH, TOW = p.MW * kRW, nmicro = p.MH * p.MW, nmicro_d = p.mhd * p.mwd;
-  const int xpl = p.xr.pl, xrp = p.xr.rp, ypl = p.yr.pl, yrp = p.yr.rp;
-  const int64_t in_img = int64_t(p.C) * p.H * p.W, out_img = int64_t(p.C) * p.Ho * p.Wo;
-  const int64_t it0 = int64_t(g) * p.items_per_block;
-  const int64_t it1 = p.items < it0 + p.items_per_block ? p.items : it0 + p.items_per_block;
-  for (int64_t it = it0; it < it1; ++it) {
-    const int64_t n = it / p.tiles_per_img;
-    const int t = static_cast<int>(it - n * p.tiles_per_img);
-    const int th = t / p.tiles_w;
-    const int oh0 = th * TOH, ow0 = (t - th * p.tiles_w) * TOW;
-    __syncthreads();
-    load_region(xs, p.xr, p.x, n * in_img, p.C, p.H, p.W, c0, p.CT, p.ct_shift, (oh0 - HD) * S - P,
-                (ow0 - HD) * S - P, p.cl, p.vec);
-    load_region(ds, p.yr, p.dy, n * out_img, p.C, p.Ho, p.Wo, c0, p.CT, p.ct_shift, oh0 - HD, ow0 - HD, p.cl,
-                p.vec);
-    __syncthreads();
-    // 1. dz over the dz region (in place of dy); zero outside the output plane.
-    if (active) {
-      for (int m = pos; m < nmicro_d; m += tpc) {
-        const int mc = p.fd_mhd.div(m);
-        const int mr = m - mc * p.mhd;
-        const int r0 = mr * kRH, q0 = mc * kRW;
-        T z[kRH][kRW];
-        conv_micro<K, S>(xs + lc * xpl + r0 * S * xrp + q0 * S, xrp, w, z);
-        T* dv = ds + lc * ypl + r0 * yrp + q0;
-        const int ohb = oh0 - HD + r0, owb = ow0 - HD + q0;
-        act_switch(p.act, [&](auto ac) {
-          constexpr int ACT = decltype(ac)::value;
-#pragma unroll
-          for (int a = 0; a < kRH; ++a) {
-#pragma unroll
-            for (int b = 0; b < kRW; ++b) {
-              const int oh = ohb + a, ow = owb + b;
-              const bool valid = oh >= 0 && oh < p.Ho && ow >= 0 && ow < p.Wo;
-              const T zz = z[a][b];
-              const T gv = act_backward<ACT>(ca * zz + cb, dv[a * yrp + b]);
-              T dz;
-              if (train) {
-                dz = ca * gv - cc0 - cc1 * (zz - cm);
-              } else {
-                dz = gv * ca;
-                const int r = r0 + a, q = q0 + b;
-                if (valid && r >= HD && r < HD + TOH && q >= HD && q < HD + TOW) {
-                  s_gz += gv * zz;
-                  s_g += gv;
-                }
-              }
-              dv[a * yrp + b] = valid ? dz : T(0);
-            }
-          }
-        });
-      }
-    }
-    __syncthreads();
-    // 2. grad_weight over the owned outputs.
-    if (active) {
-      for (int m = pos; m < nmicro; m += tpc) {
-        const int mc = p.fd_mh.div(m);
-        const int mr = m - mc * p.MH;
-        const int r0 = mr * kRH, q0 = mc * kRW;
-        wgrad_micro<K, S>(xs + lc * xpl + (HD + r0) * S * xrp + (HD + q0) * S, xrp,
-                          ds + lc * ypl + (HD + r0) * yrp + (HD + q0), yrp, gw);
-      }
-    }
-    __syncthreads();
-    // 3. grad_x of the owned inputs, staged in xs (no longer needed) for a coalesced store.
-    if (active) {
-      for (int m = pos; m < nmicro; m += tpc) {
-        const int mc = p.fd_mh.div(m);
-        const int mr = m - mc * p.MH;
-        const int r0 = mr * kRH, q0 = mc * kRW;
-        T gx[S * kRH][S * kRW];
-        dgrad_micro<K, S>(ds + lc * ypl + r0 * yrp + q0, yrp, w, gx);
-        T* gv = xs + lc * xpl + (S * r0) * xrp + S * q0;
-#pragma unroll
-        for (int i = 0; i < S * kRH; ++i) {
-#pragma unroll
-          for (int j = 0; j < S * kRW; ++j) gv[i * xrp + j] = gx[i][j];
-        }
-      }
-    }
-    __syncthreads();
-    store_region(xs, p.gr, p.out, n * in_img, p.C, p.H, p.W, c0, p.CT, p.ct_shift, oh0 * S, ow0 * S, p.cl, p.vec);
-  }
-
-  // Per-channel reduction of gw (and the evaluation sums), kRedChunk values at a time, fixed order.
-  const int nv = train ? KK : NV;
-  T* red = xs;
-#pragma unroll
-  for (int v0 = 0; v0 < NV; v0 += kRedChunk) {
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < kRedChunk; ++j) {
-      const int v = v0 + j;
-      if (v < NV) red[j * kThreads + tid] = v < KK ? gw[v < KK ? v : 0] : (v == KK ? s_gz : s_g);
-    }
-    __syncthreads();
-    for (int pr = tid; pr < (kRedChunk << p.ct_shift); pr += kThreads) {
-      const int j = pr >> p.ct_shift, l = pr & (p.CT - 1);
-      const int v = v0 + j;
-      if (v < nv && c0 + l < p.C) {
-        T s = T(0);
-        for (int q = 0; q < tpc; ++q) s += red[j * kThreads + (q << p.ct_shift) + l];
-        p.partial[(int64_t(v) * p.C + c0 + l) * p.G + g] = s;
-      }
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Per-channel kernels (one block per channel unless noted).
-
-template <typename T>
-BDEV double block_sum(double v, double* red) {
-  const int tid = threadIdx.x;
-  red[tid] = v;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (tid < s) red[tid] += red[tid + s];
-    __syncthreads();
-  }
-  const double r = red[0];
-  __syncthreads();
-  return r;
-}
-
 // mean, biased var (double, as the CPU code) -> mean/var outputs and the folded a = gamma*invstd, b.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -765,13 +468,13 @@ __global__ void __launch_bounds__(kThreads)
   const T* p2 = part + (int64_t(2) * C + c) * G;
   double s = 0.0;
   for (int i = tid; i < G; i += kThreads) s += static_cast<double>(pn[i]) * static_cast<double>(pm[i]);
-  const double mean = block_sum<T>(s, red) / count;
+  const double mean = block_sum(s, red) / count;
   double s2 = 0.0;
   for (int i = tid; i < G; i += kThreads) {
     const double d = static_cast<double>(pm[i]) - mean;
     s2 += static_cast<double>(p2[i]) + static_cast<double>(pn[i]) * d * d;
   }
-  const double var = block_sum<T>(s2, red) / count;
+  const double var = block_sum(s2, red) / count;
   if (tid == 0) {
     const T a = static_cast<T>(static_cast<double>(gamma[c]) / ::sqrt(var + eps));
     const T b = static_cast<T>(static_cast<double>(beta[c]) - mean * static_cast<double>(a));
@@ -811,8 +514,8 @@ __global__ void __launch_bounds__(kThreads)
   double s0 = 0.0, s1 = 0.0;
   for (int i = tid; i < G; i += kThreads) s0 += static_cast<double>(p0[i]);
   for (int i = tid; i < G; i += kThreads) s1 += static_cast<double>(p1[i]);
-  const double sum_g = block_sum<T>(s0, red);
-  const double sum_g_zc = block_sum<T>(s1, red);
+  const double sum_g = block_sum(s0, red);
+  const double sum_g_zc = block_sum(s1, red);
   if (tid == 0) {
     const T a = coef[c], invstd = coef[3 * C + c];
     grad_beta[c] = sum_g;
@@ -855,141 +558,24 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Host side: tile plan.
+// Host side.
 
-struct Plan {
-  int CT = 1, ct_shift = 0, ncg = 1, MH = 1, MW = 1, tiles_h = 1, tiles_w = 1, mhd = 1, mwd = 1;
-  Region xr, yr, gr;
-  size_t smem = 0;
-};
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Row pitch >= cols such that row_step rows further is CT banks further (mod 32): with the plane pitch 1 mod
-// 32, the CT channels x 32/CT micro-tiles of a warp then hit 32 distinct banks.
-int row_pitch(int cols, int row_step, int CT) {
-  if (CT >= 2 && CT < 32) {
-    for (int rp = cols; rp < cols + 32; ++rp) {
-      if ((row_step * rp) % 32 == CT) return rp;
-    }
+#ifndef BETANAS_CUDA_EMULATION
+// Every kernel of this file: 1-D grid of 256-thread blocks on the current stream.
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), int64_t grid, size_t smem, Args&&... args) {
+  if (grid == 0) return;
+  TORCH_INTERNAL_ASSERT(grid <= INT32_MAX, "betanas: grid too large: ", grid);
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  return cols;
+  kernel<<<static_cast<unsigned>(grid), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-
-Region make_region(int rows, int cols, int row_step, int CT) {
-  Region r;
-  r.rows = rows;
-  r.cols = cols;
-  r.rp = row_pitch(cols, row_step, CT);
-  const int64_t pl = int64_t(rows) * r.rp;
-  r.pl = static_cast<int>(pl + (33 - pl % 32) % 32);  // 1 mod 32
-  r.fd_cols = FastDiv(cols);
-  r.fd_rows = FastDiv(rows);
-  return r;
-}
-
-struct PlanKey {
-  std::array<int64_t, 11> v;
-  bool operator<(const PlanKey& o) const { return v < o.v; }
-};
-
-// Picks CT and the tile (MH x MW micro-tiles) minimising a rough time model: per tile, the larger of the
-// block's instruction time (shared loads + FMAs + copies) and its share of DRAM bandwidth, plus a fixed cost.
-Plan make_plan(bool bwd, bool cl, int C, int H, int W, int K, int S, size_t elem, size_t tsize, size_t budget) {
-  const int Ho = static_cast<int>(conv_out_size(H, K, S)), Wo = static_cast<int>(conv_out_size(W, K, S));
-  const int P = K / 2, HD = (P + S - 1) / S;
-  const int vec_width = static_cast<int>(16 / elem);
-  const int rows_c = (kRH - 1) * S + K, segw = (kRW - 1) * S + K;
-  const double conv_i = rows_c * segw + double(K) * K * kRH * kRW;
-  int ct_max = 1;
-  while (ct_max < C && ct_max < 32) ct_max *= 2;
-  const int mh_max = static_cast<int>(std::min<int64_t>(kMaxMicro, ceil_div(Ho, kRH)));
-  const int mw_max = static_cast<int>(std::min<int64_t>(kMaxMicro, ceil_div(Wo, kRW)));
-  Plan best;
-  double best_cost = -1.0;
-  for (int CT = ct_max; CT >= 1; CT /= 2) {
-    const int tpc = kThreads / CT;
-    const int ncg = static_cast<int>(ceil_div(C, CT));
-    const bool vec = cl && C % vec_width == 0 && CT >= vec_width;
-    for (int MH = 1; MH <= mh_max; ++MH) {
-      for (int MW = 1; MW <= mw_max; ++MW) {
-        const int TOH = MH * kRH, TOW = MW * kRW;
-        Plan pl;
-        pl.CT = CT;
-        pl.ncg = ncg;
-        pl.MH = MH;
-        pl.MW = MW;
-        pl.tiles_h = static_cast<int>(ceil_div(Ho, TOH));
-        pl.tiles_w = static_cast<int>(ceil_div(Wo, TOW));
-        double compute_i, io_elems, mem_elems;
-        if (!bwd) {
-          pl.xr = make_region((TOH - 1) * S + K, (TOW - 1) * S + K, kRH * S, CT);
-          pl.yr = make_region(TOH, TOW, kRH, CT);
-          pl.smem = std::max<size_t>(size_t(CT) * (pl.xr.pl + pl.yr.pl), 3 * kThreads) * tsize;
-          compute_i = double(ceil_div(MH * MW, tpc)) * (conv_i + 6.0 * kRH * kRW);
-          io_elems = double(CT) * (double(pl.xr.rows) * pl.xr.cols + double(TOH) * TOW);
-          mem_elems = double(CT) * (double(std::min(TOH, Ho)) * S * std::min(TOW, Wo) * S + double(TOH) * TOW);
-        } else {
-          const int DH = static_cast<int>(ceil_div(TOH + 2 * HD, kRH)) * kRH;
-          const int DW = static_cast<int>(ceil_div(TOW + 2 * HD, kRW)) * kRW;
-          pl.mhd = DH / kRH;
-          pl.mwd = DW / kRW;
-          pl.xr = make_region((DH - 1) * S + K, (DW - 1) * S + K, kRH * S, CT);
-          pl.yr = make_region(DH, DW, kRH, CT);
-          pl.gr = pl.xr;
-          pl.gr.rows = TOH * S;
-          pl.gr.cols = TOW * S;
-          pl.gr.fd_rows = FastDiv(pl.gr.rows);
-          pl.gr.fd_cols = FastDiv(pl.gr.cols);
-          pl.smem = std::max<size_t>(size_t(CT) * (pl.xr.pl + pl.yr.pl), kRedChunk * kThreads) * tsize;
-          const double wgrad_i = rows_c * segw + double(K) * K * kRH * kRW + kRH * kRW;
-          const double dgrad_i = double(kRH + 2 * HD) * (kRW + 2 * HD) + double(K) * K * kRH * kRW + 2.0 * S * S * kRH * kRW;
-          compute_i = double(ceil_div(pl.mhd * pl.mwd, tpc)) * (conv_i + 14.0 * kRH * kRW) +
-                      double(ceil_div(MH * MW, tpc)) * (wgrad_i + dgrad_i);
-          io_elems = double(CT) * (double(pl.xr.rows) * pl.xr.cols + double(DH) * DW + double(TOH) * S * TOW * S);
-          mem_elems = double(CT) * (2.0 * std::min(TOH, Ho) * S * std::min(TOW, Wo) * S + double(TOH) * TOW);
-        }
-        if (pl.smem > budget) continue;
-        const double io_i = io_elems / kThreads * (vec ? 3.0 : 8.0);
-        const double instr_cycles = 2.0 * (compute_i + io_i);  // 8 warps on 4 schedulers
-        double eff = 1.0;
-        if (cl) eff = std::min(1.0, double(CT) * elem / 32.0);
-        const double mem_cycles = mem_elems * elem / eff / 20.0;
-        const double cost = double(ncg) * pl.tiles_h * pl.tiles_w * (std::max(instr_cycles, mem_cycles) + 400.0);
-        if (best_cost < 0 || cost < best_cost) {
-          best_cost = cost;
-          best = pl;
-        }
-      }
-    }
-  }
-  TORCH_CHECK(best_cost >= 0, "betanas: no tile plan fits in ", budget, " bytes of shared memory");
-  int sh = 0;
-  while ((1 << sh) < best.CT) ++sh;
-  best.ct_shift = sh;
-  return best;
-}
-
-Plan get_plan(bool bwd, bool cl, int C, int H, int W, int K, int S, size_t elem, size_t tsize) {
-  // Shared memory per block: at most a third (forward) or half (backward, which needs ~100-200 registers a
-  // thread anyway) of the SM's, so that several blocks overlap each other's loads and syncs.
-  const size_t per_sm = smem_per_sm_bytes();
-  const size_t share = (bwd ? per_sm / 2 : per_sm / 3) - 1024;
-  const size_t budget = std::min<size_t>(smem_optin_bytes(), std::max<size_t>(share, 20 * 1024));
-  const PlanKey key{{bwd, cl, C, H, W, K, S, int64_t(elem), int64_t(tsize), int64_t(budget), 0}};
-  static std::mutex mu;
-  static std::map<PlanKey, Plan> cache;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
-  }
-  Plan plan = make_plan(bwd, cl, C, H, W, K, S, elem, tsize, budget);
-  std::lock_guard<std::mutex> lock(mu);
-  if (cache.size() > 4096) cache.clear();
-  cache.emplace(key, plan);
-  return plan;
-}
+#else
+using betanas_emu::launch;
+#endif
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -997,39 +583,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 template <typename scalar_t>
 Params<scalar_t> make_params(const Plan& plan, const at::Tensor& x, int K, int S, bool cl) {
   Params<scalar_t> p;
-  const int64_t N = x.size(0);
-  p.C = static_cast<int>(x.size(1));
-  p.H = static_cast<int>(x.size(2));
-  p.W = static_cast<int>(x.size(3));
-  p.Ho = static_cast<int>(conv_out_size(p.H, K, S));
-  p.Wo = static_cast<int>(conv_out_size(p.W, K, S));
-  p.cl = cl ? 1 : 0;
-  p.CT = plan.CT;
-  p.ct_shift = plan.ct_shift;
-  p.ncg = plan.ncg;
-  p.MH = plan.MH;
-  p.MW = plan.MW;
-  p.mhd = plan.mhd;
-  p.mwd = plan.mwd;
-  p.fd_mh = FastDiv(plan.MH);
-  p.fd_mhd = FastDiv(plan.mhd);
-  p.tiles_w = plan.tiles_w;
-  p.tiles_per_img = plan.tiles_h * plan.tiles_w;
-  p.xr = plan.xr;
-  p.yr = plan.yr;
-  p.gr = plan.gr;
-  p.items = N * p.tiles_per_img;
-  if (p.items > 0) {
-    const int64_t per_cg = std::max<int64_t>(1, kTargetBlocks / plan.ncg);
-    const int64_t g0 = std::min<int64_t>(p.items, per_cg);
-    p.items_per_block = ceil_div(p.items, g0);
-    p.G = static_cast<int>(ceil_div(p.items, p.items_per_block));
-  } else {
-    p.items_per_block = 0;
-    p.G = 0;
-  }
-  constexpr int V = 16 / sizeof(scalar_t);
-  p.vec = (cl && p.C % V == 0 && plan.CT >= V) ? 1 : 0;
+  static_cast<TileGeometry&>(p) = make_geometry(plan, x.sizes(), K, S, cl, sizeof(scalar_t));
   p.x = x.const_data_ptr<scalar_t>();
   return p;
 }
@@ -1040,8 +594,6 @@ void finish_vec(Params<scalar_t>& p) {
     p.vec = 0;
   }
 }
-
-at::ScalarType opmath_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::Tensor to_opmath(const at::Tensor& t, at::ScalarType ot) { return t.detach().to(ot).contiguous(); }
 
@@ -1073,7 +625,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_cuda(const at::Te
   const auto layout = layout_of(x_in);
   const bool cl = layout == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(layout);
-  const auto ot = opmath_dtype(x.scalar_type());
+  const auto ot = stats_dtype(x);
   const int64_t N = x.size(0), C = x.size(1);
   const int64_t Ho = conv_out_size(x.size(2), K, stride), Wo = conv_out_size(x.size(3), K, stride);
   at::Tensor out = empty_in_layout({N, C, Ho, Wo}, x.options(), layout);
@@ -1121,7 +673,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_backw
   const auto layout = layout_of(x_in);
   const bool cl = layout == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(layout), dy = grad_out_in.contiguous(layout);
-  const auto ot = opmath_dtype(x.scalar_type());
+  const auto ot = stats_dtype(x);
   const int64_t N = x.size(0);
   const int64_t count = N * conv_out_size(x.size(2), K, stride) * conv_out_size(x.size(3), K, stride);
   at::Tensor grad_x = empty_in_layout(x.sizes(), x.options(), layout);
@@ -1186,7 +738,7 @@ at::Tensor dw_bn_act_eval_cuda(const at::Tensor& x_in, const at::Tensor& weight,
   const auto layout = layout_of(x_in);
   const bool cl = layout == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(layout);
-  const auto ot = opmath_dtype(x.scalar_type());
+  const auto ot = stats_dtype(x);
   const int64_t N = x.size(0), C = x.size(1);
   at::Tensor out = empty_in_layout(
       {N, C, conv_out_size(x.size(2), K, stride), conv_out_size(x.size(3), K, stride)}, x.options(), layout);
@@ -1221,7 +773,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_eval_backwa
   const auto layout = layout_of(x_in);
   const bool cl = layout == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(layout), dy = grad_out_in.contiguous(layout);
-  const auto ot = opmath_dtype(x.scalar_type());
+  const auto ot = stats_dtype(x);
   at::Tensor grad_x = empty_in_layout(x.sizes(), x.options(), layout);
   const auto dopt = x.options().dtype(at::kDouble);
   at::Tensor gw = at::empty({C * K * K}, dopt), gs = at::empty({C}, dopt), gb = at::empty({C}, dopt);

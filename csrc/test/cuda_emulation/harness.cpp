@@ -91,7 +91,7 @@ static void run_case(const Case& c, bool train_ok_expected = true) {
   Tensor xr = x.to(refdt), wr = w.to(c.param_f32 ? at::kFloat : refdt), gr = g.to(wr.scalar_type()), br = b.to(wr.scalar_type());
   const double eps = 1e-3;
   const double tol = tol_of(c.dt);
-  const int64_t Ho = (c.H - 1) / c.S + 1, Wo = (c.W - 1) / c.S + 1;
+  const int64_t Ho = betanas::conv_out_size(c.H, c.K, c.S), Wo = betanas::conv_out_size(c.W, c.K, c.S);
   Tensor dy = at::randn({c.N, c.C, Ho, Wo}, opt).to(c.dt);
   if (c.dy_other_layout) dy = c.cl ? dy.contiguous() : dy.contiguous(at::MemoryFormat::ChannelsLast);
   if (c.dy_other_layout && c.N > 1) dy = dy.transpose(2, 3).contiguous().transpose(2, 3);  // arbitrary strides

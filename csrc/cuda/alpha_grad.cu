@@ -1,29 +1,29 @@
-// CUDA kernel of the gate-gradient op: one thread per row (block of the supernet). A search has a few
+// CUDA kernel of betanas::alpha_grad: one thread per row (block of the supernet). A search has a few
 // dozen rows of a handful of paths, so the op is launch-bound; its point is one launch instead of the
 // dozen small kernels of the eager composite.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "common/gate_grad.h"
+#include "common/alpha_grad.h"
 
 namespace betanas {
 namespace {
 
-__global__ void gate_grad_kernel(int64_t L, int64_t M, const float* __restrict__ alpha,
-                                 const bool* __restrict__ remaining, const float* __restrict__ gate_grad,
-                                 const float* __restrict__ cost, float beta, float* __restrict__ p,
-                                 float* __restrict__ grad_alpha) {
+__global__ void alpha_grad_kernel(int64_t L, int64_t M, const float* __restrict__ alpha,
+                                  const bool* __restrict__ remaining, const float* __restrict__ gate_grad,
+                                  const float* __restrict__ cost, float beta, float* __restrict__ p,
+                                  float* __restrict__ grad_alpha) {
   const int64_t l = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (l >= L) return;
-  gate_grad_row(M, alpha + l * M, remaining + l * M, gate_grad + l * M, cost + l * M, beta, p + l * M,
-                grad_alpha + l * M);
+  alpha_grad_row(M, alpha + l * M, remaining + l * M, gate_grad + l * M, cost + l * M, beta, p + l * M,
+                 grad_alpha + l * M);
 }
 
-std::tuple<at::Tensor, at::Tensor> gate_grad_cuda(const at::Tensor& alpha_in, const at::Tensor& remaining_in,
-                                                  const at::Tensor& gate_grad_in, const at::Tensor& cost_in,
-                                                  double beta) {
-  check_gate_grad_args(c10::kCUDA, alpha_in, remaining_in, gate_grad_in, cost_in);
+std::tuple<at::Tensor, at::Tensor> alpha_grad_cuda(const at::Tensor& alpha_in, const at::Tensor& remaining_in,
+                                                   const at::Tensor& gate_grad_in, const at::Tensor& cost_in,
+                                                   double beta) {
+  check_alpha_grad_args(c10::kCUDA, alpha_in, remaining_in, gate_grad_in, cost_in);
   const c10::cuda::CUDAGuard guard(alpha_in.device());
   const auto alpha = alpha_in.contiguous(), remaining = remaining_in.contiguous();
   const auto gate_grad = gate_grad_in.contiguous(), cost = cost_in.contiguous();
@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> gate_grad_cuda(const at::Tensor& alpha_in, co
   if (L == 0 || M == 0) return {p, grad_alpha};
   constexpr int threads = 64;
   const auto blocks = static_cast<unsigned>((L + threads - 1) / threads);
-  gate_grad_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  alpha_grad_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
       L, M, alpha.const_data_ptr<float>(), remaining.const_data_ptr<bool>(), gate_grad.const_data_ptr<float>(),
       cost.const_data_ptr<float>(), static_cast<float>(beta), p.mutable_data_ptr<float>(),
       grad_alpha.mutable_data_ptr<float>());
@@ -42,6 +42,6 @@ std::tuple<at::Tensor, at::Tensor> gate_grad_cuda(const at::Tensor& alpha_in, co
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(betanas, CUDA, m) { m.impl("gate_grad", &gate_grad_cuda); }
+TORCH_LIBRARY_IMPL(betanas, CUDA, m) { m.impl("alpha_grad", &alpha_grad_cuda); }
 
 }  // namespace betanas

@@ -1,4 +1,5 @@
-// The per-row arithmetic of the gate-gradient op, shared by the CPU and CUDA kernels.
+// The per-row arithmetic of betanas::alpha_grad (dL/dalpha from the binary-gate gradients), shared by the
+// CPU and CUDA kernels.
 #pragma once
 #include <cmath>
 #include <utility>
@@ -13,8 +14,8 @@ namespace betanas {
 // h = gate_grad + beta * cost, since sum_j h_j p_j (delta_mj - p_m) = p_m h_m - p_m <h, p>.
 // The maximum is taken over remaining paths only, so very large or small alphas stay finite.
 // A row with no remaining path gets p = 0 and grad_alpha = 0.
-BETANAS_HD void gate_grad_row(int64_t M, const float* alpha, const bool* remaining, const float* gate_grad,
-                              const float* cost, float beta, float* p, float* grad_alpha) {
+BETANAS_HD void alpha_grad_row(int64_t M, const float* alpha, const bool* remaining, const float* gate_grad,
+                               const float* cost, float beta, float* p, float* grad_alpha) {
   float max_alpha = -INFINITY;
   for (int64_t m = 0; m < M; ++m) {
     if (remaining[m] && alpha[m] > max_alpha) max_alpha = alpha[m];
@@ -36,9 +37,9 @@ BETANAS_HD void gate_grad_row(int64_t M, const float* alpha, const bool* remaini
   }
 }
 
-inline void check_gate_grad_args(c10::DeviceType device_type, const at::Tensor& alpha, const at::Tensor& remaining,
-                                 const at::Tensor& gate_grad, const at::Tensor& cost) {
-  const char* op = "betanas::gate_grad";
+inline void check_alpha_grad_args(c10::DeviceType device_type, const at::Tensor& alpha, const at::Tensor& remaining,
+                                  const at::Tensor& gate_grad, const at::Tensor& cost) {
+  const char* op = "betanas::alpha_grad";
   TORCH_CHECK(alpha.dim() == 2, op, ": alpha must be 2-D [blocks, paths], got shape ", alpha.sizes());
   TORCH_CHECK(alpha.device().type() == device_type, op, ": alpha is on ", alpha.device(),
               " but this kernel runs on ", device_type);

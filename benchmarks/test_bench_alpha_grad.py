@@ -1,17 +1,17 @@
-"""The gate-gradient op against the eager composite (masked softmax, Jacobian, einsum) for a whole
+"""betanas::alpha_grad (dL/dα) against the eager composite (masked softmax, Jacobian, einsum) for a whole
 supernet's alpha (L=21 blocks x M=7 paths): launch-bound, so the absolute time matters too."""
 import pytest
 import torch
 
 from betanas_fast import ops, reference
 
-IMPLS = {"betanas_fast": ops.gate_grad, "eager": reference.gate_grad}
+IMPLS = {"betanas_fast": ops.alpha_grad, "eager": reference.alpha_grad}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("device", DEVICES)
-def test_gate_grad(record, impl, device):
+def test_alpha_grad(record, impl, device):
     g = torch.Generator().manual_seed(0)
     alpha = torch.randn(21, 7, generator=g).to(device)
     remaining = (torch.rand(21, 7, generator=g) < 0.8).to(device)
@@ -24,4 +24,4 @@ def test_gate_grad(record, impl, device):
         fn(alpha, remaining, gate, cost, 0.1)
         sync()
 
-    record("gate_grad L=21 M=7", {"device": device}, impl, step)
+    record("alpha_grad L=21 M=7", {"device": device}, impl, step)

@@ -1,4 +1,5 @@
-"""Reference of the gate-gradient op: Eq. 4 of the paper written out with the softmax Jacobian.
+"""Reference of betanas::alpha_grad, dL/dα from the binary-gate gradients: Eq. 4 of the paper written out
+with the softmax Jacobian.
 
 For block l: p = softmax(alpha over the remaining paths), 0 on dropped ones, and
     grad_alpha_m = sum_j (gate_grad_j + beta * cost_j) * p_j * (delta_mj - p_m)   over remaining j,
@@ -8,7 +9,7 @@ beta * sum_m p_m * cost_m for the cost part. Dropped paths get 0.
 import torch
 
 
-def gate_grad(alpha, remaining, gate_grad, cost, beta):
+def alpha_grad(alpha, remaining, gate_grad, cost, beta):
     masked = alpha.masked_fill(~remaining, float("-inf"))
     p = torch.softmax(masked, dim=1).nan_to_num(0.0)  # a row with nothing remaining: all 0
     p = torch.where(remaining, p, torch.zeros_like(p))
