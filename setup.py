@@ -142,6 +142,7 @@ BUILD_CONFIG = {
     "CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "") if use_cuda else "",
     "NVCC_VERSION": ".".join(map(str, nvcc_version)) if nvcc_version else None,
     "CPU_MARCH": cpu_march,
+    "CUDA_NOT_BUILT_BECAUSE": None if use_cuda or not cuda_usable else "no GPU visible and TORCH_CUDA_ARCH_LIST unset",
 }
 
 

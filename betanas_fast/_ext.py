@@ -197,6 +197,7 @@ def build_info() -> dict:
         "cuda_kernels_compiled": bool(config.get("WITH_CUDA", False)) and KERNELS_LOADED,
         "nvcc": config.get("NVCC_VERSION"),
         "cuda_archs": config.get("CUDA_ARCH_LIST", "") or None,
+        "cuda_not_built_because": config.get("CUDA_NOT_BUILT_BECAUSE"),
         "cpu_march": config.get("CPU_MARCH"),
         "ops": {name: {device: has_kernel(name, device) for device in KERNEL_DEVICE_TYPES} for name in OP_NAMES},
     }
