@@ -10,8 +10,8 @@ import warnings
 import pytest
 import torch
 
-from betanas_fast.search import ArchState, Search, SearchConfig, make_strategy, validate_config
-from betanas_fast.search.config import alpha_walk
+from betanas_fast.search import ArchState, Search, SearchConfig, make_strategy
+from betanas_fast.search.config import alpha_walk, check_noise_floor
 
 
 def demo_search(tmp_path, **kw):
@@ -45,13 +45,13 @@ def test_demo_defaults_keep_noise_below_the_threshold(tmp_path):
     assert min(old_drops) >= 10, old_drops
 
 
-def test_validate_config_warns_when_noise_reaches_the_threshold():
+def test_config_check_warns_when_noise_reaches_the_threshold():
     with pytest.warns(UserWarning, match=r"lr·sqrt\(steps\) = 0\.274"):
-        validate_config(SearchConfig(arch_lr=1e-2, drop_threshold=-0.25), alpha_steps=750)
+        check_noise_floor(SearchConfig(arch_lr=1e-2, drop_threshold=-0.25), 750)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        validate_config(SearchConfig(arch_lr=1e-3, drop_threshold=-0.5), alpha_steps=19_000)   # the ImageNet preset
-        validate_config(SearchConfig(strategy="proxyless", arch_lr=1e-2), alpha_steps=750)  # nothing is dropped
+        check_noise_floor(SearchConfig(arch_lr=1e-3, drop_threshold=-0.5), 19_000)   # the ImageNet preset
+        check_noise_floor(SearchConfig(strategy="proxyless", arch_lr=1e-2), 750)  # nothing is dropped
 
 
 @pytest.mark.slow

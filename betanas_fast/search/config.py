@@ -172,9 +172,9 @@ def alpha_walk(cfg: SearchConfig, alpha_steps: int) -> float:
     return cfg.arch_lr * math.sqrt(max(alpha_steps, 0))
 
 
-def validate_config(cfg: SearchConfig, alpha_steps: Optional[int] = None) -> None:
-    """Checks that need no data or model (the space, data and FLOPs checks follow in the engine). With
-    the number of α steps known, also warns when noise alone could reach the drop threshold."""
+def validate_config(cfg: SearchConfig) -> None:
+    """Checks that need no data or model (the space, data and FLOPs checks follow in the engine, and so
+    does `check_noise_floor`, once the data tell the number of α steps)."""
     for f in fields(SearchConfig):
         choices = _choices(f)
         if choices is not None and getattr(cfg, f.name) not in choices:
@@ -201,8 +201,6 @@ def validate_config(cfg: SearchConfig, alpha_steps: Optional[int] = None) -> Non
         raise ValueError(f"FLOPs target must be positive (MFLOPs), got {cfg.flops_target}")
     if cfg.beta_adapt < 0:
         raise ValueError(f"beta_adapt must be >= 0, got {cfg.beta_adapt}")
-    if alpha_steps is not None:
-        check_noise_floor(cfg, alpha_steps)
 
 
 def check_noise_floor(cfg: SearchConfig, alpha_steps: int) -> None:

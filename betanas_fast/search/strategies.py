@@ -10,6 +10,7 @@ questions and knows no strategy by name.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -20,13 +21,15 @@ from .evolution import evolution_search, sample_within_budget
 Paths = Union[List[int], torch.Tensor]  # one path per block, or [blocks, batch] for per-sample sampling
 
 
+@dataclass
 class Selection:
     """What the final choice may use: score a sub-net on held-out data (BN recalibrated), its MFLOPs,
     the budget (MFLOPs or None), a seeded generator, a log line sink."""
-
-    def __init__(self, score: Callable[[List[int]], float], mflops: Callable[[List[int]], float],
-                 budget: Optional[float], generator: torch.Generator, log: Callable[[str], None] = print):
-        self.score, self.mflops, self.budget, self.generator, self.log = score, mflops, budget, generator, log
+    score: Callable[[List[int]], float]
+    mflops: Callable[[List[int]], float]
+    budget: Optional[float]
+    generator: torch.Generator
+    log: Callable[[str], None] = print
 
 
 class Strategy:
