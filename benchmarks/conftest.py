@@ -5,9 +5,14 @@ import collections
 import datetime
 import os
 import platform
+import sys
 
 import pytest
 import torch
+
+# The benchmarks' shared helpers (roofline.py) import by name; --import-mode=importlib keeps this folder
+# off sys.path.
+sys.path.insert(0, os.path.dirname(__file__))
 
 # suite -> case (tuple of (column, value)) -> implementation -> median seconds
 RESULTS = collections.defaultdict(lambda: collections.defaultdict(dict))

@@ -55,4 +55,8 @@ TORCH_LIBRARY(betanas, m) {
         "Tensor[] expand_bn_bias, Tensor[] dw_weight, Tensor[] dw_bn_weight, Tensor[] dw_bn_bias, "
         "Tensor[] project_weight, Tensor[] project_bn_weight, Tensor[] project_bn_bias, int stride, bool residual, "
         "int act, float eps) -> Tensor");
+
+  // Host memory, not a tensor op: installs (once) a caching allocator as c10's CPU allocator, which keeps
+  // freed blocks of 256 KiB and more, up to max_cached_bytes, for reuse (csrc/cpu/caching_allocator.cpp).
+  m.def("cache_cpu_allocations(int max_cached_bytes) -> int");
 }

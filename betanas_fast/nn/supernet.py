@@ -126,7 +126,7 @@ class Supernet(_Body):
         return self._head(x), inputs, outputs
 
     def gate_grad_table(self, x: torch.Tensor, y: torch.Tensor, arch: Sequence[int], remaining: torch.Tensor,
-                        autocast: Optional[torch.autocast] = None) -> Tuple[torch.Tensor, float, float]:
+                        autocast: Optional[torch.autocast] = None, timer=None) -> Tuple[torch.Tensor, float, float]:
         """The binary-gate gradient of Phase 2 for every remaining path: an L x M float32 table with
         dL/dg_lm = Σ o_lm(x_l) ⊙ dL/dO_l (0 elsewhere), plus the loss and accuracy of `arch` on (x, y).
 
@@ -134,24 +134,28 @@ class Supernet(_Body):
         evaluated on the same block input x_l by one all-candidate op, without graphs and without keeping
         its output. The weights get no gradient, and BatchNorm normalises with batch statistics without
         touching the running ones (held-out data must not leak into the weights' state). Under an fp16
-        `autocast` the loss is scaled so that small gradients survive."""
+        `autocast` the loss is scaled so that small gradients survive. `timer` (search.timing) times the two
+        parts: the sampled path, and the other candidates."""
         autocast = autocast or contextlib.nullcontext()
+        part = timer.part if timer is not None else (lambda name: contextlib.nullcontext())
         scale = 1024.0 if getattr(autocast, "fast_dtype", None) == torch.float16 else 1.0
         was_training = self.training
         self.train()
         set_bn_batch_stats_frozen(self, True)
         try:
-            with autocast:
-                logits, inputs, outputs = self.forward_with_blocks(x, arch)
-            loss = F.cross_entropy(logits.float(), y)
-            out_grads = torch.autograd.grad(loss * scale, outputs)
             table = torch.zeros(remaining.shape, dtype=torch.float32)
-            with torch.no_grad(), autocast:
+            with part("phase2/sampled path"):
+                with autocast:
+                    logits, inputs, outputs = self.forward_with_blocks(x, arch)
+                loss = F.cross_entropy(logits.float(), y)
+                out_grads = torch.autograd.grad(loss * scale, outputs)
+                with torch.no_grad():
+                    for l in range(len(self.blocks)):
+                        table[l, arch[l]] = float((outputs[l].float() * out_grads[l].float()).sum()) / scale
+            with part("phase2/other candidates"), torch.no_grad(), autocast:
                 for l, block in enumerate(self.blocks):
-                    dO = out_grads[l]
-                    table[l, arch[l]] = float((outputs[l].float() * dO.float()).sum()) / scale
                     others = [m for m in remaining[l].nonzero().flatten().tolist() if m != arch[l]]
-                    for m, value in block.gate_grads(inputs[l], dO, others).items():
+                    for m, value in block.gate_grads(inputs[l], out_grads[l], others).items():
                         table[l, m] = value / scale
         finally:
             set_bn_batch_stats_frozen(self, False)

@@ -39,7 +39,8 @@ class SearchConfig:
                                     "in proportion to p), spos (uniform training, then evolution under the "
                                     "FLOPs budget), random (random architectures under the budget)",
                          choices=lambda: tuple(STRATEGIES))
-    space: str = _opt("demo", "search-space preset: demo (8 blocks, 32x32) or mobile (the paper's 21 blocks)",
+    space: str = _opt("demo", "search-space preset: demo (8 blocks, 32x32), bench (the speed benchmark's 8 blocks, "
+                              "32x32, stem stride 1) or mobile (the paper's 21 blocks)",
                       choices=tuple(SPACES))
     width_mult: Optional[float] = _opt(None, "channel width multiplier (default: the space's)", type=float)
     resolution: Optional[int] = _opt(None, "input resolution (default: the space's)", type=int)

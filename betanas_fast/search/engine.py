@@ -28,6 +28,7 @@ from .config import SearchConfig, check_noise_floor, validate_config
 from .report import arch_summary, format_table
 from .runtime import autocast, configure_process, resolve_amp_dtype, resolve_device
 from .strategies import Selection, make_strategy
+from .timing import NoTimer
 
 
 class Search:
@@ -121,6 +122,7 @@ class Search:
         self.beta = cfg.beta
         self.iteration = 0
         self.phase1_steps = 0
+        self.timer = NoTimer()  # a StepTimer here measures each part of the step (benchmarks)
 
     def _weight_groups(self) -> List[dict]:
         """Weight decay on the convolution and linear weights; BatchNorm weights and biases (every 1-D
@@ -179,20 +181,25 @@ class Search:
         cfg, st = self.cfg, self.state
         per_sample = cfg.path_sampling == "per-sample"
         paths = self.strategy.sample_phase1(st, self.path_gen, cfg.batch_size, per_sample)
-        idx = self.train_order.next_indices()
-        x, y = self.data.train.batch(idx, train=True, generator=self.aug_gen)
-        x, y = x.to(self.device), y.to(self.device)
+        timer = self.timer
+        with timer.part("data"):
+            idx = self.train_order.next_indices()
+            x, y = self.data.train.batch(idx, train=True, generator=self.aug_gen)
+            x, y = x.to(self.device), y.to(self.device)
         lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * self.phase1_steps / max(self.total_phase1, 1)))
         for g in self.sgd.param_groups:
             g["lr"] = lr
         self.model.train()
         self.sgd.zero_grad(set_to_none=True)  # unchosen paths keep grad None: SGD skips them entirely
-        with self._autocast():
-            logits = self.model.forward_per_sample(x, paths) if per_sample else self.model(x, paths)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.sgd)
-        self.scaler.update()
+        with timer.part("phase1/forward"):
+            with self._autocast():
+                logits = self.model.forward_per_sample(x, paths) if per_sample else self.model(x, paths)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        with timer.part("phase1/backward"):
+            self.scaler.scale(loss).backward()
+        with timer.part("phase1/optimizer"):
+            self.scaler.step(self.sgd)
+            self.scaler.update()
         if per_sample:  # counted in samples
             st.phase1_counts.scatter_add_(1, paths, torch.ones_like(paths))
         else:
@@ -206,11 +213,14 @@ class Search:
         arch = st.sample_from_p(self.path_gen)
         for l, m in enumerate(arch):
             st.phase2_counts[l, m] += 1
-        idx = self.heldout_order.next_indices()
-        x, y = self.data.heldout.batch(idx, train=False)
-        gate, loss, acc = self.model.gate_grad_table(x.to(self.device), y.to(self.device), arch, st.remaining,
-                                                     autocast=self._phase2_autocast())
-        st.step(gate, self.cost_mflops, self.beta)
+        with self.timer.part("data"):
+            idx = self.heldout_order.next_indices()
+            x, y = self.data.heldout.batch(idx, train=False)
+            x, y = x.to(self.device), y.to(self.device)
+        gate, loss, acc = self.model.gate_grad_table(x, y, arch, st.remaining, autocast=self._phase2_autocast(),
+                                                     timer=self.timer)
+        with self.timer.part("phase2/alpha update"):
+            st.step(gate, self.cost_mflops, self.beta)
         if cfg.flops_target is not None and cfg.beta_adapt > 0:
             above = self.expected_mflops() > cfg.flops_target
             self.beta = self.beta * (1 + cfg.beta_adapt) if above else self.beta / (1 + cfg.beta_adapt)
