@@ -42,13 +42,15 @@ def iteration(s, impl):
         s._iteration()
 
 
-def step_model(s, device):
-    """FLOPs and bytes per part of one iteration, counted on the reference ops."""
+def step_model(s, rounds):
+    """FLOPs and bytes per part, the mean over `rounds` iterations (each samples its own paths) counted on
+    the reference ops."""
     counter = roofline.WorkCounter()
     s.timer = StepTimer(on_part=counter.set_part)
     with counter:
-        iteration(s, "reference")
-    return counter
+        for _ in range(rounds):
+            iteration(s, "reference")
+    return {name: (counter.flops.get(name, 0.0) / rounds, counter.bytes.get(name, 0.0) / rounds) for name in PARTS}
 
 
 @pytest.mark.parametrize("impl", ["betanas_fast", "reference"])
@@ -69,20 +71,21 @@ def test_search_iteration(record, report_line, impl, device):
 
         s.timer = timer
         record(SUITE, {"device": device}, impl, step)
-        model = step_model(s, device)
+        model = step_model(s, len(parts["data"]))
     peaks = roofline.machine_peaks(device)
-    report_line(f"\nParts of the iteration, {impl}, {device} (median ms of the rounds; limit: the roofline at "
+    report_line(f"\nParts of the iteration, {impl}, {device} (mean ms over the rounds, each with its own sampled "
+                f"paths; FLOPs and bytes: the mean over as many iterations; limit: the roofline at "
                 f"{peaks['flops'] / 1e9:.0f} GFLOP/s GEMM and {peaks['bytes'] / 1e9:.1f} GB/s copy, measured here)\n")
     report_line("| part | ms | GFLOP | MB | limit ms | ms / limit |")
     report_line("|---|---|---|---|---|---|")
     total = total_limit = 0.0
     for name in PARTS:
-        ms = statistics.median(parts[name]) * 1e3
-        flops, nbytes = model.flops.get(name, 0.0), model.bytes.get(name, 0.0)
+        ms = statistics.mean(parts[name]) * 1e3
+        flops, nbytes = model[name]
         limit = roofline.limit_seconds(flops, nbytes, peaks) * 1e3
         total, total_limit = total + ms, total_limit + limit
-        ratio = f"{ms / limit:.1f}x" if limit > 0 else "-"
+        ratio = f"{ms / limit:.1f}x" if limit >= 0.01 else "-"
         report_line(f"| {name} | {ms:.1f} | {flops / 1e9:.2f} | {nbytes / 1e6:.1f} | {limit:.2f} | {ratio} |")
-    report_line(f"| sum of parts | {total:.1f} | {sum(model.flops.values()) / 1e9:.2f} | "
-                f"{sum(model.bytes.values()) / 1e6:.1f} | {total_limit:.2f} | {total / total_limit:.1f}x |")
+    report_line(f"| sum of parts | {total:.1f} | {sum(f for f, _ in model.values()) / 1e9:.2f} | "
+                f"{sum(b for _, b in model.values()) / 1e6:.1f} | {total_limit:.2f} | {total / total_limit:.1f}x |")
     assert all(len(v) == len(parts["data"]) > 0 for v in parts.values())  # every round timed every part

@@ -118,9 +118,10 @@ def test_matches_reference(device, dtype, k, stride, layout, mode, act_name):
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("shape", [(1, 5, 7, 7), (4, 1, 13, 17), (1, 1, 2, 3), (2, 3, 1, 9), (5, 33, 8, 8)])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_odd_shapes(device, dtype, shape, mode):
-    for k, stride in ((3, 2), (7, 1)):
-        tensors = make_inputs(shape, k, device, dtype, torch.contiguous_format, seed=sum(shape) + k)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_odd_shapes(device, dtype, shape, mode, layout):
+    for k, stride in ((3, 2), (7, 1), (5, 2)):
+        tensors = make_inputs(shape, k, device, dtype, LAYOUTS[layout], seed=sum(shape) + k)
         check_against_oracle(mode, tensors, stride, "relu6", dtype)
 
 
@@ -137,9 +138,11 @@ def test_batch_statistics_returned(device, dtype):
 @pytest.mark.parametrize("k", [3, 5, 7])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("act_name", ["silu", "none"])  # smooth: finite differences are valid everywhere
-def test_gradcheck_float64(k, stride, act_name):
-    x, weight, gamma, beta = make_inputs((2, 3, 6, 5), k, "cpu", torch.float64, torch.contiguous_format,
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_gradcheck_float64(k, stride, act_name, layout):
+    x, weight, gamma, beta = make_inputs((2, 3, 6, 5), k, "cpu", torch.float64, LAYOUTS[layout],
                                          seed=k * 10 + stride, requires_grad=True)
+    assert x.is_contiguous(memory_format=LAYOUTS[layout])
     act = ACT_CODES[act_name]
     assert torch.autograd.gradcheck(
         lambda *t: OPS.dw_bn_act_train(*t, stride, act, EPS)[0], (x, weight, gamma, beta))

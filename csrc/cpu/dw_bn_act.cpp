@@ -8,14 +8,8 @@
 // The backward pass recomputes the convolution instead of saving it: only x is kept for backward, and
 // the depthwise convolution costs less than writing and re-reading a saved tensor of the same size.
 //
-// channels_last inputs are computed in NCHW and returned in channels_last (the copies are cheap next
-// to the convolution on a CPU; the CUDA kernels read both layouts directly).
-//
-// Where it is slower than ATen: the forward alone on small planes (8x8) with k = 5/7, where most taps
-// of a 4x8 register tile fall on zero padding and the per-plane loops are short; ATen's oneDNN kernel
-// vectorises across channels in a blocked NHWC layout instead. A channels-vectorised path (16 channels
-// per SIMD register, NHWC tiles) for planes narrower than ~16 would fix that, and would also let
-// channels_last inputs skip the two layout copies.
+// Training mode on channels_last inputs runs the NHWC kernels of dw_nhwc.h (channels in the inner loops,
+// no layout copies); evaluation mode computes channels_last inputs in NCHW and returns channels_last.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -26,6 +20,7 @@
 #include "common/dispatch.h"
 
 #include "cpu/dw_kernels.h"
+#include "cpu/dw_nhwc.h"
 
 namespace betanas {
 namespace {
@@ -50,6 +45,70 @@ void train_forward_kernel(const at::Tensor& x, const std::vector<T>& w, const st
   });
 }
 
+// channels_last: the NHWC kernels, the weight as w_t [K * K, C].
+template <typename T>
+std::vector<T> tap_major_weight(const at::Tensor& weight) {
+  return to_vector<T>(weight.reshape({weight.size(0), -1}).t());
+}
+
+NhwcShape nhwc_shape(const at::Tensor& x, int64_t K, int64_t stride) {
+  return {x.size(0), x.size(2), x.size(3), x.size(1), conv_out_size(x.size(2), K, stride),
+          conv_out_size(x.size(3), K, stride)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_nhwc(const at::Tensor& x_in, const at::Tensor& weight,
+                                                                     const at::Tensor& bn_weight,
+                                                                     const at::Tensor& bn_bias, int64_t stride,
+                                                                     int64_t act, double eps) {
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t K = weight.size(3), C = x.size(1);
+  const NhwcShape shape = nhwc_shape(x, K, stride);
+  at::Tensor out = at::empty({shape.N, C, shape.Ho, shape.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor mean = at::empty({C}, x.options().dtype(stats_dtype(x)));
+  at::Tensor var = at::empty({C}, x.options().dtype(stats_dtype(x)));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dw_bn_act_train_nhwc", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto w = tap_major_weight<T>(weight), g = to_vector<T>(bn_weight), b = to_vector<T>(bn_bias);
+    dispatch_kernel_stride(K, stride, [&](auto k, auto s) {
+      dispatch_act(act, [&](auto a) {
+        nhwc_train_forward<scalar_t, decltype(k)::value, decltype(s)::value, decltype(a)::value>(
+            x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), shape, w.data(), g.data(), b.data(), eps,
+            mean.mutable_data_ptr<T>(), var.mutable_data_ptr<T>());
+      });
+    });
+  });
+  return {out, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_backward_nhwc(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, int64_t stride, int64_t act,
+    double eps) {
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor grad_out = grad_out_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t K = weight.size(3), C = x.size(1);
+  const NhwcShape shape = nhwc_shape(x, K, stride);
+  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  std::vector<double> gw_tap(K * K * C), gg(C), gb(C);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dw_bn_act_train_backward_nhwc", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto w = tap_major_weight<T>(weight), g = to_vector<T>(bn_weight), b = to_vector<T>(bn_bias);
+    const auto m = to_vector<T>(mean), v = to_vector<T>(var);
+    dispatch_kernel_stride(K, stride, [&](auto k, auto s) {
+      dispatch_act(act, [&](auto a) {
+        nhwc_train_backward<scalar_t, decltype(k)::value, decltype(s)::value, decltype(a)::value>(
+            grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
+            shape, w.data(), g.data(), b.data(), m.data(), v.data(), eps, gw_tap.data(), gg.data(), gb.data());
+      });
+    });
+  });
+  std::vector<double> gw(C * K * K);  // back to the weight's [C, 1, K, K]
+  for (int64_t t = 0; t < K * K; ++t) {
+    for (int64_t c = 0; c < C; ++c) gw[c * K * K + t] = gw_tap[t * C + c];
+  }
+  return {grad_x, like_param(gw, weight), like_param(gg, bn_weight), like_param(gb, bn_bias)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                                                     const at::Tensor& bn_weight,
                                                                     const at::Tensor& bn_bias, int64_t stride,
@@ -59,6 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_cpu(const at::Ten
   const int64_t K = weight.size(3);
   check_batch_stats_count(op, x_in, K, stride);
   const auto layout = layout_of(x_in);
+  if (layout == at::MemoryFormat::ChannelsLast) return dw_bn_act_train_nhwc(x_in, weight, bn_weight, bn_bias, stride, act, eps);
   const at::Tensor x = x_in.contiguous();
   const int64_t C = x.size(1);
   at::Tensor out = at::empty({x.size(0), C, conv_out_size(x.size(2), K, stride), conv_out_size(x.size(3), K, stride)},
@@ -107,6 +167,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_backw
   const int64_t K = weight.size(3), C = x_in.size(1);
   check_grad_out(op, grad_out_in, x_in, K, stride);
   const auto layout = layout_of(x_in);
+  if (layout == at::MemoryFormat::ChannelsLast) {
+    return dw_bn_act_train_backward_nhwc(grad_out_in, x_in, weight, bn_weight, bn_bias, mean, var, stride, act, eps);
+  }
   const at::Tensor x = x_in.contiguous(), grad_out = grad_out_in.contiguous();
   at::Tensor grad_x = at::empty_like(x);
   std::vector<double> gw(C * K * K), gg(C), gb(C);

@@ -2,11 +2,11 @@
 // channels (dw_bn_act_grouped_train and its backward), and block_gate_grads, which evaluates every MBConv
 // candidate of a choice block on the same input and reduces each output against dL/dO at once.
 //
-// block_gate_grads runs the candidates side by side, stage by stage: one GEMM expands x for all of them
-// (their expand weights stacked), one pass normalises and activates every expanded channel, one parallel
-// loop runs every depthwise stage (per-channel kernel sizes), and per candidate a GEMM projects and a
-// fused pass reduces BN(z) . dL/dO without writing BN(z). At no point does more than the expanded
-// activations of all candidates (and one projection) exist; no autograd graph is built.
+// block_gate_grads runs the candidates one after the other, each in three passes over memory: a batched
+// GEMM expands x; the depthwise stage reads the expanded activations with their batch norm and activation
+// applied on the fly (the statistics come from x's covariance, never from a pass over the expanded
+// activations) and writes its output; a batched GEMM projects it, and a fused pass reduces BN(z) . dL/dO
+// without writing BN(z). No autograd graph is built; one candidate's activations exist at a time.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -114,33 +114,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_grouped_tra
 // ---------------------------------------------------------------------------------------------------------
 // block_gate_grads.
 
-// Batch norm with batch statistics plus activation, in place, for every channel of h [N, C, S].
-template <typename scalar_t, typename T = at::opmath_type<scalar_t>>
-void bn_act_inplace(at::Tensor& h, const std::vector<T>& gamma, const std::vector<T>& beta, int64_t act, double eps) {
-  const int64_t N = h.size(0), C = h.size(1), S = h.size(2), count = N * S;
-  scalar_t* hd = h.mutable_data_ptr<scalar_t>();
-  for_each_channel(C, [&](int64_t c) {
-    double sum = 0.0, sq = 0.0;
-    for (int64_t n = 0; n < N; ++n) {
-      const scalar_t* p = hd + (n * C + c) * S;
-      sum += lane_sum<T>(S, [&](int64_t i) { return static_cast<T>(p[i]); });
-    }
-    const T mean = static_cast<T>(sum / count);
-    for (int64_t n = 0; n < N; ++n) {
-      const scalar_t* p = hd + (n * C + c) * S;
-      sq += lane_sum<T>(S, [&](int64_t i) { return (static_cast<T>(p[i]) - mean) * (static_cast<T>(p[i]) - mean); });
-    }
-    const T a = static_cast<T>(gamma[c] / std::sqrt(sq / count + eps));
-    const T b = beta[c] - mean * a;
-    dispatch_act(act, [&](auto ac) {
-      for (int64_t n = 0; n < N; ++n) {
-        scalar_t* p = hd + (n * C + c) * S;
-        for (int64_t i = 0; i < S; ++i) p[i] = static_cast<scalar_t>(act_forward<decltype(ac)::value>(a * p[i] + b));
-      }
-    });
-  });
-}
-
 // sum over n, c, s of BN(z)[n, c, s] * g[n, c, s] with batch statistics, BN(z) never written:
 // per channel gamma / sqrt(var + eps) * sum (z - mean) g + beta * sum g. z [N, C, S]; g in T.
 template <typename scalar_t, typename T = at::opmath_type<scalar_t>>
@@ -171,15 +144,32 @@ double bn_dot(const at::Tensor& z, const at::Tensor& g, const std::vector<T>& ga
   return total;
 }
 
-// The parameters of all candidates as one host vector of T, in candidate order.
+// The batch statistics of the expand stage h = W x of every candidate, without computing h: per output
+// channel c, mean(h_c) = w_c . mean(x) and var(h_c) = w_c^T Cov(x) w_c, with Cov(x) the Cin x Cin
+// covariance of x over the batch and the plane (one small GEMM). Returns, per candidate, the folded batch
+// norm {a, b} per channel (act(a * h + b) is the expand stage's output), in T.
 template <typename T>
-std::vector<T> cat_vector(at::TensorList ts) {
-  std::vector<T> out;
-  for (const auto& t : ts) {
-    const auto v = to_vector<T>(t);
-    out.insert(out.end(), v.begin(), v.end());
+std::vector<std::vector<T>> expand_bn_folded(const at::Tensor& x3, at::TensorList expand_weight,
+                                             at::TensorList expand_bn_weight, at::TensorList expand_bn_bias,
+                                             double eps) {
+  const int64_t Cin = x3.size(1);
+  const at::Tensor xs = x3.to(stats_dtype(x3));
+  const at::Tensor mean = xs.mean({0, 2}, /*keepdim=*/true);
+  const at::Tensor xc = xs - mean;
+  const at::Tensor cov = at::bmm(xc, xc.transpose(1, 2)).sum(0, /*keepdim=*/false, at::kDouble) /
+                         static_cast<double>(x3.size(0) * x3.size(2));
+  const at::Tensor mu = mean.reshape({Cin, 1}).to(at::kDouble);
+  std::vector<std::vector<T>> folded;
+  for (size_t j = 0; j < expand_weight.size(); ++j) {
+    const at::Tensor w = expand_weight[j].reshape({-1, Cin}).to(at::kDouble);
+    const at::Tensor mean_h = at::mm(w, mu).reshape({-1});
+    const at::Tensor var_h = (at::mm(w, cov) * w).sum(1).clamp_min(0.0);
+    const at::Tensor a = expand_bn_weight[j].to(at::kDouble) * at::rsqrt(var_h + eps);
+    const at::Tensor b = expand_bn_bias[j].to(at::kDouble) - mean_h * a;
+    const at::Tensor ab = at::stack({a, b}, 1).to(c10::CppTypeToScalarType<T>::value).contiguous();
+    folded.emplace_back(ab.const_data_ptr<T>(), ab.const_data_ptr<T>() + ab.numel());
   }
-  return out;
+  return folded;
 }
 
 at::Tensor block_gate_grads_cpu(const at::Tensor& x_in, const at::Tensor& grad_out_in, at::TensorList expand_weight,
@@ -206,37 +196,39 @@ at::Tensor block_gate_grads_cpu(const at::Tensor& x_in, const at::Tensor& grad_o
   result[K] = identity;
   if (K == 0) return result;
 
-  // Expand: every candidate's 1x1 convolution in one GEMM, [sum Cmid, Cin] x [N, Cin, H*W].
-  std::vector<at::Tensor> ew;
-  for (size_t j = 0; j < K; ++j) ew.push_back(expand_weight[j].reshape({b.mid[j], b.Cin}));
-  const at::Tensor w_expand = at::cat(ew).to(x.scalar_type());
-  at::Tensor h = at::matmul(w_expand, x.view({b.N, b.Cin, b.H * b.W})).contiguous();
-  // The depthwise stages of all candidates in one loop: group j is channels [off_j, off_j + Cmid_j) of the
-  // dense [N, sum Cmid, .] tensors.
-  DwGroups groups;
-  const int64_t total_mid = h.size(1);
-  for (size_t j = 0; j < K; ++j) {
-    const int64_t c0 = groups.total_channels, k = b.kernel[j];
-    groups.groups.push_back({b.N, b.mid[j], k, c0 * b.H * b.W, total_mid * b.H * b.W, c0 * b.Ho * b.Wo,
-                             total_mid * b.Ho * b.Wo, c0, groups.weight_numel});
-    groups.total_channels += b.mid[j];
-    groups.weight_numel += b.mid[j] * k * k;
-  }
-  at::Tensor y = at::empty({b.N, total_mid, b.Ho * b.Wo}, x.options());
+  const at::Tensor x3 = x.view({b.N, b.Cin, b.H * b.W});
+  const at::Tensor g3 = g.view({b.N, b.Cout, b.Ho * b.Wo});
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "block_gate_grads_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    bn_act_inplace<scalar_t>(h, cat_vector<T>(expand_bn_weight), cat_vector<T>(expand_bn_bias), act, eps);
-    std::vector<T> mean(total_mid), var(total_mid);
-    grouped_forward<scalar_t>(groups, h.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), b.H, b.W, stride,
-                              act, eps, cat_vector<T>(dw_weight), cat_vector<T>(dw_bn_weight),
-                              cat_vector<T>(dw_bn_bias), mean.data(), var.data());
-    h = at::Tensor();  // the expanded activations are no longer needed
-    const at::Tensor g3 = g.view({b.N, b.Cout, b.Ho * b.Wo});
+    const auto expand_bn = expand_bn_folded<T>(x3, expand_weight, expand_bn_weight, expand_bn_bias, eps);
     auto res = result.accessor<float, 1>();
+    // One candidate at a time, so that its expanded activations (written by the GEMM, read by the depthwise
+    // stage) and its depthwise output (read by the projection) are as fresh in the cache as they can be.
     for (size_t j = 0; j < K; ++j) {
-      const auto& grp = groups.groups[j];
-      const at::Tensor wp = project_weight[j].reshape({b.Cout, b.mid[j]}).to(x.scalar_type());
-      const at::Tensor z = at::matmul(wp, y.narrow(1, grp.channel_offset, b.mid[j])).contiguous();
+      const int64_t mid = b.mid[j], k = b.kernel[j];
+      // Expand: h = W_e x per sample (one batched GEMM, the weight shared); its batch norm and activation are
+      // applied as the depthwise stage reads it, with the statistics from expand_bn_folded.
+      const at::Tensor we = expand_weight[j].reshape({mid, b.Cin}).to(x.scalar_type());
+      const at::Tensor h = at::bmm(we.expand({b.N, mid, b.Cin}), x3);
+      at::Tensor y = at::empty({b.N, mid, b.Ho * b.Wo}, x.options());
+      const auto w = to_vector<T>(dw_weight[j]), gamma = to_vector<T>(dw_bn_weight[j]), beta = to_vector<T>(dw_bn_bias[j]);
+      const scalar_t* hd = h.const_data_ptr<scalar_t>();
+      scalar_t* yd = y.mutable_data_ptr<scalar_t>();
+      for_each_channel(mid, [&](int64_t c) {
+        dispatch_kernel_stride(k, stride, [&](auto kk, auto ss) {
+          constexpr int KK = decltype(kk)::value, SS = decltype(ss)::value;
+          const DwPlane<T, KK, SS> plane(b.H, b.W);
+          dispatch_act(act, [&](auto a) {
+            T mean, var;
+            train_forward_channel<scalar_t, KK, SS, decltype(a)::value>(
+                plane, hd + c * b.H * b.W, mid * b.H * b.W, yd + c * b.Ho * b.Wo, mid * b.Ho * b.Wo, b.N,
+                w.data() + c * KK * KK, gamma[c], beta[c], eps, &mean, &var, expand_bn[j].data() + 2 * c);
+          });
+        });
+      });
+      // Project (one batched GEMM), then the batch-norm-and-reduce pass against dL/dO.
+      const at::Tensor wp = project_weight[j].reshape({b.Cout, mid}).to(x.scalar_type());
+      const at::Tensor z = at::bmm(wp.expand({b.N, b.Cout, mid}), y);
       const double v = bn_dot<scalar_t>(z, g3, to_vector<T>(project_bn_weight[j]), to_vector<T>(project_bn_bias[j]), eps);
       res[j] = static_cast<float>(v + (residual ? identity : 0.0));
     }
