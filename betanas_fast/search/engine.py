@@ -108,7 +108,10 @@ class Search:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.model = Supernet(self.space).to(self.device)
+        # channels_last on the CPU: oneDNN's 1x1 convolutions and ATen's batch norm run 1.5-3x faster in NHWC than
+        # in NCHW there, and the fused depthwise op has NHWC kernels (no layout copies).
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.model = Supernet(self.space).to(self.device, memory_format=self.memory_format)
         self.state = ArchState(self.space.allowed_mask(), lr=cfg.arch_lr, betas=(cfg.arch_beta1, cfg.arch_beta2),
                                eps=cfg.arch_eps)
         self.sgd = torch.optim.SGD(self._weight_groups(), lr=cfg.lr, momentum=cfg.momentum,
@@ -162,6 +165,10 @@ class Search:
                 f.writelines(keep)
         print(f"resumed from {path} at iteration {self.iteration}")
 
+    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """An input batch on the run's device, in the model's memory format."""
+        return x.to(self.device).contiguous(memory_format=self.memory_format)
+
     def _autocast(self):
         return autocast(self.device, self.amp_dtype)
 
@@ -185,7 +192,7 @@ class Search:
         with timer.part("data"):
             idx = self.train_order.next_indices()
             x, y = self.data.train.batch(idx, train=True, generator=self.aug_gen)
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = self._on_device(x), y.to(self.device)
         lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * self.phase1_steps / max(self.total_phase1, 1)))
         for g in self.sgd.param_groups:
             g["lr"] = lr
@@ -216,7 +223,7 @@ class Search:
         with self.timer.part("data"):
             idx = self.heldout_order.next_indices()
             x, y = self.data.heldout.batch(idx, train=False)
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = self._on_device(x), y.to(self.device)
         gate, loss, acc = self.model.gate_grad_table(x, y, arch, st.remaining, autocast=self._phase2_autocast(),
                                                      timer=self.timer)
         with self.timer.part("phase2/alpha update"):
@@ -330,7 +337,7 @@ class Search:
                 break
             x, _ = self.data.train.batch(idx, train=False)
             with self._autocast():
-                model(x.to(self.device), arch)
+                model(self._on_device(x), arch)
         for bn in bns:
             bn.momentum = 0.1
         model.eval()
@@ -340,7 +347,7 @@ class Search:
         for s in range(0, n, bs):
             x, y = split.batch(torch.arange(s, min(s + bs, n)), train=False)
             with self._autocast():
-                correct += int((model(x.to(self.device), arch).argmax(1).cpu() == y).sum())
+                correct += int((model(self._on_device(x), arch).argmax(1).cpu() == y).sum())
         model.train()
         return correct / max(n, 1)
 

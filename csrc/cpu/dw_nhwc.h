@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include "common/activation.h"
+#include "cpu/dw_kernels.h"
 
 namespace betanas {
 namespace cpu {
@@ -46,27 +47,75 @@ void for_each_row(int64_t rows, F&& f) {
   });
 }
 
-// z[ow, c] of output row (n, oh), Wo x C, from x in NHWC.
-template <typename scalar_t, int K, int S, typename T>
-void nhwc_conv_row(const scalar_t* __restrict x, const T* __restrict w_t, T* __restrict z, const NhwcShape& s,
+// out[c] = sum_t w[t][c] * src[t][c] over the n taps of one output pixel, c < C: the channels in the
+// inner loop, 16 at a time in two vector accumulators that stay in registers over all taps.
+template <typename src_t, typename T, typename out_t>
+inline void dot_taps(int n, const src_t* const* src, const T* const* w, out_t* __restrict out, int64_t C) {
+  int64_t c = 0;
+  if constexpr (std::is_same_v<src_t, float> && std::is_same_v<T, float>) {
+    for (; c + 16 <= C; c += 16) {
+      Float8 a0 = {}, a1 = {};
+      for (int t = 0; t < n; ++t) {
+        a0 += load8(w[t] + c) * load8(src[t] + c);
+        a1 += load8(w[t] + c + 8) * load8(src[t] + c + 8);
+      }
+      for (int j = 0; j < 8; ++j) {
+        out[c + j] = static_cast<out_t>(a0[j]);
+        out[c + 8 + j] = static_cast<out_t>(a1[j]);
+      }
+    }
+    for (; c + 8 <= C; c += 8) {
+      Float8 a0 = {};
+      for (int t = 0; t < n; ++t) a0 += load8(w[t] + c) * load8(src[t] + c);
+      for (int j = 0; j < 8; ++j) out[c + j] = static_cast<out_t>(a0[j]);
+    }
+  }
+  for (; c < C; ++c) {
+    T acc = 0;
+    for (int t = 0; t < n; ++t) acc += w[t][c] * static_cast<T>(src[t][c]);
+    out[c] = static_cast<out_t>(acc);
+  }
+}
+
+// acc[c] += sum over the row's Wo pixels of f(row[ow, c]): vectorised over the channels, no long chains.
+template <typename T, typename F>
+void add_row_sums(const T* row, int64_t Wo, int64_t C, double* acc, F&& f) {
+  std::vector<T> part(C, T(0));
+  for (int64_t ow = 0; ow < Wo; ++ow) {
+    const T* __restrict p = row + ow * C;
+    for (int64_t c = 0; c < C; ++c) part[c] += f(p[c]);
+  }
+  for (int64_t c = 0; c < C; ++c) acc[c] += part[c];
+}
+
+// z[ow, c] of output row (n, oh), Wo x C, from x in NHWC (x of shape s.N x s.H x s.W x s.C).
+template <typename scalar_t, int K, int S, typename T, typename out_t>
+void nhwc_conv_row(const scalar_t* __restrict x, const T* __restrict w_t, out_t* __restrict z, const NhwcShape& s,
                    int64_t n, int64_t oh) {
   constexpr int P = K / 2;
   const int64_t C = s.C;
+  const scalar_t* src[K * K];
+  const T* w[K * K];
   for (int64_t ow = 0; ow < s.Wo; ++ow) {
-    T* __restrict acc = z + ow * C;
-    std::fill(acc, acc + C, T(0));
+    int taps = 0;
     for (int kh = 0; kh < K; ++kh) {
       const int64_t ih = oh * S - P + kh;
       if (ih < 0 || ih >= s.H) continue;
       for (int kw = 0; kw < K; ++kw) {
         const int64_t iw = ow * S - P + kw;
         if (iw < 0 || iw >= s.W) continue;
-        const scalar_t* __restrict xp = x + ((n * s.H + ih) * s.W + iw) * C;
-        const T* __restrict wp = w_t + (kh * K + kw) * C;
-        for (int64_t c = 0; c < C; ++c) acc[c] += wp[c] * static_cast<T>(xp[c]);
+        src[taps] = x + ((n * s.H + ih) * s.W + iw) * C;
+        w[taps++] = w_t + (kh * K + kw) * C;
       }
     }
+    dot_taps(taps, src, w, z + ow * C, C);
   }
+}
+
+// f(begin, end) over chunks of rows split across threads (one chunk per thread at most).
+template <typename F>
+void for_row_chunks(int64_t rows, F&& f) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) { f(begin, end); });
 }
 
 // Training-mode forward: y = act(BN(conv(x))) with batch statistics; writes mean and biased var per channel.
@@ -74,24 +123,19 @@ template <typename scalar_t, int K, int S, int ACT, typename T>
 void nhwc_train_forward(const scalar_t* x, scalar_t* y, const NhwcShape& s, const T* w_t, const T* gamma,
                         const T* beta, double eps, T* mean_out, T* var_out) {
   const int64_t C = s.C, rows = s.N * s.Ho, row_len = s.Wo * C, count = rows * s.Wo;
-  std::vector<T> z_buffer;
+  at::Tensor z_buffer;  // from the tensor allocator: no fresh pages every call
   T* z;
   if constexpr (std::is_same_v<scalar_t, T>) {
     z = y;  // the conv output is kept where the result goes
   } else {
-    z_buffer.resize(rows * row_len);
-    z = z_buffer.data();
+    z_buffer = at::empty({rows * row_len}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    z = z_buffer.mutable_data_ptr<T>();
   }
   ThreadSums sums(C);
   for_each_row(rows, [&](int64_t r) {
     T* zr = z + r * row_len;
     nhwc_conv_row<scalar_t, K, S>(x, w_t, zr, s, r / s.Ho, r % s.Ho);
-    double* acc = sums.mine();
-    for (int64_t c = 0; c < C; ++c) {
-      T part = 0;
-      for (int64_t ow = 0; ow < s.Wo; ++ow) part += zr[ow * C + c];
-      acc[c] += part;
-    }
+    add_row_sums(zr, s.Wo, C, sums.mine(), [](T v) { return v; });
   });
   std::vector<T> mean(C);
   const auto sum = sums.total();
@@ -102,7 +146,8 @@ void nhwc_train_forward(const scalar_t* x, scalar_t* y, const NhwcShape& s, cons
     double* acc = squares.mine();
     std::vector<T> part(C, T(0));
     for (int64_t ow = 0; ow < s.Wo; ++ow) {
-      for (int64_t c = 0; c < C; ++c) part[c] += (zr[ow * C + c] - mean[c]) * (zr[ow * C + c] - mean[c]);
+      const T* __restrict zp = zr + ow * C;
+      for (int64_t c = 0; c < C; ++c) part[c] += (zp[c] - mean[c]) * (zp[c] - mean[c]);
     }
     for (int64_t c = 0; c < C; ++c) acc[c] += part[c];
   });
@@ -134,7 +179,11 @@ void nhwc_train_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, co
                          double* grad_gamma, double* grad_beta) {
   constexpr int P = K / 2;
   const int64_t C = s.C, rows = s.N * s.Ho, row_len = s.Wo * C, count = rows * s.Wo;
-  std::vector<T> z(rows * row_len), g(rows * row_len), a(C), b(C), invstd(C);
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor z_buffer = at::empty({rows * row_len}, options), g_buffer = at::empty({rows * row_len}, options);
+  T* const z = z_buffer.mutable_data_ptr<T>();
+  T* const g = g_buffer.mutable_data_ptr<T>();
+  std::vector<T> a(C), b(C), invstd(C);
   for (int64_t c = 0; c < C; ++c) {
     invstd[c] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));
     a[c] = gamma[c] * invstd[c];
@@ -143,25 +192,30 @@ void nhwc_train_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, co
   // g = dL/d(BN output), and the two sums of batch-norm backward.
   ThreadSums sums(2 * C);
   for_each_row(rows, [&](int64_t r) {
-    T* zr = z.data() + r * row_len;
-    T* gr = g.data() + r * row_len;
+    T* zr = z + r * row_len;
+    T* gr = g + r * row_len;
     nhwc_conv_row<scalar_t, K, S>(x, w_t, zr, s, r / s.Ho, r % s.Ho);
     const scalar_t* dyr = gy + r * row_len;
     double* acc = sums.mine();
+    std::vector<T> sg_row(C, T(0)), sgz_row(C, T(0));
+    T* __restrict sg = sg_row.data();
+    T* __restrict sgz = sgz_row.data();
+    const T* __restrict ap = a.data();
+    const T* __restrict bp = b.data();
+    const T* __restrict mp = mean;
     for (int64_t ow = 0; ow < s.Wo; ++ow) {
+      const T* __restrict zp = zr + ow * C;
+      const scalar_t* __restrict dyp = dyr + ow * C;
+      T* __restrict gp = gr + ow * C;
+      for (int64_t c = 0; c < C; ++c) gp[c] = act_backward<ACT>(ap[c] * zp[c] + bp[c], static_cast<T>(dyp[c]));
       for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = ow * C + c;
-        gr[i] = act_backward<ACT>(a[c] * zr[i] + b[c], static_cast<T>(dyr[i]));
+        sg[c] += gp[c];
+        sgz[c] += gp[c] * (zp[c] - mp[c]);
       }
     }
     for (int64_t c = 0; c < C; ++c) {
-      T sg = 0, sgz = 0;
-      for (int64_t ow = 0; ow < s.Wo; ++ow) {
-        sg += gr[ow * C + c];
-        sgz += gr[ow * C + c] * (zr[ow * C + c] - mean[c]);
-      }
-      acc[c] += sg;
-      acc[C + c] += sgz;
+      acc[c] += sg_row[c];
+      acc[C + c] += sgz_row[c];
     }
   });
   const auto tot = sums.total();
@@ -174,8 +228,8 @@ void nhwc_train_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, co
   }
   // dL/dz = a (g - mean(g) - xhat mean(g xhat)), over g.
   for_each_row(rows, [&](int64_t r) {
-    T* gr = g.data() + r * row_len;
-    const T* zr = z.data() + r * row_len;
+    T* gr = g + r * row_len;
+    const T* zr = z + r * row_len;
     for (int64_t ow = 0; ow < s.Wo; ++ow) {
       for (int64_t c = 0; c < C; ++c) {
         const int64_t i = ow * C + c;
@@ -183,49 +237,80 @@ void nhwc_train_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, co
       }
     }
   });
-  // dL/dx: each input pixel gathers the output pixels whose window covers it.
+  // dL/dx. Stride 1: the convolution of dz with the flipped kernel. Stride 2: each input pixel gathers
+  // the output pixels whose window covers it.
   const int64_t in_rows = s.N * s.H, in_len = s.W * C;
-  for_each_row(in_rows, [&](int64_t r) {
-    const int64_t n = r / s.H, ih = r % s.H;
-    std::vector<T> acc(C);
-    for (int64_t iw = 0; iw < s.W; ++iw) {
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int kh = 0; kh < K; ++kh) {
-        const int64_t th = ih + P - kh;
-        if (th < 0 || th % S != 0 || th / S >= s.Ho) continue;
-        for (int kw = 0; kw < K; ++kw) {
-          const int64_t tw = iw + P - kw;
-          if (tw < 0 || tw % S != 0 || tw / S >= s.Wo) continue;
-          const T* __restrict dz = g.data() + ((n * s.Ho + th / S) * s.Wo + tw / S) * C;
-          const T* __restrict wp = w_t + (kh * K + kw) * C;
-          for (int64_t c = 0; c < C; ++c) acc[c] += wp[c] * dz[c];
+  if constexpr (S == 1) {
+    std::vector<T> w_flip(K * K * C);
+    for (int t = 0; t < K * K; ++t) std::copy_n(w_t + (K * K - 1 - t) * C, C, w_flip.data() + t * C);
+    const NhwcShape dz_shape{s.N, s.Ho, s.Wo, C, s.H, s.W};
+    for_each_row(in_rows, [&](int64_t r) {
+      nhwc_conv_row<T, K, 1>(g, w_flip.data(), dx + r * in_len, dz_shape, r / s.H, r % s.H);
+    });
+  } else {
+    for_each_row(in_rows, [&](int64_t r) {
+      const int64_t n = r / s.H, ih = r % s.H;
+      const T* src[K * K];
+      const T* w[K * K];
+      for (int64_t iw = 0; iw < s.W; ++iw) {
+        int taps = 0;
+        for (int kh = 0; kh < K; ++kh) {
+          const int64_t th = ih + P - kh;
+          if (th < 0 || th % S != 0 || th / S >= s.Ho) continue;
+          for (int kw = 0; kw < K; ++kw) {
+            const int64_t tw = iw + P - kw;
+            if (tw < 0 || tw % S != 0 || tw / S >= s.Wo) continue;
+            src[taps] = g + ((n * s.Ho + th / S) * s.Wo + tw / S) * C;
+            w[taps++] = w_t + (kh * K + kw) * C;
+          }
         }
+        dot_taps(taps, src, w, dx + r * in_len + iw * C, C);
       }
-      scalar_t* out = dx + r * in_len + iw * C;
-      for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(acc[c]);
-    }
-  });
-  // dL/dw[tap, c] = sum over output pixels of dz * the input under that tap; per row in T, then double.
+    });
+  }
+  // dL/dw[tap, c] = sum over output pixels of dz * the input under that tap: per tap and 8 channels, a
+  // vector sum along the output row in registers; rows add up in T per thread and in double every 16 rows.
   ThreadSums wsum(K * K * C);
-  for_each_row(rows, [&](int64_t r) {
-    const int64_t n = r / s.Ho, oh = r % s.Ho;
+  for_row_chunks(rows, [&](int64_t begin, int64_t end) {
     std::vector<T> part(K * K * C, T(0));
-    for (int64_t ow = 0; ow < s.Wo; ++ow) {
-      const T* __restrict dz = g.data() + r * row_len + ow * C;
+    double* acc = wsum.mine();
+    auto flush = [&] {
+      for (int64_t i = 0; i < K * K * C; ++i) acc[i] += part[i];
+      std::fill(part.begin(), part.end(), T(0));
+    };
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / s.Ho, oh = r % s.Ho;
+      const T* dz = g + r * row_len;
       for (int kh = 0; kh < K; ++kh) {
         const int64_t ih = oh * S - P + kh;
         if (ih < 0 || ih >= s.H) continue;
+        const scalar_t* xrow = x + (n * s.H + ih) * s.W * C;
         for (int kw = 0; kw < K; ++kw) {
-          const int64_t iw = ow * S - P + kw;
-          if (iw < 0 || iw >= s.W) continue;
-          const scalar_t* __restrict xp = x + ((n * s.H + ih) * s.W + iw) * C;
+          // the output columns whose tap kw falls inside the input row
+          const int64_t ow0 = std::max<int64_t>(0, (P - kw + S - 1) / S);
+          const int64_t last = s.W - 1 + P - kw;  // ow * S <= last
+          const int64_t ow1 = last < 0 ? 0 : std::min<int64_t>(s.Wo, last / S + 1);
           T* __restrict pp = part.data() + (kh * K + kw) * C;
-          for (int64_t c = 0; c < C; ++c) pp[c] += dz[c] * static_cast<T>(xp[c]);
+          int64_t c = 0;
+          if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<T, float>) {
+            for (; c + 8 <= C; c += 8) {
+              Float8 a = {};
+              for (int64_t ow = ow0; ow < ow1; ++ow) {
+                a += load8(dz + ow * C + c) * load8(xrow + (ow * S - P + kw) * C + c);
+              }
+              store8(pp + c, load8(pp + c) + a);
+            }
+          }
+          for (; c < C; ++c) {
+            T a = 0;
+            for (int64_t ow = ow0; ow < ow1; ++ow) a += dz[ow * C + c] * static_cast<T>(xrow[(ow * S - P + kw) * C + c]);
+            pp[c] += a;
+          }
         }
       }
+      if ((r - begin) % 16 == 15) flush();
     }
-    double* acc = wsum.mine();
-    for (int64_t i = 0; i < K * K * C; ++i) acc[i] += part[i];
+    flush();
   });
   const auto gw = wsum.total();
   std::copy(gw.begin(), gw.end(), grad_w);
