@@ -43,5 +43,12 @@ for r in rows[1:]:
 for l in open(sys.argv[1]):
     if l.startswith("- eval k=3"):
         print(l.rstrip())
+# The grouped ops' ragged kernels (benchmarks/test_bench_grouped_cuda.py): ratio to each baseline and the
+# required minimum (ragged >= 2x the per-group composition, block_gate_grads >= 3x the eager loop).
+required = [l.rstrip() for l in open(sys.argv[1]) if l.startswith("- required ratio:")]
+if required:
+    print("grouped ops, ratio baseline / ragged kernel:")
+    print("\n".join(required))
+    print(f"{sum('BELOW' in l for l in required)} of {sum('required >=' in l for l in required)} required ratios missed")
 PY
 exit $(( tests_rc != 0 || bench_rc != 0 ))

@@ -1,7 +1,8 @@
 """The fused depthwise stage against the ATen composite (conv2d groups=C + batch_norm + relu6) in the
 same run: forward and forward+backward, train and eval.
 
-CPU: the embedded demo's shapes (N=64, fp32); set BETANAS_BENCH_FULL=1 for every C x H combination.
+CPU: the embedded demo's shapes (N=64, fp32), NCHW and (training mode) NHWC, each against ATen in the same
+layout; set BETANAS_BENCH_FULL=1 for every C x H combination.
 CUDA (when present): MobileNetV2 ImageNet shapes (N=256, bf16, channels_last), plus the eval-mode k=3
 bandwidth against the device's measured copy bandwidth.
 """
@@ -69,10 +70,15 @@ def make_step(impl, tensors, training, backward, sync):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("k", KERNEL_SIZES)
 @pytest.mark.parametrize("c,hw", CPU_SHAPES)
-def test_cpu_demo_shapes(record, impl, pass_, mode, k, c, hw):
-    tensors = make_case("cpu", torch.float32, 64, c, hw, k, torch.contiguous_format)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_cpu_demo_shapes(record, impl, pass_, mode, k, c, hw, layout):
+    if layout == "nhwc" and mode == "eval":
+        pytest.skip("evaluation mode computes channels_last inputs in NCHW: the nchw rows are its kernels")
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    tensors = make_case("cpu", torch.float32, 64, c, hw, k, fmt)
     step = make_step(IMPLS[impl], tensors, mode == "train", pass_ == "fwd+bwd", lambda: None)
-    record("CPU fp32 N=64 stride 1", {"C": c, "HxW": hw, "k": k, "mode": mode, "pass": pass_}, impl, step)
+    record("CPU fp32 N=64 stride 1 (ATen in the same layout)",
+           {"layout": layout, "C": c, "HxW": hw, "k": k, "mode": mode, "pass": pass_}, impl, step)
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -1,7 +1,7 @@
 """The grouped depthwise op and the all-candidate block gate-gradient op against their references and
 against PyTorch's own modules: forward, backward, dtypes, strides, kernel mixes, odd shapes, groups of
 size 0 and 1, one group holding every sample, a block with a single candidate, bad input, opcheck and
-float64 gradcheck."""
+float64 gradcheck; with a GPU, the same for the single-launch ragged CUDA kernels (the test_cuda_* cases)."""
 import pytest
 import torch
 
@@ -10,7 +10,7 @@ from betanas_fast import ops
 from betanas_fast.nn.mbconv import MBConv
 from betanas_fast.reference import grouped as ref
 
-from common import DEVICES, LOW_PRECISION_FACTOR, RELATIVE_TOLERANCE, device_dtype_params, scaled_error
+from common import DEVICES, HAS_CUDA, LOW_PRECISION_FACTOR, RELATIVE_TOLERANCE, device_dtype_params, scaled_error
 
 pytestmark = pytest.mark.skipif(not betanas_fast.KERNELS_LOADED, reason="kernel library not built")
 
@@ -161,13 +161,14 @@ BLOCKS = {
 
 @pytest.mark.parametrize("block", list(BLOCKS))
 @pytest.mark.parametrize("N,H", [(5, 9), (1, 7), (16, 4)])
-def test_block_gate_grads_equal_the_eager_modules(block, N, H):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_block_gate_grads_equal_the_eager_modules(block, N, H, layout):
     cin, cout, stride, kinds = BLOCKS[block]
     mods = make_block(cin, cout, stride, kinds, seed=N * H)
-    x = torch.randn(N, cin, H, H) * 1.5 + 0.2
+    x = (torch.randn(N, cin, H, H) * 1.5 + 0.2).contiguous(memory_format=layout)
     with torch.no_grad():
         outs = [m(x) for m in mods]  # training mode: batch statistics (running ones are not read)
-    grad_out = torch.randn_like(outs[0])
+    grad_out = torch.randn_like(outs[0]).contiguous(memory_format=layout)
     got = ops.block_gate_grads(*gate_args(mods, x, grad_out)[:-2], act="relu6", eps=EPS)
     eager = [float((o.double() * grad_out.double()).sum()) for o in outs]
     ident = float((x.double() * grad_out.double()).sum()) if x.shape == grad_out.shape else 0.0
@@ -177,9 +178,10 @@ def test_block_gate_grads_equal_the_eager_modules(block, N, H):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
 
-def test_block_gate_grads_float64_and_bfloat16():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_block_gate_grads_float64_and_bfloat16(layout):
     mods = make_block(8, 8, 1, BLOCKS["residual"][3], seed=3, dtype=torch.float64)
-    x = torch.randn(6, 8, 7, 7, dtype=torch.float64)
+    x = torch.randn(6, 8, 7, 7, dtype=torch.float64).contiguous(memory_format=layout)
     grad_out = torch.randn_like(x)
     got = OPS.block_gate_grads(*gate_args(mods, x, grad_out))
     want = ref.block_gate_grads(*gate_args(mods, x, grad_out))
@@ -218,6 +220,9 @@ def test_block_gate_grads_opcheck():
     mods = make_block(6, 10, 1, BLOCKS["widen"][3], seed=2)
     with torch.no_grad():
         args = gate_args([m.requires_grad_(False) for m in mods], torch.randn(3, 6, 5, 5), torch.randn(3, 10, 5, 5))
+        args_nhwc = (args[0].contiguous(memory_format=torch.channels_last),
+                     args[1].contiguous(memory_format=torch.channels_last)) + args[2:]
+    torch.library.opcheck(OPS.block_gate_grads.default, args_nhwc)
     torch.library.opcheck(OPS.block_gate_grads.default, args)
 
 
@@ -277,3 +282,211 @@ def test_alpha_trajectory_with_kernels_equals_references(tmp_path):
     moved = trajectories["reference"].abs().max().item()
     assert moved > 1e-3  # α did move: not a comparison of two untouched zeros
     torch.testing.assert_close(trajectories["kernels"], trajectories["reference"], rtol=1e-3, atol=1e-3 * moved)
+
+
+# --- CUDA: the single-launch ragged kernels ----------------------------------------------------------------------
+# One launch over every channel of every group (csrc/cuda/dw_ragged.cuh, csrc/cuda/grouped.cu). These run only with a
+# GPU and call the CUDA kernels directly (no fallback to the reference); their ids contain "cuda", which
+# benchmarks/gpu_check.sh selects.
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+CUDA_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+RAGGED_CASES = {
+    # seven groups: one empty, one of a single sample, every kernel size, different channel counts
+    "seven-groups": ([9, 0, 3, 12, 1, 5, 7], [6, 5, 12, 4, 9, 3, 8], [3, 5, 7, 5, 3, 7, 5]),
+    # a group with more samples than a block stages at once (32), next to a wide one
+    "wide-group": ([40, 2], [3, 33], [7, 3]),
+}
+
+
+def _assert_grouped_close(got, inputs, groups, H, W, stride, act, dtype, grad_seed=3):
+    """got (run_grouped's outputs) against the float64 oracle on the same rounded inputs; float16 / bfloat16 no
+    worse than PyTorch's own composite in that dtype (as test_grouped_matches_reference judges them)."""
+    with ops.reference_ops():
+        want, _ = run_grouped(*(t.double().cpu() for t in inputs), groups, H, W, stride, act, grad_seed)
+    names = ("out", "mean", "var", "grad_x", "grad_w", "grad_gamma", "grad_beta")
+    if dtype in RELATIVE_TOLERANCE:
+        for name, a, b in zip(names, got, want):
+            assert scaled_error(a.cpu(), b) <= RELATIVE_TOLERANCE[dtype] * 10, name
+        return
+    with ops.reference_ops():
+        same_dtype, _ = run_grouped(*inputs, groups, H, W, stride, act, grad_seed)
+    for i, (name, a, b, r) in enumerate(zip(names, got, want, same_dtype)):
+        bound = LOW_PRECISION_FACTOR["forward" if i < 3 else "backward"] * max(scaled_error(r.cpu(), b), 1e-3)
+        assert scaled_error(a.cpu(), b) <= bound, name
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", list(RAGGED_CASES))
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("act", ["none", "relu6", "silu"])
+@pytest.mark.parametrize("H,W", [(13, 11), (2, 7)])
+def test_cuda_ragged_grouped_matches_reference(dtype, case, stride, act, H, W):
+    groups = RAGGED_CASES[case]
+    inputs = grouped_inputs(*groups, H, W, dtype, "cuda", seed=hash((case, stride, act, H, W)) % 1000)
+    got, _ = run_grouped(*inputs, groups, H, W, stride, act)
+    _assert_grouped_close(got, inputs, groups, H, W, stride, act, dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cuda_ragged_grouped_large_planes(dtype, stride):
+    """Planes of several tiles and groups of several sample chunks, as at ImageNet's early stages."""
+    groups = ([37, 0, 20], [16, 8, 24], [3, 5, 7])
+    inputs = grouped_inputs(*groups, 56, 56, dtype, "cuda", seed=11)
+    got, _ = run_grouped(*inputs, groups, 56, 56, stride, "relu6")
+    _assert_grouped_close(got, inputs, groups, 56, 56, stride, "relu6", dtype)
+
+
+@requires_cuda
+def test_cuda_ragged_grouped_equals_cpu_kernel_float64():
+    samples, channels, kernels = RAGGED_CASES["seven-groups"]
+    inputs = grouped_inputs(samples, channels, kernels, 9, 7, torch.float64, "cpu", seed=6)
+    for stride in (1, 2):
+        args = (samples, channels, kernels, 9, 7, stride, 2, EPS)
+        cpu = OPS.dw_bn_act_grouped_train(*inputs, *args)
+        cuda = OPS.dw_bn_act_grouped_train(*(t.cuda() for t in inputs), *args)
+        for a, b in zip(cuda, cpu):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10)
+        grad = torch.randn_like(cpu[0])
+        cpu_b = OPS.dw_bn_act_grouped_train_backward(grad, *inputs, cpu[1], cpu[2], *args)
+        cuda_b = OPS.dw_bn_act_grouped_train_backward(grad.cuda(), *(t.cuda() for t in inputs), cpu[1].cuda(),
+                                                      cpu[2].cuda(), *args)
+        for a, b in zip(cuda_b, cpu_b):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9)
+
+
+@requires_cuda
+def test_cuda_ragged_grouped_is_deterministic():
+    """No atomics: every reduction runs in a fixed order, so two runs agree bit for bit."""
+    groups = RAGGED_CASES["seven-groups"]
+    inputs = grouped_inputs(*groups, 16, 16, torch.float32, "cuda", seed=7)
+    first, _ = run_grouped(*inputs, groups, 16, 16, 1, "silu")
+    second, _ = run_grouped(*inputs, groups, 16, 16, 1, "silu")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@requires_cuda
+def test_cuda_grouped_gradcheck_float64():
+    samples, channels, kernels = [2, 0, 3, 1], [2, 3, 1, 2], [3, 5, 7, 5]
+    x, w, gamma, beta = (t.requires_grad_(True) for t in
+                         grouped_inputs(samples, channels, kernels, 5, 4, torch.float64, "cuda", seed=4))
+    def output(stride, act):
+        return lambda *t: OPS.dw_bn_act_grouped_train(*t, samples, channels, kernels, 5, 4, stride, act, EPS)[0]
+
+    for stride in (1, 2):
+        for act in (0, 2):
+            assert torch.autograd.gradcheck(output(stride, act), (x, w, gamma, beta))
+
+
+@requires_cuda
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_cuda_grouped_opcheck(requires_grad):
+    samples, channels, kernels = [3, 0, 2, 1], [2, 3, 4, 2], [3, 7, 5, 7]
+    x, w, gamma, beta = grouped_inputs(samples, channels, kernels, 6, 5, torch.float32, "cuda", seed=5)
+    for t in (x, w, gamma, beta):
+        t.requires_grad_(requires_grad)
+    args = (x, w, gamma, beta, samples, channels, kernels, 6, 5, 2, 1, EPS)
+    torch.library.opcheck(OPS.dw_bn_act_grouped_train.default, args)
+    if not requires_grad:
+        out, mean, var = OPS.dw_bn_act_grouped_train(*args)
+        torch.library.opcheck(OPS.dw_bn_act_grouped_train_backward.default,
+                              (torch.randn_like(out), x, w, gamma, beta, mean, var, *args[4:]))
+
+
+def _gate_args_on(mods, x, grad_out, device, param_dtype=None):
+    """gate_args with the modules' parameters copied to `device` (and param_dtype), the modules left as they are."""
+    params = [[p.detach().to(device=device, dtype=param_dtype or p.dtype) for p in ps]
+              for ps in zip(*(m.gate_grad_params() for m in mods))] or [[]] * 9
+    first = mods[0] if mods else None
+    return (x, grad_out, *params, first.stride if first else 1, bool(first and first.has_skip), 1, EPS)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("block", list(BLOCKS))
+@pytest.mark.parametrize("N,H", [(5, 9), (16, 4)])
+def test_cuda_block_gate_grads_match_reference(dtype, block, N, H):
+    """Every candidate of a block at once on the GPU against the float64 oracle; parameters float32 (as under
+    autocast) or float64."""
+    cin, cout, stride, kinds = BLOCKS[block]
+    mods = make_block(cin, cout, stride, kinds, seed=N * H, dtype=torch.float64)
+    x64 = torch.randn(N, cin, H, H, dtype=torch.float64) * 1.5 + 0.2
+    ho = (H - 1) // stride + 1
+    g64 = torch.randn(N, cout, ho, ho, dtype=torch.float64)
+    x, g = x64.to(dtype).cuda(), g64.to(dtype).cuda()
+    args = _gate_args_on(mods, x, g, "cuda", torch.float64 if dtype == torch.float64 else torch.float32)
+    got = OPS.block_gate_grads(*args)
+    # the oracle on the same rounded inputs and parameters
+    exact = ref.block_gate_grads(x.double().cpu(), g.double().cpu(),
+                                 *[[p.double().cpu() for p in ps] for ps in args[2:11]], *args[11:])
+    err = lambda a: scaled_error(a.cpu(), exact)  # noqa: E731
+    if dtype == torch.float64:  # the result is float32, and the oracle sums float32 products
+        assert err(got) <= 1e-6
+    elif dtype == torch.float32:
+        assert err(got) <= 2e-4
+    else:  # no worse than the reference in the same dtype
+        theirs = ref.block_gate_grads(*args)
+        assert err(got) <= 2 * max(err(theirs), 1e-3), (err(got), err(theirs))
+
+
+@requires_cuda
+def test_cuda_block_gate_grads_float64_equals_cpu_kernel():
+    for block in BLOCKS:
+        cin, cout, stride, kinds = BLOCKS[block]
+        mods = make_block(cin, cout, stride, kinds, seed=9, dtype=torch.float64)
+        x = torch.randn(6, cin, 7, 7, dtype=torch.float64)
+        ho = (7 - 1) // stride + 1
+        g = torch.randn(6, cout, ho, ho, dtype=torch.float64)
+        cpu = OPS.block_gate_grads(*_gate_args_on(mods, x, g, "cpu"))
+        cuda = OPS.block_gate_grads(*_gate_args_on(mods, x.cuda(), g.cuda(), "cuda"))
+        torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-6, atol=1e-6)
+
+
+@requires_cuda
+@pytest.mark.parametrize("x_dtype,grad_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                                (torch.float16, torch.float32)])
+def test_cuda_block_gate_grads_grad_out_in_another_dtype(x_dtype, grad_dtype):
+    """grad_out is read in x's dtype when it has it, else in float32, as the CPU kernel reads it."""
+    mods = make_block(8, 8, 1, BLOCKS["residual"][3], seed=4)
+    x = (torch.randn(4, 8, 6, 6) * 1.5).to(x_dtype)
+    g = torch.randn(4, 8, 6, 6).to(grad_dtype)
+    got = OPS.block_gate_grads(*_gate_args_on(mods, x.cuda(), g.cuda(), "cuda"))
+    cpu_x = x.float() if x_dtype == torch.float16 else x  # the CPU kernels have no float16
+    want = OPS.block_gate_grads(*_gate_args_on(mods, cpu_x, g, "cpu"))
+    tol = 1e-4 if x_dtype == torch.float32 else 3e-2
+    assert scaled_error(got.cpu(), want) <= tol
+
+
+@requires_cuda
+def test_cuda_block_gate_grads_inside_autocast():
+    mods = [m.cuda() for m in make_block(8, 12, 2, BLOCKS["stride2"][3], seed=8)]
+    x = torch.randn(4, 8, 8, 8, device="cuda")
+    grad_out = torch.randn(4, 12, 4, 4, device="cuda")
+    plain = OPS.block_gate_grads(*gate_args(mods, x, grad_out))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        in_autocast = OPS.block_gate_grads(*gate_args(mods, x, grad_out))
+    torch.testing.assert_close(in_autocast, plain, rtol=1e-5, atol=1e-4)  # x is float32: the op stays float32
+
+
+@requires_cuda
+def test_cuda_block_gate_grads_identity_only_and_deterministic():
+    x = torch.randn(3, 4, 5, 5, device="cuda")
+    g = torch.randn(3, 4, 5, 5, device="cuda")
+    got = OPS.block_gate_grads(*gate_args([], x, g))
+    assert got.shape == (1,) and torch.allclose(got[0], (x.double() * g.double()).sum().float())
+    assert (OPS.block_gate_grads(*gate_args([], x, torch.randn(3, 4, 3, 3, device="cuda"))) == 0).all()
+    mods = [m.cuda() for m in make_block(8, 8, 1, BLOCKS["residual"][3], seed=6)]
+    x = torch.randn(16, 8, 9, 9, device="cuda")
+    g = torch.randn_like(x)
+    assert torch.equal(OPS.block_gate_grads(*gate_args(mods, x, g)), OPS.block_gate_grads(*gate_args(mods, x, g)))
+
+
+@requires_cuda
+def test_cuda_block_gate_grads_opcheck():
+    mods = [m.cuda().requires_grad_(False) for m in make_block(6, 10, 1, BLOCKS["widen"][3], seed=2)]
+    args = gate_args(mods, torch.randn(3, 6, 5, 5, device="cuda"), torch.randn(3, 10, 5, 5, device="cuda"))
+    torch.library.opcheck(OPS.block_gate_grads.default, args)

@@ -1,6 +1,7 @@
-// Host emulation of the CUDA execution model for dw_bn_act.cu: one std::thread per CUDA thread, blocks run
-// one after the other, __syncthreads is a std::barrier, dynamic shared memory is a malloc'ed buffer of exactly
-// the requested size filled with NaN bytes before each block.
+// Host emulation of the CUDA execution model for dw_bn_act.cu and grouped.cu: one std::thread per CUDA thread,
+// blocks run one after the other, __syncthreads is a std::barrier, dynamic shared memory is a malloc'ed buffer of
+// exactly the requested size filled with NaN bytes before each block, atomics are std::atomic_ref operations and
+// __threadfence a sequentially consistent fence.
 #pragma once
 #include <barrier>
 #include <cstdint>
@@ -99,3 +100,8 @@ void launch(void (*kernel)(KArgs...), int64_t grid, size_t smem, Args&&... args)
 #define threadIdx (::betanas_emu::tl_threadIdx)
 #define blockIdx (::betanas_emu::tl_blockIdx)
 inline void __syncthreads() { betanas_emu::g_sync->arrive_and_wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+template <typename T>
+T atomicAdd(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_add(value);
+}
