@@ -103,10 +103,11 @@ def test_grouped_gradcheck_float64():
         assert torch.autograd.gradcheck(fn, (x, w, gamma, beta))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_grouped_opcheck(requires_grad):
-    samples, channels, kernels = [3, 0, 2], [2, 3, 4], [3, 7, 5]
-    x, w, gamma, beta = grouped_inputs(samples, channels, kernels, 6, 5, torch.float32, "cpu", seed=5)
+def test_grouped_opcheck(requires_grad, device):
+    samples, channels, kernels = [3, 0, 2, 1], [2, 3, 4, 2], [3, 7, 5, 7]
+    x, w, gamma, beta = grouped_inputs(samples, channels, kernels, 6, 5, torch.float32, device, seed=5)
     for t in (x, w, gamma, beta):
         t.requires_grad_(requires_grad)
     args = (x, w, gamma, beta, samples, channels, kernels, 6, 5, 2, 1, EPS)
@@ -380,21 +381,6 @@ def test_cuda_grouped_gradcheck_float64():
     for stride in (1, 2):
         for act in (0, 2):
             assert torch.autograd.gradcheck(output(stride, act), (x, w, gamma, beta))
-
-
-@requires_cuda
-@pytest.mark.parametrize("requires_grad", [False, True])
-def test_cuda_grouped_opcheck(requires_grad):
-    samples, channels, kernels = [3, 0, 2, 1], [2, 3, 4, 2], [3, 7, 5, 7]
-    x, w, gamma, beta = grouped_inputs(samples, channels, kernels, 6, 5, torch.float32, "cuda", seed=5)
-    for t in (x, w, gamma, beta):
-        t.requires_grad_(requires_grad)
-    args = (x, w, gamma, beta, samples, channels, kernels, 6, 5, 2, 1, EPS)
-    torch.library.opcheck(OPS.dw_bn_act_grouped_train.default, args)
-    if not requires_grad:
-        out, mean, var = OPS.dw_bn_act_grouped_train(*args)
-        torch.library.opcheck(OPS.dw_bn_act_grouped_train_backward.default,
-                              (torch.randn_like(out), x, w, gamma, beta, mean, var, *args[4:]))
 
 
 def _gate_args_on(mods, x, grad_out, device, param_dtype=None):

@@ -96,7 +96,7 @@ inline BlockCandidates check_block_gate_args(const char* op, c10::DeviceType dev
                                              const at::Tensor& grad_out, at::TensorList ew, at::TensorList ebw,
                                              at::TensorList ebb, at::TensorList dww, at::TensorList dbw,
                                              at::TensorList dbb, at::TensorList pw, at::TensorList pbw,
-                                             at::TensorList pbb, int64_t stride, int64_t act) {
+                                             at::TensorList pbb, int64_t stride, bool residual, int64_t act) {
   check_x_dtype(op, x, device_type);
   TORCH_CHECK(x.dim() == 4, op, ": x must be [N, C, H, W], got shape ", x.sizes());
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0), op,
@@ -142,6 +142,8 @@ inline BlockCandidates check_block_gate_args(const char* op, c10::DeviceType dev
     b.mid.push_back(mid);
     b.kernel.push_back(k);
   }
+  TORCH_CHECK(!residual || x.sizes() == grad_out.sizes(), op, ": residual=True needs grad_out of x's shape ",
+              x.sizes(), ", got ", grad_out.sizes());
   TORCH_CHECK(K == 0 || (b.N * b.H * b.W > 1 && b.N * b.Ho * b.Wo > 1), op,
               ": training-mode batch statistics need more than 1 value per channel, got x of shape ", x.sizes());
   return b;

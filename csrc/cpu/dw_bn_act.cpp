@@ -38,7 +38,7 @@ void train_forward_kernel(const at::Tensor& x, const std::vector<T>& w, const st
   const int64_t in_plane = plane.H * plane.W, out_plane = plane.Ho * plane.Wo;
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
   scalar_t* yd = out.mutable_data_ptr<scalar_t>();
-  for_each_channel(C, [&](int64_t c) {
+  for_each_index(C, [&](int64_t c) {
     train_forward_channel<scalar_t, K, S, ACT>(plane, xd + c * in_plane, C * in_plane, yd + c * out_plane,
                                                C * out_plane, N, w.data() + c * K * K, gamma[c], beta[c], eps,
                                                mean_out + c, var_out + c);
@@ -149,7 +149,7 @@ void train_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, cons
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
   const scalar_t* gd = grad_out.const_data_ptr<scalar_t>();
   scalar_t* dxd = grad_x.mutable_data_ptr<scalar_t>();
-  for_each_channel(C, [&](int64_t c) {
+  for_each_index(C, [&](int64_t c) {
     train_backward_channel<scalar_t, K, S, ACT>(plane, gd + c * out_plane, C * out_plane, xd + c * in_plane,
                                                 dxd + c * in_plane, C * in_plane, N, w.data() + c * K * K, gamma[c],
                                                 beta[c], mean_in[c], var_in[c], eps, grad_w.data() + c * K * K,
@@ -245,7 +245,7 @@ void eval_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const
   const scalar_t* gd = grad_out.const_data_ptr<scalar_t>();
   scalar_t* dxd = grad_x.mutable_data_ptr<scalar_t>();
 
-  for_each_channel(C, [&](int64_t c) {
+  for_each_index(C, [&](int64_t c) {
     std::vector<T> xp(plane.Hp * plane.Wp), dxp(plane.Hp * plane.Wp), z(out_plane), dz_plane(out_plane);
     std::vector<T> dzp(plane.grad_pad_size()), dx_plane(in_plane);
     std::vector<double> dw(K * K, 0.0);

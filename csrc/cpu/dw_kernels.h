@@ -249,10 +249,11 @@ inline at::Tensor like_param(const std::vector<double>& v, const at::Tensor& par
   return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).view(param.sizes()).to(param.scalar_type());
 }
 
+// f(i) for i < n, split across threads: channels of the NCHW kernels, rows of the NHWC ones.
 template <typename F>
-void for_each_channel(int64_t C, F&& f) {
-  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) f(c);
+void for_each_index(int64_t n, F&& f) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) f(i);
   });
 }
 

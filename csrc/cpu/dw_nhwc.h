@@ -40,13 +40,6 @@ class ThreadSums {
   std::vector<double> sums_;
 };
 
-template <typename F>
-void for_each_row(int64_t rows, F&& f) {
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) f(r);
-  });
-}
-
 // out[c] = sum_t w[t][c] * src[t][c] over the n taps of one output pixel, c < C: the channels in the
 // inner loop, 16 at a time in two vector accumulators that stay in registers over all taps.
 template <typename src_t, typename T, typename out_t>
@@ -112,12 +105,6 @@ void nhwc_conv_row(const scalar_t* __restrict x, const T* __restrict w_t, out_t*
   }
 }
 
-// f(begin, end) over chunks of rows split across threads (one chunk per thread at most).
-template <typename F>
-void for_row_chunks(int64_t rows, F&& f) {
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) { f(begin, end); });
-}
-
 // Training-mode forward: y = act(BN(conv(x))) with batch statistics; writes mean and biased var per channel.
 template <typename scalar_t, int K, int S, int ACT, typename T>
 void nhwc_train_forward(const scalar_t* x, scalar_t* y, const NhwcShape& s, const T* w_t, const T* gamma,
@@ -132,7 +119,7 @@ void nhwc_train_forward(const scalar_t* x, scalar_t* y, const NhwcShape& s, cons
     z = z_buffer.mutable_data_ptr<T>();
   }
   ThreadSums sums(C);
-  for_each_row(rows, [&](int64_t r) {
+  for_each_index(rows, [&](int64_t r) {
     T* zr = z + r * row_len;
     nhwc_conv_row<scalar_t, K, S>(x, w_t, zr, s, r / s.Ho, r % s.Ho);
     add_row_sums(zr, s.Wo, C, sums.mine(), [](T v) { return v; });
@@ -141,7 +128,7 @@ void nhwc_train_forward(const scalar_t* x, scalar_t* y, const NhwcShape& s, cons
   const auto sum = sums.total();
   for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<T>(sum[c] / count);
   ThreadSums squares(C);  // centred second pass: no cancellation
-  for_each_row(rows, [&](int64_t r) {
+  for_each_index(rows, [&](int64_t r) {
     const T* zr = z + r * row_len;
     double* acc = squares.mine();
     std::vector<T> part(C, T(0));
@@ -160,7 +147,7 @@ void nhwc_train_forward(const scalar_t* x, scalar_t* y, const NhwcShape& s, cons
     mean_out[c] = mean[c];
     var_out[c] = static_cast<T>(var);
   }
-  for_each_row(rows, [&](int64_t r) {
+  for_each_index(rows, [&](int64_t r) {
     const T* zr = z + r * row_len;
     scalar_t* yr = y + r * row_len;
     for (int64_t ow = 0; ow < s.Wo; ++ow) {
@@ -191,7 +178,7 @@ void nhwc_train_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, co
   }
   // g = dL/d(BN output), and the two sums of batch-norm backward.
   ThreadSums sums(2 * C);
-  for_each_row(rows, [&](int64_t r) {
+  for_each_index(rows, [&](int64_t r) {
     T* zr = z + r * row_len;
     T* gr = g + r * row_len;
     nhwc_conv_row<scalar_t, K, S>(x, w_t, zr, s, r / s.Ho, r % s.Ho);
@@ -227,7 +214,7 @@ void nhwc_train_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, co
     c1[c] = static_cast<T>(a[c] * invstd[c] * invstd[c] * tot[C + c] / count);
   }
   // dL/dz = a (g - mean(g) - xhat mean(g xhat)), over g.
-  for_each_row(rows, [&](int64_t r) {
+  for_each_index(rows, [&](int64_t r) {
     T* gr = g + r * row_len;
     const T* zr = z + r * row_len;
     for (int64_t ow = 0; ow < s.Wo; ++ow) {
@@ -244,11 +231,11 @@ void nhwc_train_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, co
     std::vector<T> w_flip(K * K * C);
     for (int t = 0; t < K * K; ++t) std::copy_n(w_t + (K * K - 1 - t) * C, C, w_flip.data() + t * C);
     const NhwcShape dz_shape{s.N, s.Ho, s.Wo, C, s.H, s.W};
-    for_each_row(in_rows, [&](int64_t r) {
+    for_each_index(in_rows, [&](int64_t r) {
       nhwc_conv_row<T, K, 1>(g, w_flip.data(), dx + r * in_len, dz_shape, r / s.H, r % s.H);
     });
   } else {
-    for_each_row(in_rows, [&](int64_t r) {
+    for_each_index(in_rows, [&](int64_t r) {
       const int64_t n = r / s.H, ih = r % s.H;
       const T* src[K * K];
       const T* w[K * K];
@@ -271,7 +258,7 @@ void nhwc_train_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, co
   // dL/dw[tap, c] = sum over output pixels of dz * the input under that tap: per tap and 8 channels, a
   // vector sum along the output row in registers; rows add up in T per thread and in double every 16 rows.
   ThreadSums wsum(K * K * C);
-  for_row_chunks(rows, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {  // one chunk of rows per thread
     std::vector<T> part(K * K * C, T(0));
     double* acc = wsum.mine();
     auto flush = [&] {

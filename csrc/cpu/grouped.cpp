@@ -37,7 +37,7 @@ std::vector<int32_t> group_of_channel(const DwGroups& groups) {
 template <typename F>
 void for_each_group_channel(const DwGroups& groups, int64_t stride, int64_t act, F&& f) {
   const auto owner = group_of_channel(groups);
-  for_each_channel(groups.total_channels, [&](int64_t ch) {
+  for_each_index(groups.total_channels, [&](int64_t ch) {
     const DwGroup& g = groups.groups[owner[ch]];
     dispatch_kernel_stride(g.kernel, stride, [&](auto k, auto s) {
       dispatch_act(act, [&](auto a) { f(g, ch - g.channel_offset, ch, k, s, a); });
@@ -123,7 +123,7 @@ double bn_dot(const at::Tensor& z, const at::Tensor& g, const std::vector<T>& ga
   const scalar_t* zd = z.const_data_ptr<scalar_t>();
   const T* gd = g.const_data_ptr<T>();
   std::vector<double> per_channel(C);
-  for_each_channel(C, [&](int64_t c) {
+  for_each_index(C, [&](int64_t c) {
     double sum = 0.0, sq = 0.0, zg = 0.0, sg = 0.0;
     for (int64_t n = 0; n < N; ++n) {
       const scalar_t* p = zd + (n * C + c) * S;
@@ -183,10 +183,8 @@ at::Tensor block_gate_grads_cpu(const at::Tensor& x_in, const at::Tensor& grad_o
   const BlockCandidates b =
       check_block_gate_args(op, c10::kCPU, x_in, grad_out_in, expand_weight, expand_bn_weight, expand_bn_bias,
                             dw_weight, dw_bn_weight, dw_bn_bias, project_weight, project_bn_weight, project_bn_bias,
-                            stride, act);
+                            stride, residual, act);
   const bool same_shape = x_in.sizes() == grad_out_in.sizes();
-  TORCH_CHECK(!residual || same_shape, op, ": residual=True needs grad_out of x's shape ", x_in.sizes(), ", got ",
-              grad_out_in.sizes());
   const at::Tensor x = x_in.contiguous();
   const auto stats_type = stats_dtype(x);
   const at::Tensor g = grad_out_in.to(stats_type).contiguous();
@@ -214,7 +212,7 @@ at::Tensor block_gate_grads_cpu(const at::Tensor& x_in, const at::Tensor& grad_o
       const auto w = to_vector<T>(dw_weight[j]), gamma = to_vector<T>(dw_bn_weight[j]), beta = to_vector<T>(dw_bn_bias[j]);
       const scalar_t* hd = h.const_data_ptr<scalar_t>();
       scalar_t* yd = y.mutable_data_ptr<scalar_t>();
-      for_each_channel(mid, [&](int64_t c) {
+      for_each_index(mid, [&](int64_t c) {
         dispatch_kernel_stride(k, stride, [&](auto kk, auto ss) {
           constexpr int KK = decltype(kk)::value, SS = decltype(ss)::value;
           const DwPlane<T, KK, SS> plane(b.H, b.W);

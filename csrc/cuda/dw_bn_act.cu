@@ -132,38 +132,6 @@ BDEV void fwd_load_tile(const Params<scalar_t>& p, const BlockWork& bw, const Ti
   if (p.mode == kGStats) load_region(p, p.yr, Window{ti.out_off, p.Ho, p.Wo, bw.c0, ti.oh0, ti.ow0}, p.dy, ys);
 }
 
-// kZStats: Welford statistics of the micro-tile's valid outputs (vr rows, vc cols), merged into the thread's
-// (count, mean, M2).
-template <typename T>
-BDEV void zstats_micro(const T (&z)[kRH][kRW], int vr, int vc, T (&st)[3]) {
-  T lsum = T(0);
-  int ln = 0;
-#pragma unroll
-  for (int a = 0; a < kRH; ++a) {
-#pragma unroll
-    for (int b = 0; b < kRW; ++b) {
-      if (a < vr && b < vc) {
-        lsum += z[a][b];
-        ++ln;
-      }
-    }
-  }
-  if (ln == 0) return;
-  const T lmean = lsum / T(ln);
-  T lm2 = T(0);
-#pragma unroll
-  for (int a = 0; a < kRH; ++a) {
-#pragma unroll
-    for (int b = 0; b < kRW; ++b) {
-      if (a < vr && b < vc) {
-        const T d = z[a][b] - lmean;
-        lm2 += d * d;
-      }
-    }
-  }
-  welford_merge(st[0], st[1], st[2], T(ln), lmean, lm2);
-}
-
 // kApply: act(a*z + b) into the staged y tile; the store skips what lies past the plane.
 template <typename T, int KK>
 BDEV void apply_micro(int act, const ChannelCoef<T, KK>& cf, const T (&z)[kRH][kRW], T* yv, int rp) {
@@ -425,37 +393,6 @@ __global__ void __launch_bounds__(kThreads) dw_bwd_kernel(const Params<scalar_t>
 // ---------------------------------------------------------------------------------------------------------
 // Per-channel kernels (one block per channel unless noted).
 
-// Rounded arithmetic that the compiler may not contract into an FMA, to reproduce the CPU's per-channel
-// coefficients exactly.
-BDEV float mul_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-BDEV double mul_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-BDEV float sub_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-BDEV double sub_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-
 // mean, biased var (double, as the CPU code) -> mean/var outputs and the folded a = gamma*invstd, b.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -559,23 +496,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------------------------------------------------
 // Host side.
-
-#ifndef BETANAS_CUDA_EMULATION
-// Every kernel of this file: 1-D grid of 256-thread blocks on the current stream.
-template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), int64_t grid, size_t smem, Args&&... args) {
-  if (grid == 0) return;
-  TORCH_INTERNAL_ASSERT(grid <= INT32_MAX, "betanas: grid too large: ", grid);
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
-  kernel<<<static_cast<unsigned>(grid), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      std::forward<Args>(args)...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-#else
-using betanas_emu::launch;
-#endif
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

@@ -82,36 +82,6 @@ static_assert(kRedChunk * 32 == kThreads, "block_sums splits kRedChunk values ov
 // ---------------------------------------------------------------------------------------------------------
 // Device side.
 
-// Rounded arithmetic that the compiler may not contract into an FMA, to reproduce the CPU's coefficients.
-BDEV float rn_mul(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-BDEV double rn_mul(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-BDEV float rn_sub(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-BDEV double rn_sub(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-
 // Sums of v[0, NV) over the block's threads, in double and in a fixed order (per value: 32 sums of 8 threads,
 // then the 32 sums), kRedChunk values at a time. Every thread receives the sums in out[0, NV) (shared memory,
 // past the scratch: red + kSumScratch - 64). red: kSumScratch doubles of shared memory; the caller syncs before
@@ -330,36 +300,6 @@ BDEV Planes<P> chunk_planes(P plane0, int64_t step, int Hs, int Ws, int samples,
 // ---------------------------------------------------------------------------------------------------------
 // Forward: pass 1, batch statistics of z = conv(x); pass 2, y = act(a * z + b), z recomputed.
 
-template <typename T>
-BDEV void zstats_micro_tile(const T (&z)[kRH][kRW], int vr, int vc, T (&st)[3]) {
-  T lsum = T(0);
-  int ln = 0;
-#pragma unroll
-  for (int a = 0; a < kRH; ++a) {
-#pragma unroll
-    for (int b = 0; b < kRW; ++b) {
-      if (a < vr && b < vc) {
-        lsum += z[a][b];
-        ++ln;
-      }
-    }
-  }
-  if (ln == 0) return;
-  const T lmean = lsum / T(ln);
-  T lm2 = T(0);
-#pragma unroll
-  for (int a = 0; a < kRH; ++a) {
-#pragma unroll
-    for (int b = 0; b < kRW; ++b) {
-      if (a < vr && b < vc) {
-        const T d = z[a][b] - lmean;
-        lm2 += d * d;
-      }
-    }
-  }
-  welford_merge(st[0], st[1], st[2], T(ln), lmean, lm2);
-}
-
 template <int K, int S, typename scalar_t, typename T = at::opmath_type<scalar_t>>
 BDEV void ragged_forward_channel(const RaggedParams<scalar_t>& p, const RaggedGroup& grp, int c) {
   constexpr int P = K / 2;
@@ -392,7 +332,7 @@ BDEV void ragged_forward_channel(const RaggedParams<scalar_t>& p, const RaggedGr
       const MicroPos mp = micro_pos(ps.fd_mh, ps.MH, m);
       T z[kRH][kRW];
       conv_micro<K, S>(xs + ps.xr.at(ln.lane, mp.r0 * S, mp.q0 * S), ps.xr.rp, cv.w, z);
-      zstats_micro_tile(z, p.Ho - (pi.oh0 + mp.r0), p.Wo - (pi.ow0 + mp.q0), st);
+      zstats_micro(z, p.Ho - (pi.oh0 + mp.r0), p.Wo - (pi.ow0 + mp.q0), st);
     }
   }
   const double count = double(grp.samples) * p.Ho * p.Wo;
@@ -494,8 +434,8 @@ BDEV void ragged_backward_channel(const RaggedParams<scalar_t>& p, const RaggedG
   BnBackwardCoef<T> cf;
   cf.mean = p.mean[ch];
   cf.invstd = static_cast<T>(1.0 / ::sqrt(static_cast<double>(p.var[ch]) + p.eps));
-  cf.a = rn_mul(p.gamma[ch], cf.invstd);
-  cf.b = rn_sub(p.beta[ch], rn_mul(cf.mean, cf.a));
+  cf.a = mul_rn(p.gamma[ch], cf.invstd);
+  cf.b = sub_rn(p.beta[ch], mul_rn(cf.mean, cf.a));
 
   // Pass 1.
   {
@@ -547,7 +487,7 @@ BDEV void ragged_backward_channel(const RaggedParams<scalar_t>& p, const RaggedG
       p.grad_gamma[ch] = static_cast<T>(sum_g_zc * static_cast<double>(cf.invstd));
     }
     cf.c0 = static_cast<T>(static_cast<double>(cf.a) * sum_g / count);
-    cf.c1 = static_cast<T>(static_cast<double>(rn_mul(rn_mul(cf.a, cf.invstd), cf.invstd)) * sum_g_zc / count);
+    cf.c1 = static_cast<T>(static_cast<double>(mul_rn(mul_rn(cf.a, cf.invstd), cf.invstd)) * sum_g_zc / count);
   }
 
   // Pass 2.
@@ -627,23 +567,6 @@ __global__ void __launch_bounds__(kThreads) ragged_backward_kernel(const RaggedP
 
 // ---------------------------------------------------------------------------------------------------------
 // Host side.
-
-#ifndef BETANAS_CUDA_EMULATION
-// Every kernel of the grouped ops: 1-D grid of 256-thread blocks on the current stream.
-template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), int64_t grid, size_t smem, Args&&... args) {
-  if (grid == 0) return;
-  TORCH_INTERNAL_ASSERT(grid <= INT32_MAX, "betanas: grid too large: ", grid);
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
-  kernel<<<static_cast<unsigned>(grid), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      std::forward<Args>(args)...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-#else
-using betanas_emu::launch;
-#endif
 
 // A host array of trivially copyable structs as a tensor on `device`, copied without blocking the host (from
 // pinned memory, which the caching host allocator keeps until the copy is done).

@@ -1,6 +1,7 @@
 // Device side of the depthwise tiles: which channels and tiles a block and a thread own, shared-memory
 // regions and their copies from and to global memory, and the fixed-order reductions over a block's threads.
-// The host side that sizes them is dw_tile_plan.cuh. Private to dw_bn_act.cu, hence internal linkage.
+// The host side that sizes them is dw_tile_plan.cuh; `launch` starts the kernels. Private to the files that
+// include it (dw_bn_act.cu, dw_ragged.cuh), hence internal linkage.
 //
 // Shared arrays are [channel][row][col]; the plane pitch is 1 mod 32 and the row pitch is chosen so that a
 // warp (CT channels x 32/CT micro-tiles) hits 32 distinct banks. The global <-> shared copies are the only
@@ -8,8 +9,13 @@
 // C allows it; both are coalesced.
 #pragma once
 #include <cstdint>
+#include <utility>
 
 #include <c10/util/Exception.h>
+#ifndef BETANAS_CUDA_EMULATION
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#endif
 
 namespace betanas {
 namespace {
@@ -262,6 +268,69 @@ BDEV void welford_merge(T& n, T& mean, T& m2, T nb, T mean_b, T m2_b) {
   n = nn;
 }
 
+// Welford statistics of a micro-tile's valid outputs (vr rows, vc cols), merged into the thread's (count, mean,
+// M2): the statistics pass of the dense and the ragged forward kernels.
+template <typename T>
+BDEV void zstats_micro(const T (&z)[kRH][kRW], int vr, int vc, T (&st)[3]) {
+  T lsum = T(0);
+  int ln = 0;
+#pragma unroll
+  for (int a = 0; a < kRH; ++a) {
+#pragma unroll
+    for (int b = 0; b < kRW; ++b) {
+      if (a < vr && b < vc) {
+        lsum += z[a][b];
+        ++ln;
+      }
+    }
+  }
+  if (ln == 0) return;
+  const T lmean = lsum / T(ln);
+  T lm2 = T(0);
+#pragma unroll
+  for (int a = 0; a < kRH; ++a) {
+#pragma unroll
+    for (int b = 0; b < kRW; ++b) {
+      if (a < vr && b < vc) {
+        const T d = z[a][b] - lmean;
+        lm2 += d * d;
+      }
+    }
+  }
+  welford_merge(st[0], st[1], st[2], T(ln), lmean, lm2);
+}
+
+// Rounded arithmetic that the compiler may not contract into an FMA, to reproduce the CPU's per-channel
+// coefficients exactly (dense and ragged kernels).
+BDEV float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+BDEV double mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+BDEV float sub_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+BDEV double sub_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
 // Sum over the threads of channel lane l, in thread order: thread j's value is red_v[(j << ct_shift) + l].
 template <typename T>
 BDEV T channel_sum(const T* red_v, int l, int tpc, int ct_shift) {
@@ -283,6 +352,24 @@ BDEV double block_sum(double v, double* red) {
   __syncthreads();
   return r;
 }
+
+#ifndef BETANAS_CUDA_EMULATION
+// Host side: every kernel of the depthwise stage (dense and ragged) as a 1-D grid of 256-thread blocks on the
+// current stream, checked.
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), int64_t grid, size_t smem, Args&&... args) {
+  if (grid == 0) return;
+  TORCH_INTERNAL_ASSERT(grid <= INT32_MAX, "betanas: grid too large: ", grid);
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  kernel<<<static_cast<unsigned>(grid), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#else
+using betanas_emu::launch;
+#endif
 
 }  // namespace
 }  // namespace betanas

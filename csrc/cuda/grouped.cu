@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kThreads) bn_stats_kernel(const BnStatsParams<
     const T mean = static_cast<T>(static_cast<double>(static_cast<T>(p.h[c * cs.S])) + md);
     const T a = static_cast<T>(static_cast<double>(p.gamma[c]) / ::sqrt(var + p.eps));
     p.coef_a[c] = a;
-    p.coef_b[c] = rn_sub(p.beta[c], rn_mul(mean, a));
+    p.coef_b[c] = sub_rn(p.beta[c], mul_rn(mean, a));
   }
 }
 
@@ -360,10 +360,8 @@ at::Tensor block_gate_grads_cuda(const at::Tensor& x_in, const at::Tensor& grad_
   const BlockCandidates b =
       check_block_gate_args(op, c10::kCUDA, x_in, grad_out_in, expand_weight, expand_bn_weight, expand_bn_bias,
                             dw_weight, dw_bn_weight, dw_bn_bias, project_weight, project_bn_weight, project_bn_bias,
-                            stride, act);
+                            stride, residual, act);
   const bool same_shape = x_in.sizes() == grad_out_in.sizes();
-  TORCH_CHECK(!residual || same_shape, op, ": residual=True needs grad_out of x's shape ", x_in.sizes(), ", got ",
-              grad_out_in.sizes());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const auto ot = stats_dtype(x);

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "compare.h"
 #include "emu.h"
 
 static int g_max_lanes = 32;  // the ragged kernels' widest sample chunk, varied by the test
@@ -31,15 +32,6 @@ using at::Tensor;
 using IntList = std::vector<int64_t>;
 static int g_fail = 0, g_checks = 0;
 static std::map<std::string, double> g_worst;  // check and dtype -> largest error / tolerance
-
-// max |got - ref| / max(max |ref|, floor); a NaN anywhere fails.
-static double rel_err(const Tensor& got, const Tensor& ref, double floor = 1e-30) {
-  if (ref.numel() == 0) return 0;
-  auto a = got.to(at::kDouble), r = ref.to(at::kDouble);
-  if (a.isnan().any().item<bool>() || r.isnan().any().item<bool>()) return INFINITY;
-  const double den = std::max(r.abs().max().item<double>(), floor);
-  return (a - r).abs().max().item<double>() / den;
-}
 
 static void check(const char* what, const std::string& cs, const Tensor& got, const Tensor& ref, double tol,
                   at::ScalarType want_dtype, double floor = 1e-30) {
@@ -59,11 +51,6 @@ static void check(const char* what, const std::string& cs, const Tensor& got, co
   }
 }
 
-template <typename Sig>
-static auto cpu_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
 using Train3 = std::tuple<Tensor, Tensor, Tensor>;
 using Grad4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using GroupedSig = Train3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::IntArrayRef, at::IntArrayRef,
@@ -74,15 +61,6 @@ using GroupedBwdSig = Grad4(const Tensor&, const Tensor&, const Tensor&, const T
 using GateSig = Tensor(const Tensor&, const Tensor&, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                        at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, int64_t, bool,
                        int64_t, double);
-
-static double tol_of(at::ScalarType dt) {
-  switch (dt) {
-    case at::kDouble: return 1e-10;
-    case at::kFloat: return 3e-5;
-    case at::kHalf: return 4e-3;
-    default: return 2e-2;
-  }
-}
 
 static std::string str(const IntList& v) {
   std::string s;

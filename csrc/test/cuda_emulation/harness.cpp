@@ -14,6 +14,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <cstdio>
 #include <string>
+#include "compare.h"
 #include "emu.h"
 #define kCUDA kCPU
 #ifndef CU_FILE
@@ -24,15 +25,6 @@
 
 using at::Tensor;
 static int g_fail = 0, g_checks = 0;
-
-static double rel_err(const Tensor& a, const Tensor& b) {
-  auto ad = a.to(at::kDouble), bd = b.to(at::kDouble);
-  double den = bd.abs().max().item<double>() + 1e-30;
-  if (bd.numel() == 0) return 0;
-  auto d = (ad - bd).abs();
-  if (d.isnan().any().item<bool>() || ad.isnan().any().item<bool>()) return INFINITY;
-  return d.max().item<double>() / den;
-}
 
 static void check(const char* what, const std::string& cs, const Tensor& got, const Tensor& ref, double tol,
                   bool check_meta = true, at::ScalarType want_dtype = at::ScalarType::Undefined) {
@@ -52,26 +44,12 @@ static void check(const char* what, const std::string& cs, const Tensor& got, co
   }
 }
 
-template <typename Sig>
-static auto cpu_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
 using TrainSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, double);
 using TrainBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, double);
 using EvalSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t);
 using EvalBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t);
 
 struct Case { int64_t N, C, H, W, K, S, act; at::ScalarType dt; bool cl; bool param_f32; bool dy_other_layout; double xoff; };
-
-static double tol_of(at::ScalarType dt) {
-  switch (dt) {
-    case at::kDouble: return 1e-10;
-    case at::kFloat: return 3e-5;
-    case at::kHalf: return 4e-3;
-    default: return 2e-2;
-  }
-}
 
 static void run_case(const Case& c, bool train_ok_expected = true) {
   char buf[256];
