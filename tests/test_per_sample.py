@@ -237,7 +237,7 @@ def test_single_sample_without_spatial_extent_rejected():
 
 # --- the search ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw, message", [
-    (dict(path_sampling="per-sample", batch_size=13), r"batch_size >= 2 x the number of candidates \(14\)"),
+    (dict(path_sampling="per-sample", batch_size=13), r"a batch of at least 2 x the number of candidates \(14\) per process"),
     (dict(path_sampling="per-step"), r"path_sampling must be one of \('per-batch', 'per-sample'\), got 'per-step'"),
 ])
 def test_bad_per_sample_configuration_rejected(kw, message):

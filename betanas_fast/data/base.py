@@ -50,15 +50,17 @@ class SearchData:
 
 
 class BatchOrder:
-    """Endless shuffled batches over one split, reshuffled each epoch from its own generator; its
-    whole state (permutation, position, generator) goes into the checkpoint for exact resume."""
+    """Endless shuffled batches over one split, reshuffled each epoch from its own generator. Its state
+    is the generator's state at the start of the epoch plus the position: a few kilobytes whatever the
+    split's size (the permutation is drawn again on restore), so it can be snapshotted every batch."""
 
     def __init__(self, size: int, batch_size: int, seed: int):
         if size < batch_size:
             raise ValueError(f"a split of {size} samples cannot fill a batch of {batch_size}")
         self.size, self.batch_size = size, batch_size
         self.generator = torch.Generator().manual_seed(seed)
-        self.perm: List[int] = []
+        self.epoch_start = self.generator.get_state()
+        self.perm = torch.empty(0, dtype=torch.long)
         self.pos = 0
         self.epoch = -1
 
@@ -68,19 +70,22 @@ class BatchOrder:
 
     def next_indices(self) -> torch.Tensor:
         if self.epoch < 0 or self.pos + self.batch_size > self.size:
-            self.perm = torch.randperm(self.size, generator=self.generator).tolist()
+            self.epoch_start = self.generator.get_state()
+            self.perm = torch.randperm(self.size, generator=self.generator)
             self.pos, self.epoch = 0, self.epoch + 1
-        idx = torch.tensor(self.perm[self.pos:self.pos + self.batch_size])
+        idx = self.perm[self.pos:self.pos + self.batch_size].clone()
         self.pos += self.batch_size
         return idx
 
     def state_dict(self) -> dict:
-        return {"perm": torch.tensor(self.perm, dtype=torch.long), "pos": self.pos, "epoch": self.epoch,
-                "generator": self.generator.get_state()}
+        return {"epoch_start": self.epoch_start.clone(), "pos": self.pos, "epoch": self.epoch}
 
     def load_state_dict(self, d: dict) -> None:
-        self.perm, self.pos, self.epoch = d["perm"].tolist(), int(d["pos"]), int(d["epoch"])
-        self.generator.set_state(d["generator"])
+        self.pos, self.epoch = int(d["pos"]), int(d["epoch"])
+        self.epoch_start = d["epoch_start"].clone()
+        self.generator.set_state(self.epoch_start)
+        self.perm = torch.randperm(self.size, generator=self.generator) if self.epoch >= 0 \
+            else torch.empty(0, dtype=torch.long)
 
 
 def validate_labels(name: str, labels: torch.Tensor) -> None:

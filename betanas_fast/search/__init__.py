@@ -10,9 +10,13 @@ __all__ = ["ArchState", "STRATEGIES", "Strategy", "make_strategy", "SearchConfig
 
 
 def main(argv=None):
+    from .distributed import shutdown
     cfg = parse_config(argv)
     try:
-        search = Search(cfg)
-    except ValueError as e:  # bad configuration: one clear message, no traceback, nothing computed
-        raise SystemExit(f"error: {e}")
-    return search.run()
+        try:
+            search = Search(cfg)
+        except ValueError as e:  # bad configuration: one clear message, no traceback, nothing computed
+            raise SystemExit(f"error: {e}")
+        return search.run()
+    finally:
+        shutdown()

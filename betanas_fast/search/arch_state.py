@@ -54,11 +54,14 @@ class ArchState:
             self.cycles[l] = queue
         return arch
 
-    def sample_uniform_cycle_per_sample(self, generator: torch.Generator, batch_size: int) -> torch.Tensor:
+    def sample_uniform_cycle_per_sample(self, generator: torch.Generator, batch_size: int,
+                                        shards: int = 1) -> torch.Tensor:
         """LongTensor [L, N]: a path per block for each of N samples, from the same shuffled-cycle stream
         as `sample_uniform_cycle`, N entries per block per step, dealt to the samples in random order.
         The cycles that open within a step put the paths this step took from the previous cycle last, so
-        within a step every remaining path gets floor(N/M') or ceil(N/M') samples."""
+        within a step every remaining path gets floor(N/M') or ceil(N/M') samples. With `shards` (the
+        processes of a distributed run, each taking a contiguous 1/shards of the batch), each shard gets a
+        contiguous stretch of the cycle stream, shuffled within the shard: its share of the balance."""
         paths = torch.empty(self.num_blocks, batch_size, dtype=torch.long)
         for l in range(self.num_blocks):
             queue = [m for m in self.cycles[l] if self.remaining[l, m]]
@@ -72,7 +75,9 @@ class ArchState:
                 need = batch_size - len(drawn)
                 drawn += queue[:need]
                 queue = queue[need:]
-            paths[l] = torch.tensor(drawn)[torch.randperm(batch_size, generator=generator)]
+            n = batch_size // shards
+            order = torch.cat([s * n + torch.randperm(n, generator=generator) for s in range(shards)])
+            paths[l] = torch.tensor(drawn)[order]
             self.cycles[l] = queue
         return paths
 

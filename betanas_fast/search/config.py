@@ -89,6 +89,9 @@ class SearchConfig:
                                                "take it as a hard budget", type=float)
     beta_adapt: float = _opt(0.02, "with --flops-target: β is multiplied / divided by (1 + this) after each α "
                                    "step while the expected MFLOPs are above / below the target")
+    phase2_memory: Optional[str] = _opt(None, "extra memory the all-candidate gate gradient of Phase 2 may use, e.g. "
+                                              "512M or 4G: a block's candidates are processed in chunks under it "
+                                              "(same numbers). Default: half the free device memory", type=str)
     phase2_amp: bool = _opt(False, "run Phase 2 under --amp's autocast too (faster on GPUs; the α gradient's "
                                    "signs then disagree with a float64 computation far more often)")
     # spos / random
@@ -107,16 +110,43 @@ class SearchConfig:
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto (CUDA when available)")
     threads: Optional[int] = _opt(None, "CPU threads (default: torch's)", type=int)
     out: Optional[str] = _opt(None, "run directory (default runs/<strategy>-<time>)", type=str)
-    resume: Optional[str] = _opt(None, "continue the killed run in this directory exactly", type=str)
+    resume: Optional[str] = _opt(None, "continue the killed run in this directory exactly (a run directory given as "
+                                       "--out that holds a checkpoint is continued too, if its settings are these)",
+                                 type=str)
     checkpoint_every: int = _opt(25, "α iterations between checkpoints")
     stop_after: Optional[int] = _opt(None, "stop (without final outputs) after this many iterations: a simulated "
                                            "kill", type=int)
+    deterministic: Optional[bool] = _opt(None, "deterministic algorithms, which exact resume needs (default: on for "
+                                               "the CPU, off for CUDA, where they cost speed)", type=bool)
+    prefetch: int = _opt(2, "batches decoded ahead of the model, in a background thread (0: decode on demand)")
+    digest_every: int = _opt(10, "under torchrun: iterations between the check that every rank holds the same α, "
+                                 "remaining paths, path generator, step and weights")
     progress: bool = _opt(True, "progress bar")
     plots: bool = _opt(True, "write the figures")
     tensorboard: bool = _opt(True, "write TensorBoard events")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# How a run is executed, not what it computes: these may differ when a run is continued.
+RUN_ONLY_FIELDS = ("resume", "out", "stop_after", "progress", "threads", "prefetch", "device", "digest_every",
+                   "deterministic", "phase2_memory", "plots", "tensorboard")
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as 512M, 4G, 1.5G or 1048576 (binary units; a trailing B or iB is allowed)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS and t[-1:] else ""
+    try:
+        value = float(t[:-1] if unit else t)
+    except ValueError:
+        raise ValueError(f"size {text!r} is not a number with an optional unit K, M, G or T (e.g. 512M)") from None
+    if value <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return int(value * _SIZE_UNITS[unit])
 
 
 def load_preset(name_or_path: str) -> dict:
@@ -150,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         meta = f.metadata
         default = f.default if f.default is not MISSING else f.default_factory()
         kw = dict(dest=f.name, default=None, help=f"{meta['help']} (default: {default})")
-        if isinstance(default, bool):
+        if isinstance(default, bool) or meta["type"] is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw.update(type=meta["type"] or type(default), choices=_choices(f))
@@ -183,7 +213,7 @@ def validate_config(cfg: SearchConfig) -> None:
     if cfg.drop_threshold >= 0:
         raise ValueError(f"drop threshold {cfg.drop_threshold} would drop every path: α starts at 0 and each "
                          f"block's remaining α are re-centred to mean 0, so the threshold must be negative")
-    for name in ("epochs", "batch_size", "heldout_batch_size", "phase_ratio", "checkpoint_every",
+    for name in ("epochs", "batch_size", "heldout_batch_size", "phase_ratio", "checkpoint_every", "digest_every",
                  "spos_population", "spos_generations", "spos_parents"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -200,6 +230,10 @@ def validate_config(cfg: SearchConfig) -> None:
         raise ValueError(f"--data {cfg.data!r} is not a directory (expected train/<class>/* inside)")
     if cfg.flops_target is not None and cfg.flops_target <= 0:
         raise ValueError(f"FLOPs target must be positive (MFLOPs), got {cfg.flops_target}")
+    if cfg.prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0, got {cfg.prefetch}")
+    if cfg.phase2_memory is not None:
+        parse_size(cfg.phase2_memory)
     if cfg.beta_adapt < 0:
         raise ValueError(f"beta_adapt must be >= 0, got {cfg.beta_adapt}")
 

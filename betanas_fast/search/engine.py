@@ -19,16 +19,22 @@ import torch
 import torch.nn.functional as F
 
 from .. import cost as cost_model
+from .. import ops
 from ..data import BatchOrder, build_data
+from ..data.stream import BatchStream
 from ..nn.supernet import Supernet
 from ..space import PRESETS as SPACES, build_space
 from . import checkpoint as ckpt
+from . import distributed
 from .arch_state import ArchState, masked_list
-from .config import SearchConfig, check_noise_floor, validate_config
+from .config import RUN_ONLY_FIELDS, SearchConfig, check_noise_floor, parse_size, validate_config
 from .report import arch_summary, format_table
 from .runtime import autocast, configure_process, resolve_amp_dtype, resolve_device
 from .strategies import Selection, make_strategy
 from .timing import NoTimer
+
+# Per-rank augmentation generators are seeded seed + 2 + this x rank (rank 0: seed + 2, as one process).
+_RANK_SEED_STRIDE = 7919
 
 
 class Search:
@@ -36,29 +42,44 @@ class Search:
     The flow is one way: configuration -> process settings -> data -> space -> costs -> schedule."""
 
     def __init__(self, cfg: SearchConfig):
+        if distributed.launched_by_torchrun() and not (cfg.out or cfg.resume):
+            raise ValueError("under torchrun, --out is required: every rank, and a group that torchrun restarts, "
+                             "must find the same run directory")
         if cfg.resume:
             cfg = self._resumed_config(cfg)
+        elif cfg.out and ckpt.latest_iteration(os.path.join(cfg.out, "checkpoints")) is not None:
+            cfg = self._resumed_config(cfg, automatic=True)
         validate_config(cfg)
         self.cfg = cfg
         self.strategy = make_strategy(cfg)
-        self.device = resolve_device(cfg.device)
-        configure_process(self.device, cfg.threads)
-        self.amp_dtype = resolve_amp_dtype(cfg.amp, cfg.amp_dtype, self.device)
+        self.ranks = distributed.ranks_from_env()
+        # --batch-size is the global batch: each rank takes an equal share
+        self.local_batch = self.ranks.share(cfg.batch_size, "--batch-size")
+        self.local_heldout_batch = self.ranks.share(cfg.heldout_batch_size, "--heldout-batch-size")
+        self.device = resolve_device(distributed.init(self.ranks, cfg.device))
+        self.deterministic = cfg.deterministic if cfg.deterministic is not None else self.device.type == "cpu"
+        configure_process(self.device, cfg.threads, self.deterministic)
+        self.amp_dtype = resolve_amp_dtype(cfg.amp, cfg.amp_dtype, self.device, log=self.log)
         self.out = cfg.resume or cfg.out or os.path.join(
             "runs", f"{cfg.strategy}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
-        self.data = self._load_data(cfg, cfg.resolution or SPACES[cfg.space].resolution)
+        with self.ranks.main_first():  # rank 0 writes the file index cache and the held-out split first
+            self.data = self._load_data(cfg, cfg.resolution or SPACES[cfg.space].resolution)
         self.space = build_space(cfg.space, stage_depths=cfg.stage_depths, width_mult=cfg.width_mult,
                                  resolution=cfg.resolution, candidates=cfg.candidates,
                                  num_classes=self.data.num_classes)
-        if cfg.path_sampling == "per-sample" and cfg.batch_size < 2 * self.space.num_candidates:
-            raise ValueError(f"per-sample path sampling needs batch_size >= 2 x the number of candidates "
-                             f"({2 * self.space.num_candidates}), so that every path gets at least 2 samples for "
-                             f"its batch statistics; got {cfg.batch_size}")
+        if cfg.path_sampling == "per-sample" and self.local_batch < 2 * self.space.num_candidates:
+            raise ValueError(f"per-sample path sampling needs a batch of at least 2 x the number of candidates "
+                             f"({2 * self.space.num_candidates}) per process, so that every path gets at least 2 "
+                             f"samples for its batch statistics; got {self.local_batch}"
+                             + (f" ({cfg.batch_size} over {self.ranks.world} processes)" if self.ranks.active else ""))
         if len(self.data.heldout) < cfg.heldout_batch_size and self.strategy.trains_alpha:
-            raise ValueError(f"held-out split ({len(self.data.heldout)}) is smaller than one held-out batch "
+            raise ValueError(f"held-out split ({len(self.data.heldout)}) is smaller than one global held-out batch "
                              f"({cfg.heldout_batch_size})")
         if len(self.data.train) < cfg.batch_size:
-            raise ValueError(f"weight-train split ({len(self.data.train)}) is smaller than one batch ({cfg.batch_size})")
+            raise ValueError(f"weight-train split ({len(self.data.train)}) is smaller than one global batch "
+                             f"({cfg.batch_size})")
+        # measured once, before the model exists: the budget for the candidates' activations in Phase 2
+        self.phase2_memory = parse_size(cfg.phase2_memory) if cfg.phase2_memory else ops.default_phase2_budget(self.device)
         self.cost_mflops = torch.tensor(cost_model.mflops_table(self.space))
         self.fixed_mflops = cost_model.fixed_cost(self.space)[0] / 1e6
         floor = cost_model.min_arch_mflops(self.space)
@@ -66,7 +87,7 @@ class Search:
             raise ValueError(f"FLOPs target {cfg.flops_target} MFLOPs is below the smallest net of this space "
                              f"({floor:.4f} MFLOPs)")
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
-        self.bpe = len(self.data.train) // cfg.batch_size
+        self.bpe = len(self.data.train) // cfg.batch_size  # global batches: the same schedule at any world size
         self.total_phase1 = cfg.epochs * self.bpe if self.strategy.trains_weights else 0
         self.iterations = math.ceil(self.total_phase1 / cfg.phase_ratio)
         self.alpha_steps = sum(self._alpha_step_at(i) for i in range(1, self.iterations + 1))
@@ -77,6 +98,11 @@ class Search:
         phase1_steps = min(iteration * self.cfg.phase_ratio, self.total_phase1)
         return self.strategy.trains_alpha and self._epoch_of(phase1_steps) >= self.cfg.warmup_epochs
 
+    def log(self, *args) -> None:
+        """print, on rank 0 only."""
+        if self.ranks.is_main:
+            print(*args, flush=True)
+
     def _load_data(self, cfg: SearchConfig, resolution: int):
         dataset = "imagenet" if cfg.data is not None and cfg.dataset == "digits" else cfg.dataset
         kwargs = dict(seed=cfg.seed, heldout=cfg.heldout, val=cfg.val, resolution=resolution, augment=cfg.augment,
@@ -85,7 +111,8 @@ class Search:
             from ..data import imagenet  # registers the source; DALI is imported only if used
             index = imagenet.build_index(cfg.data)
             os.makedirs(self.out, exist_ok=True)
-            imagenet.write_report(index, os.path.join(self.out, "excluded_files.tsv"))
+            if self.ranks.is_main:
+                imagenet.write_report(index, os.path.join(self.out, "excluded_files.tsv"))
             # The held-out split is saved in the run directory and reused on resume.
             kwargs.update(index=index, run_dir=self.out, loader=cfg.loader, heldout_per_class=cfg.heldout_per_class,
                           channels_last=self.device.type == "cuda",
@@ -93,13 +120,25 @@ class Search:
         return build_data(dataset, **kwargs)
 
     @staticmethod
-    def _resumed_config(cli: SearchConfig) -> SearchConfig:
-        path = os.path.join(cli.resume, "config.json")
+    def _resumed_config(cli: SearchConfig, automatic: bool = False) -> SearchConfig:
+        """The saved configuration of the run being continued. `automatic`: the run directory given as --out
+        holds a checkpoint (a restarted worker group, or the same command typed again): the command's settings
+        must be the saved ones, or it is an error rather than a silently different run."""
+        run_dir = cli.out if automatic else cli.resume
+        path = os.path.join(run_dir, "config.json")
         if not os.path.exists(path):
             raise ValueError(f"cannot resume: {path} does not exist")
         with open(path) as f:
             saved = json.load(f)
-        saved.update(resume=cli.resume, out=cli.resume, stop_after=cli.stop_after, progress=cli.progress)
+        if automatic:
+            given = cli.to_dict()
+            differ = [k for k in saved if k not in RUN_ONLY_FIELDS and given.get(k) != saved[k]]
+            if differ:
+                detail = ", ".join(f"{k}: saved {saved[k]!r}, given {given.get(k)!r}" for k in differ[:6])
+                raise ValueError(f"{run_dir} holds a checkpointed run with other settings ({detail}); use another "
+                                 f"--out, or --resume {run_dir} to continue that run with its own settings")
+        saved.update({k: getattr(cli, k) for k in RUN_ONLY_FIELDS if k not in ("resume", "out")})
+        saved.update(resume=run_dir, out=run_dir)
         return SearchConfig(**saved)
 
     # --- setup --------------------------------------------------------------------------------------------
@@ -112,16 +151,24 @@ class Search:
         # in NCHW there, and the fused depthwise op has NHWC kernels (no layout copies).
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         self.model = Supernet(self.space).to(self.device, memory_format=self.memory_format)
+        self.grad_sync = distributed.GradientSync(self.ranks)
         self.state = ArchState(self.space.allowed_mask(), lr=cfg.arch_lr, betas=(cfg.arch_beta1, cfg.arch_beta2),
                                eps=cfg.arch_eps)
         self.sgd = torch.optim.SGD(self._weight_groups(), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov and cfg.momentum > 0)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16
                                            and self.device.type == "cuda")
+        # identical on every rank: the paths agree by construction
         self.path_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
-        self.train_order = BatchOrder(len(self.data.train), cfg.batch_size, cfg.seed + 3)
-        self.heldout_order = BatchOrder(len(self.data.heldout), cfg.heldout_batch_size, cfg.seed + 4)
+        # each rank augments its own samples
+        self.aug_gen = torch.Generator().manual_seed(cfg.seed + 2 + _RANK_SEED_STRIDE * self.ranks.rank)
+        # the global batch order, identical on every rank; each rank decodes its share
+        self.train_stream = BatchStream(self.data.train, BatchOrder(len(self.data.train), cfg.batch_size, cfg.seed + 3),
+                                        train=True, generator=self.aug_gen, shard=self.ranks.shard,
+                                        prefetch=cfg.prefetch)
+        self.heldout_stream = BatchStream(self.data.heldout,
+                                          BatchOrder(len(self.data.heldout), cfg.heldout_batch_size, cfg.seed + 4),
+                                          train=False, shard=self.ranks.shard, prefetch=cfg.prefetch)
         self.beta = cfg.beta
         self.iteration = 0
         self.phase1_steps = 0
@@ -135,15 +182,21 @@ class Search:
             (decay if p.ndim > 1 or self.cfg.weight_decay_bn else no_decay).append(p)
         return [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-    def _generators(self) -> dict:
-        return {"path": self.path_gen, "aug": self.aug_gen}
-
     def _checkpoint_state(self) -> dict:
+        """Collective under torchrun (every rank's augmentation state is gathered); rank 0 saves it."""
+        train = self.train_stream.state_dict()
         return {"iteration": self.iteration, "phase1_steps": self.phase1_steps, "beta": self.beta,
                 "model": self.model.state_dict(), "sgd": self.sgd.state_dict(),
                 "scaler": self.scaler.state_dict(), "arch": self.state.state_dict(),
-                "train_order": self.train_order.state_dict(), "heldout_order": self.heldout_order.state_dict(),
-                "rng": ckpt.rng_state(self._generators())}
+                "world_size": self.ranks.world,
+                "train_stream": {"order": train["order"], "generators": self.ranks.all_gather_object(train["generator"])},
+                "heldout_stream": self.heldout_stream.state_dict(),
+                "rng": ckpt.rng_state({"path": self.path_gen})}
+
+    def _save_checkpoint(self) -> None:
+        state = self._checkpoint_state()
+        if self.ranks.is_main:
+            ckpt.save_checkpoint(self.ckpt_dir, self.iteration, state)
 
     def _restore(self) -> None:
         path, s = ckpt.load_latest(self.ckpt_dir)
@@ -152,18 +205,43 @@ class Search:
         if s["scaler"]:
             self.scaler.load_state_dict(s["scaler"])
         self.state.load_state_dict(s["arch"])
-        self.train_order.load_state_dict(s["train_order"])
-        self.heldout_order.load_state_dict(s["heldout_order"])
-        ckpt.set_rng_state(s["rng"], self._generators())
+        ckpt.set_rng_state(s["rng"], {"path": self.path_gen})
+        saved_world = int(s["world_size"])
+        same_world = saved_world == self.ranks.world
+        self.train_stream.load_state_dict(s["train_stream"] | {"generator": s["train_stream"]["generators"][0]},
+                                          generator=False)
+        if same_world:
+            self.aug_gen.set_state(s["train_stream"]["generators"][self.ranks.rank])
+        self.heldout_stream.load_state_dict(s["heldout_stream"])
         self.iteration, self.phase1_steps, self.beta = int(s["iteration"]), int(s["phase1_steps"]), float(s["beta"])
-        # history after the checkpoint will be recomputed, identically
+        if self.ranks.is_main:
+            self._cut_history()
+        self.log(f"resumed from {path} at iteration {self.iteration}")
+        if not same_world:
+            self.log(f"note: the checkpoint was written by {saved_world} process(es) and this run has "
+                     f"{self.ranks.world}: the run continues with the same global batches, paths and α, but each "
+                     f"process's share, augmentation and BatchNorm statistics differ, so it is not bit-identical to "
+                     f"an uninterrupted run")
+
+    def _cut_history(self) -> None:
+        """history.jsonl back to the checkpoint: the steps after it are recomputed, identically. A line cut
+        short by a kill is dropped with them."""
         hist = os.path.join(self.out, "history.jsonl")
-        if os.path.exists(hist):
-            with open(hist) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= self.iteration]
-            with open(hist, "w") as f:
-                f.writelines(keep)
-        print(f"resumed from {path} at iteration {self.iteration}")
+        if not os.path.exists(hist):
+            return
+        keep = []
+        with open(hist) as f:
+            for ln in f:
+                try:
+                    rec = json.loads(ln)
+                except json.JSONDecodeError:
+                    continue
+                if rec["step"] <= self.iteration:
+                    keep.append(json.dumps(rec) + "\n")
+        tmp = hist + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, hist)
 
     def _on_device(self, x: torch.Tensor) -> torch.Tensor:
         """An input batch on the run's device, in the model's memory format."""
@@ -187,11 +265,13 @@ class Search:
     def phase1_step(self):
         cfg, st = self.cfg, self.state
         per_sample = cfg.path_sampling == "per-sample"
-        paths = self.strategy.sample_phase1(st, self.path_gen, cfg.batch_size, per_sample)
+        # the global step's paths, the same on every rank ([L, global batch] per sample: each rank takes its columns)
+        shards = {"shards": self.ranks.world} if self.ranks.active else {}  # (a strategy of one process may omit it)
+        global_paths = self.strategy.sample_phase1(st, self.path_gen, cfg.batch_size, per_sample, **shards)
+        paths = self.ranks.shard(global_paths.T).T if per_sample else global_paths
         timer = self.timer
         with timer.part("data"):
-            idx = self.train_order.next_indices()
-            x, y = self.data.train.batch(idx, train=True, generator=self.aug_gen)
+            x, y = self.train_stream.next()
             x, y = self._on_device(x), y.to(self.device)
         lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * self.phase1_steps / max(self.total_phase1, 1)))
         for g in self.sgd.param_groups:
@@ -204,16 +284,23 @@ class Search:
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         with timer.part("phase1/backward"):
             self.scaler.scale(loss).backward()
+        scalars = torch.stack([loss.detach().float(), (logits.argmax(1) == y).float().mean()])
+        if self.ranks.active:
+            with timer.part("phase1/gradient sync"):
+                distributed.check_paths(self.ranks, global_paths, self.iteration + 1, self.device)
+                used = distributed.used_paths(paths, global_paths if per_sample else None)
+                scalars = self.grad_sync(self.model, distributed.step_modules(self.model, used), scalars, per_sample)
         with timer.part("phase1/optimizer"):
             self.scaler.step(self.sgd)
             self.scaler.update()
-        if per_sample:  # counted in samples
-            st.phase1_counts.scatter_add_(1, paths, torch.ones_like(paths))
+        if per_sample:  # counted in samples, over the global batch
+            st.phase1_counts.scatter_add_(1, global_paths, torch.ones_like(global_paths))
         else:
             for l, m in enumerate(paths):
                 st.phase1_counts[l, m] += 1
         self.phase1_steps += 1
-        return float(loss.detach()), float((logits.argmax(1) == y).float().mean()), lr
+        loss_value, acc_value = scalars.tolist()
+        return loss_value, acc_value, lr
 
     def phase2_step(self):
         cfg, st = self.cfg, self.state
@@ -221,11 +308,15 @@ class Search:
         for l, m in enumerate(arch):
             st.phase2_counts[l, m] += 1
         with self.timer.part("data"):
-            idx = self.heldout_order.next_indices()
-            x, y = self.data.heldout.batch(idx, train=False)
+            x, y = self.heldout_stream.next()
             x, y = self._on_device(x), y.to(self.device)
         gate, loss, acc = self.model.gate_grad_table(x, y, arch, st.remaining, autocast=self._phase2_autocast(),
-                                                     timer=self.timer)
+                                                     timer=self.timer, memory_budget=self.phase2_memory)
+        if self.ranks.active:  # each rank's table is of its shard: averaged before Eq. 4, α agrees by construction
+            with self.timer.part("phase2/table sync"):
+                packed = torch.cat([gate.flatten(), torch.tensor([loss, acc])])
+                packed = distributed.all_reduce_mean(self.ranks, packed, self.device)
+                gate, (loss, acc) = packed[:-2].view_as(gate), packed[-2:].tolist()
         with self.timer.part("phase2/alpha update"):
             st.step(gate, self.cost_mflops, self.beta)
         if cfg.flops_target is not None and cfg.beta_adapt > 0:
@@ -238,37 +329,56 @@ class Search:
 
     # --- the loop -------------------------------------------------------------------------------------------
     def run(self) -> Optional[dict]:
-        cfg = self.cfg
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stops the prefetching threads (the splits are then free for the final scoring)."""
+        for stream in (getattr(self, "train_stream", None), getattr(self, "heldout_stream", None)):
+            if stream is not None:
+                stream.close()
+
+    def _run(self) -> Optional[dict]:
+        cfg, main = self.cfg, self.ranks.is_main
         os.makedirs(self.out, exist_ok=True)
         self._build()
         if cfg.resume:
             self._restore()
-        else:
+        elif main:
             with open(os.path.join(self.out, "config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=2)
             open(os.path.join(self.out, "history.jsonl"), "w").close()
-        print("resolved configuration:\n" + json.dumps(cfg.to_dict(), indent=2))
-        print(f"space: {self.space.num_blocks} choice blocks x {self.space.num_candidates} candidates "
-              f"{self.space.candidate_names}; device {self.device}; autocast {self.amp_dtype or 'off (fp32)'}; "
-              f"{self.iterations} iterations of {cfg.phase_ratio} weight steps, {self.alpha_steps} of them with an "
-              f"α step; out {self.out}")
-        writer = None
-        if cfg.tensorboard:
+        self.log("resolved configuration:\n" + json.dumps(cfg.to_dict(), indent=2))
+        self.log(f"space: {self.space.num_blocks} choice blocks x {self.space.num_candidates} candidates "
+                 f"{self.space.candidate_names}; device {self.device}; autocast {self.amp_dtype or 'off (fp32)'}; "
+                 f"{self.iterations} iterations of {cfg.phase_ratio} weight steps, {self.alpha_steps} of them with an "
+                 f"α step; out {self.out}"
+                 + (f"; {self.ranks.world} processes, {self.local_batch} + {self.local_heldout_batch} samples each"
+                    if self.ranks.active else ""))
+        writer = bar = hist_f = None
+        if main and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(self.out, "tensorboard"))
-        bar = None
-        if cfg.progress:
+            # purge_step: events a killed run wrote after its checkpoint are dropped, not duplicated
+            writer = SummaryWriter(os.path.join(self.out, "tensorboard"),
+                                   purge_step=self.iteration + 1 if self.iteration else None)
+        if main and cfg.progress:
             from tqdm import tqdm
             bar = tqdm(total=self.iterations, initial=self.iteration, desc=cfg.strategy, dynamic_ncols=True)
-        hist_f = open(os.path.join(self.out, "history.jsonl"), "a")
+        if main:
+            hist_f = open(os.path.join(self.out, "history.jsonl"), "a")
         try:
             while self.iteration < self.iterations:
                 if cfg.stop_after is not None and self.iteration >= cfg.stop_after:
-                    print(f"stopped after iteration {self.iteration} (--stop-after): no final outputs")
+                    self.log(f"stopped after iteration {self.iteration} (--stop-after): no final outputs")
                     return None
                 rec = self._iteration()
-                hist_f.write(json.dumps(rec) + "\n")
-                hist_f.flush()
+                if self.iteration % cfg.digest_every == 0:
+                    self.check_agreement()
+                if hist_f:
+                    hist_f.write(json.dumps(rec) + "\n")
+                    hist_f.flush()
                 if writer:
                     for k in ("phase1_loss", "phase1_acc", "phase2_loss", "phase2_acc", "expected_mflops", "beta"):
                         if rec[k] is not None:
@@ -281,17 +391,28 @@ class Search:
                                     l2="-" if rec["phase2_loss"] is None else f"{rec['phase2_loss']:.3f}",
                                     rem=int(self.state.remaining.sum()))
                 if self.iteration % cfg.checkpoint_every == 0 and self.iteration < self.iterations:
-                    ckpt.save_checkpoint(self.ckpt_dir, self.iteration, self._checkpoint_state())
+                    self._save_checkpoint()
         finally:
-            hist_f.close()
+            if hist_f:
+                hist_f.close()
             if bar:
                 bar.close()
-        ckpt.save_checkpoint(self.ckpt_dir, self.iteration, self._checkpoint_state())
+        self.check_agreement()
+        self._save_checkpoint()
+        self.close()
         result = self._finish()
         if writer:
             writer.add_scalar("final/val_acc", result["val_acc"], self.iteration)
             writer.close()
         return result
+
+    def check_agreement(self) -> None:
+        """Under torchrun: every rank's digest of (α, remaining paths, path generator, step, weights) must be
+        rank 0's, or the run stops naming the step and the ranks."""
+        if self.ranks.active:
+            local = distributed.digest(self.state.alpha, self.state.remaining, self.path_gen, self.iteration,
+                                       self.model)
+            distributed.check_agreement(self.ranks, local, self.iteration, self.device)
 
     def _iteration(self) -> dict:
         cfg, st = self.cfg, self.state
@@ -357,11 +478,14 @@ class Search:
     def _finish(self) -> dict:
         cfg = self.cfg
         selection = Selection(score=lambda a: self.recalibrate_and_score(a, self.data.heldout), mflops=self.arch_mflops,
-                              budget=cfg.flops_target, generator=torch.Generator().manual_seed(cfg.seed + 6))
+                              budget=cfg.flops_target, generator=torch.Generator().manual_seed(cfg.seed + 6),
+                              log=self.log)
         arch, extra = self.strategy.select(self.state, selection)
         val_split = self.data.val if len(self.data.val) else self.data.heldout
         val_acc = self.recalibrate_and_score(arch, val_split) if self.total_phase1 else None
         summary = arch_summary(self.space, self.state, arch, cfg.strategy, val_acc, cfg.flops_target, extra)
+        if not self.ranks.is_main:  # every rank chose the same (the digest agreed); rank 0 writes
+            return summary
         with open(os.path.join(self.out, "arch.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(format_table(summary))

@@ -54,11 +54,13 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def configure_process(device: torch.device, threads: Optional[int]) -> None:
-    """Threads, the determinism that exact resume needs, and (on the CPU) the caching host allocator."""
+def configure_process(device: torch.device, threads: Optional[int], deterministic: bool = True) -> None:
+    """Threads, determinism (which exact resume needs; on CUDA it costs speed) and, on the CPU, the caching
+    host allocator."""
     if threads:
         torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
     # ...without its NaN-filling of every new tensor (a guard against reading uninitialised memory, which
     # no op here does): on the CPU that fill cost as much as the small convolutions themselves.
     torch.utils.deterministic.fill_uninitialized_memory = False

@@ -41,10 +41,13 @@ class Strategy:
     def __init__(self, cfg):
         self.cfg = cfg
 
-    def sample_phase1(self, state: ArchState, generator: torch.Generator, batch_size: int, per_sample: bool) -> Paths:
-        """Uniform over the remaining paths, balanced by shuffled cycles."""
+    def sample_phase1(self, state: ArchState, generator: torch.Generator, batch_size: int, per_sample: bool,
+                      shards: int = 1) -> Paths:
+        """Uniform over the remaining paths, balanced by shuffled cycles. `batch_size` is the global batch;
+        per sample, each of `shards` contiguous parts of it (the processes' shares) gets its share of the
+        balance."""
         if per_sample:
-            return state.sample_uniform_cycle_per_sample(generator, batch_size)
+            return state.sample_uniform_cycle_per_sample(generator, batch_size, shards)
         return state.sample_uniform_cycle(generator)
 
     def after_alpha_step(self, state: ArchState, step: int) -> List[dict]:
@@ -69,7 +72,7 @@ class Proxyless(Strategy):
     name = "proxyless"
     trains_alpha = True
 
-    def sample_phase1(self, state, generator, batch_size, per_sample):
+    def sample_phase1(self, state, generator, batch_size, per_sample, shards=1):
         if per_sample:
             return state.sample_from_p_per_sample(generator, batch_size)
         return state.sample_from_p(generator)

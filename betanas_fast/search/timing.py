@@ -1,5 +1,5 @@
 """Where a search step's time goes: the engine marks its parts (data, Phase-1 forward / backward /
-optimizer, Phase-2 sampled path / other candidates / α update) with `timer.part(name)`. The default
+gradient sync / optimizer, Phase-2 sampled path / other candidates / table sync / α update) with `timer.part(name)`. The default
 timer does nothing; `StepTimer` sums the wall-clock time of each part, with the device synchronised at
 both ends so that asynchronous GPU work is charged to the part that queued it."""
 from __future__ import annotations
@@ -10,8 +10,10 @@ import time
 from typing import Callable, Dict, Iterator, Optional
 
 # The parts, in the order of a step.
-PARTS = ("data", "phase1/forward", "phase1/backward", "phase1/optimizer", "phase2/sampled path",
-         "phase2/other candidates", "phase2/alpha update")
+PARTS = ("data", "phase1/forward", "phase1/backward", "phase1/gradient sync", "phase1/optimizer",
+         "phase2/sampled path", "phase2/other candidates", "phase2/table sync", "phase2/alpha update")
+# The parts that are communication between ranks (under torchrun only).
+COMMUNICATION_PARTS = ("phase1/gradient sync", "phase2/table sync")
 
 
 class NoTimer:
