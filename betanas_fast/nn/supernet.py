@@ -3,6 +3,7 @@ a `SearchSpace`."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from .._rules import conv_out_size, stats_dtype
 from ..space import SearchSpace
 from .per_sample import choice_block_per_sample
 from .mbconv import MBConv
@@ -30,6 +32,34 @@ def build_candidate(space: SearchSpace, block: int, choice: int) -> nn.Module:
     return MBConv(spec.in_channels, spec.out_channels, cand.kernel_size, spec.stride, cand.expand_ratio)
 
 
+def gate_grad_bytes(x: torch.Tensor, candidate: nn.Module) -> int:
+    """The memory (bytes) that betanas::block_gate_grads allocates for `candidate` on block input x, from
+    what both kernels allocate per MBConv candidate, in x's dtype:
+      expanded activations h  N x Ce x H x W    (written by the expand GEMM; BN and act applied as it is read)
+      depthwise output y      N x Ce x Ho x Wo
+      projection z            N x Cout x Ho x Wo (reduced against dL/dO without writing BN(z))
+    plus its parameters and folded BN coefficients in the statistics dtype and the reductions' float64
+    partial sums, a few numbers per channel. The CPU kernel holds one candidate's h, y and z at a time;
+    the CUDA kernel holds every candidate of a call at once (h and y, then y and z), so the sum over a
+    call's candidates bounds its peak. The per-call copies (x and dL/dO made contiguous) do not depend on
+    how the candidates are split and are not counted. 0 for the identity (sum(x * dL/dO) allocates no
+    activation); an MBConv without expand stage (run eagerly) counts y and z only."""
+    if isinstance(candidate, nn.Identity):
+        return 0
+    if not isinstance(candidate, MBConv):
+        raise TypeError(f"no gate-gradient memory estimate for {type(candidate).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    n, _, h, w = x.shape
+    mid, cout, k = candidate.depthwise.conv.in_channels, candidate.out_channels, candidate.kernel_size
+    plane_in, plane_out = h * w, conv_out_size(h, candidate.stride) * conv_out_size(w, candidate.stride)
+    activations = n * ((mid * plane_in if candidate.has_expand else 0) + mid * plane_out + cout * plane_out)
+    stats_size = torch.empty((), dtype=stats_dtype(x)).element_size()
+    params = mid * (k * k + 6) + 2 * cout  # taps, 4 BN vectors and the folded a, b of the Ce channels; Cout BN
+    partials = 2 * mid + 5 * cout  # float64 sums: 2 per expanded channel, 4 + 1 per output channel
+    return int(activations * x.element_size() + params * stats_size + partials * 8)
+
+
 class ChoiceBlock(nn.Module):
     """Holds every allowed candidate of one block; `forward(x, choice)` runs only the chosen one, so
     only its parameters take part in autograd."""
@@ -40,6 +70,7 @@ class ChoiceBlock(nn.Module):
         self.names = space.candidate_names
         self.candidates = nn.ModuleDict({self.names[m]: build_candidate(space, block, m)
                                          for m, ok in enumerate(space.blocks[block].allowed) if ok})
+        self._warned_over_budget: set = set()  # candidates already reported as over the memory budget
 
     def path(self, choice: int) -> nn.Module:
         return self.candidates[self.names[choice]]
@@ -51,28 +82,68 @@ class ChoiceBlock(nn.Module):
         """Sample i through candidate `paths[i]` (LongTensor [N]); each candidate sees only its samples."""
         return choice_block_per_sample(self.candidates, self.names, x, paths)
 
+    def gate_grad_chunks(self, x: torch.Tensor, choices: Sequence[int],
+                         memory_budget: Optional[int] = None) -> List[List[int]]:
+        """`choices` in consecutive runs whose summed gate_grad_bytes on input x stays within
+        `memory_budget` bytes (None: one run of all); a candidate over the budget on its own runs alone,
+        and is reported once per block and candidate with a warning."""
+        choices = list(choices)
+        if memory_budget is None:
+            return [choices] if choices else []
+        if memory_budget < 0:
+            raise ValueError(f"memory_budget must be >= 0 bytes or None, got {memory_budget}")
+        chunks: List[List[int]] = []
+        used = 0
+        for m in choices:
+            need = gate_grad_bytes(x, self.path(m))
+            if need > memory_budget and m not in self._warned_over_budget:
+                self._warned_over_budget.add(m)
+                warnings.warn(f"block {self.block}: the gate gradient of candidate {self.names[m]!r} needs about "
+                              f"{need} bytes ({need / 2**20:.1f} MiB), more than the memory budget of "
+                              f"{memory_budget} bytes; it runs alone", stacklevel=2)
+            if not chunks or used + need > memory_budget:
+                chunks.append([m])
+                used = need
+            else:
+                chunks[-1].append(m)
+                used += need
+        return chunks
+
     @torch.no_grad()
-    def gate_grads(self, x: torch.Tensor, grad_out: torch.Tensor, choices: Sequence[int]) -> Dict[int, float]:
+    def gate_grads(self, x: torch.Tensor, grad_out: torch.Tensor, choices: Sequence[int],
+                   memory_budget: Optional[int] = None) -> Dict[int, float]:
         """dL/dg_m = sum(o_m(x) * grad_out) for every m in `choices`: BatchNorm on batch statistics (the
         modules must be in training mode with running statistics frozen), no autograd graph. The MBConv
-        candidates go through one betanas::block_gate_grads call, the identity is sum(x * grad_out),
-        anything else (an MBConv without expand stage) runs eagerly."""
+        candidates go through betanas::block_gate_grads, one call per run of gate_grad_chunks (one call
+        for all of them without `memory_budget`, in bytes); the identity is sum(x * grad_out), which
+        every call returns; anything else (an MBConv without expand stage) runs eagerly. A candidate's value
+        depends only on its own parameters, x and dL/dO, so on the CPU the split changes no bit (on CUDA the
+        reductions are partitioned by the call's channel count: rounding may differ). The budget bounds
+        what the CUDA kernel holds at once; the CPU kernel holds one candidate at a time whatever the split."""
         is_identity = {m: isinstance(self.path(m), nn.Identity) for m in choices}
         fused = [m for m in choices if isinstance(self.path(m), MBConv) and self.path(m).has_expand]
         eager = [m for m in choices if m not in fused and not is_identity[m]]
         result: Dict[int, float] = {}
         if fused or any(is_identity.values()):
-            mods = [self.path(m) for m in fused]
-            params = [list(p) for p in zip(*(mod.gate_grad_params() for mod in mods))] or [[]] * 9
-            first = mods[0] if mods else None  # the candidates of a block share stride, residual, act, eps
-            vals = ops.block_gate_grads(
-                x, grad_out, *params, stride=first.stride if first else 1, residual=bool(first and first.has_skip),
-                act=first.depthwise.act if first else "relu6", eps=first.depthwise.bn.eps if first else 1e-5).tolist()
-            result.update(zip(fused, vals))
+            chunks = self.gate_grad_chunks(x, fused, memory_budget) or [[]]
+            # the kernels read x and dL/dO contiguous: copy them once rather than in every call
+            xc, gc = (x.contiguous(), grad_out.contiguous()) if len(chunks) > 1 else (x, grad_out)
+            for chunk in chunks:
+                vals = self._block_gate_grads(xc, gc, chunk)
+                result.update(zip(chunk, vals))
             result.update({m: vals[-1] for m in choices if is_identity[m]})
         for m in eager:
             result[m] = float((self.path(m)(x).float() * grad_out.float()).sum())
         return result
+
+    def _block_gate_grads(self, x: torch.Tensor, grad_out: torch.Tensor, fused: Sequence[int]) -> List[float]:
+        """One betanas::block_gate_grads call: the values of the `fused` candidates, then the identity's."""
+        mods = [self.path(m) for m in fused]
+        params = [list(p) for p in zip(*(mod.gate_grad_params() for mod in mods))] or [[]] * 9
+        first = mods[0] if mods else None  # the candidates of a block share stride, residual, act, eps
+        return ops.block_gate_grads(
+            x, grad_out, *params, stride=first.stride if first else 1, residual=bool(first and first.has_skip),
+            act=first.depthwise.act if first else "relu6", eps=first.depthwise.bn.eps if first else 1e-5).tolist()
 
 
 class _Body(nn.Module):
@@ -126,14 +197,18 @@ class Supernet(_Body):
         return self._head(x), inputs, outputs
 
     def gate_grad_table(self, x: torch.Tensor, y: torch.Tensor, arch: Sequence[int], remaining: torch.Tensor,
-                        autocast: Optional[torch.autocast] = None, timer=None) -> Tuple[torch.Tensor, float, float]:
+                        autocast: Optional[torch.autocast] = None, timer=None,
+                        memory_budget: Optional[int] = None) -> Tuple[torch.Tensor, float, float]:
         """The binary-gate gradient of Phase 2 for every remaining path: an L x M float32 table with
         dL/dg_lm = Σ o_lm(x_l) ⊙ dL/dO_l (0 elsewhere), plus the loss and accuracy of `arch` on (x, y).
 
         The sampled path `arch` runs with autograd; every other remaining candidate of block l is
-        evaluated on the same block input x_l by one all-candidate op, without graphs and without keeping
-        its output. The weights get no gradient, and BatchNorm normalises with batch statistics without
-        touching the running ones (held-out data must not leak into the weights' state). Under an fp16
+        evaluated on the same block input x_l by the all-candidate op, without graphs and without keeping
+        its output; `memory_budget` (bytes, None: unlimited) splits a block's candidates over several calls
+        of it so that each call's extra memory stays within the budget (ChoiceBlock.gate_grads,
+        ops.default_phase2_budget). The weights get no gradient, and BatchNorm normalises with batch
+        statistics without touching the running ones (held-out data must not leak into the weights'
+        state). Under an fp16
         `autocast` the loss is scaled so that small gradients survive. `timer` (search.timing) times the two
         parts: the sampled path, and the other candidates."""
         autocast = autocast or contextlib.nullcontext()
@@ -155,7 +230,7 @@ class Supernet(_Body):
             with part("phase2/other candidates"), torch.no_grad(), autocast:
                 for l, block in enumerate(self.blocks):
                     others = [m for m in remaining[l].nonzero().flatten().tolist() if m != arch[l]]
-                    for m, value in block.gate_grads(inputs[l], out_grads[l], others).items():
+                    for m, value in block.gate_grads(inputs[l], out_grads[l], others, memory_budget).items():
                         table[l, m] = value / scale
         finally:
             set_bn_batch_stats_frozen(self, False)
