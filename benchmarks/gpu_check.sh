@@ -25,6 +25,13 @@ python3 -m pytest tests/test_dw_bn_act.py tests/test_nn.py tests/test_build.py t
   -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -n 25
 tests_rc=${PIPESTATUS[0]}
 
+stamp "1-GPU torchrun smoke run (NCCL process group, digest checks, rank-0 outputs)"
+timeout 600 python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m betanas_fast.search --device cuda \
+  --epochs 2 --warmup-epochs 1 --stage-depths 1 2 1 1 --digest-every 5 --no-progress --no-plots \
+  --out "$out/torchrun_smoke" > "$out/torchrun_smoke.log" 2>&1
+smoke_rc=$?
+tail -n 3 "$out/torchrun_smoke.log"
+
 stamp "GPU benchmarks"
 BETANAS_BENCH_ROUNDS="${BETANAS_BENCH_ROUNDS:-10}" python3 -m pytest benchmarks/ --benchmark-only -q -k cuda \
   -p no:cacheprovider --benchmark-disable-gc --results-md "$out/gpu.md" > "$out/bench.log" 2>&1
@@ -32,7 +39,7 @@ bench_rc=$?
 tail -n 5 "$out/bench.log"
 
 stamp "summary (full table: $out/gpu.md)"
-echo "tests exit code: $tests_rc; benchmarks exit code: $bench_rc"
+echo "tests exit code: $tests_rc; torchrun smoke exit code: $smoke_rc; benchmarks exit code: $bench_rc"
 python3 - "$out/gpu.md" <<'PY'
 import re, sys
 rows = [l for l in open(sys.argv[1]) if l.startswith("|") and "---" not in l] if len(sys.argv) > 1 else []
@@ -50,5 +57,7 @@ if required:
     print("grouped ops, ratio baseline / ragged kernel:")
     print("\n".join(required))
     print(f"{sum('BELOW' in l for l in required)} of {sum('required >=' in l for l in required)} required ratios missed")
+# The paper's search schedule projected from timed ImageNet-shaped steps (test_bench_gpu_projection.py).
+print("\n".join(l.rstrip() for l in open(sys.argv[1]) if l.startswith("- projected GPU-hours")))
 PY
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+exit $(( tests_rc != 0 || bench_rc != 0 || smoke_rc != 0 ))

@@ -37,15 +37,19 @@ class RankDivergence(RuntimeError):
 
 
 def launched_by_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+    """torchrun (or another launcher speaking its protocol) set this process's RANK and WORLD_SIZE."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 @dataclass
 class Ranks:
-    """This process's place in the run: rank, world size and local rank (1 process: 0, 1, 0)."""
+    """This process's place in the run: rank, world size and local rank (1 process: 0, 1, 0). `launched`:
+    started by torchrun, which joins a process group even for one process (a 1-GPU torchrun run exercises
+    the same NCCL code as eight)."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    launched: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -53,7 +57,7 @@ class Ranks:
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        return self.world > 1 or self.launched
 
     def share(self, global_batch: int, what: str = "batch size") -> int:
         """This rank's part of a global batch; an indivisible one is a configuration error."""
@@ -90,9 +94,10 @@ class Ranks:
 
 def ranks_from_env() -> Ranks:
     """This process's ranks as torchrun set them (no process group yet), or one process."""
-    if not launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not launched_by_torchrun():
         return Ranks()
-    return Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    return Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")),
+                 launched=True)
 
 
 def init(ranks: Ranks, device_name: str) -> str:
