@@ -89,7 +89,7 @@ def ratio_tables():
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    if not RESULTS:
+    if not RESULTS and not EXTRA_LINES:
         return
     lines = ratio_tables() + EXTRA_LINES
     terminalreporter.write_sep("=", "betanas_fast vs baseline (median ms; ratio > 1: betanas_fast faster)")

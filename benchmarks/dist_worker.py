@@ -5,7 +5,7 @@
         averaged three ways: not at all (`local`, the compute alone), the engine's GradientSync over the
         step's modules (`betanas_fast`), and torch DDP with find_unused_parameters=True (`ddp_find_unused`).
 
-    torchrun --nproc-per-node 2 dist_worker.py rehearsal OUT.json DATA_DIR LOADER ITERATIONS
+    torchrun --nproc-per-node 2 dist_worker.py rehearsal OUT.json DATA_DIR LOADER ITERATIONS PREFETCH
         A few iterations of the real engine on the mobile space at 224x224 from an ImageNet-layout folder,
         with the engine's step timer: data wait vs compute vs communication.
 """
@@ -73,12 +73,12 @@ def sync_benchmark(out):
             json.dump({m: statistics.median(t) for m, t in result.items()}, f)
 
 
-def rehearsal(out, data, loader, iterations):
+def rehearsal(out, data, loader, iterations, prefetch):
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = os.environ.get("BETANAS_REHEARSAL_RUN", os.path.join(tmp, "run"))
         cfg = SearchConfig(space="mobile", data=data, loader=loader, batch_size=8, heldout_batch_size=8, heldout=40,
                            val=0, epochs=100, warmup_epochs=0, phase_ratio=1, threads=1, progress=False,
-                           plots=False, tensorboard=False, out=run_dir, seed=0, prefetch=2)
+                           plots=False, tensorboard=False, out=run_dir, seed=0, prefetch=prefetch)
         s = Search(cfg)
         s._build()
         timer = StepTimer()
@@ -101,5 +101,5 @@ if __name__ == "__main__":
     if job == "sync":
         sync_benchmark(out)
     else:
-        rehearsal(out, sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        rehearsal(out, sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
     distributed.shutdown()

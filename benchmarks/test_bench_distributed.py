@@ -65,21 +65,23 @@ def jpeg_folder(tmp_path_factory):
     return str(root)
 
 
-def test_scale_rehearsal(benchmark, report_line, tmp_path, jpeg_folder):
+@pytest.mark.parametrize("prefetch", [2, 0])
+def test_scale_rehearsal(benchmark, report_line, tmp_path, jpeg_folder, prefetch):
     from betanas_fast.data.imagenet import dali_available
-    loader = "dali" if dali_available() else "torchvision"
+    loader = os.environ.get("BETANAS_REHEARSAL_LOADER") or ("dali" if dali_available() else "torchvision")
     out = tmp_path / "rehearsal.json"
-    iterations = int(os.environ.get("BETANAS_REHEARSAL_ITERATIONS", "3"))
-    benchmark.pedantic(lambda: torchrun("rehearsal", str(out), jpeg_folder, loader, str(iterations)), rounds=1,
-                       iterations=1)
+    iterations = int(os.environ.get("BETANAS_REHEARSAL_ITERATIONS", "5"))
+    benchmark.pedantic(lambda: torchrun("rehearsal", str(out), jpeg_folder, loader, str(iterations), str(prefetch)),
+                       rounds=1, iterations=1)
     m = json.loads(out.read_text())
     parts = m["parts"]
     data = parts["data"]
     comm = sum(parts[p] for p in m["communication"])
     compute = sum(parts.values()) - data - comm
     step = m["wall"]
-    lines = [f"- scale rehearsal: mobile space at 224x224, {m['world']} gloo processes x {m['local_batch']} images, "
-             f"{loader} loader, 1 thread each, {iterations} iterations (1 Phase-1 + 1 Phase-2 step): "
+    how = f"{prefetch} batches decoded ahead" if prefetch else "decoded on demand (--prefetch 0)"
+    lines = [f"- scale rehearsal, {how}: mobile space at 224x224, {m['world']} gloo processes x {m['local_batch']} "
+             f"images, {loader} loader, 1 thread each, {iterations} iterations (1 Phase-1 + 1 Phase-2 step): "
              f"{step:.2f} s per iteration; data wait {data / step:.1%}, compute {compute / step:.1%}, "
              f"communication {comm / step:.1%}, other {max(step - data - comm - compute, 0) / step:.1%}",
              "  - parts (s/iteration): " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items() if v)]
