@@ -14,22 +14,26 @@ from .. import ops
 from .._rules import conv_out_size, stats_dtype
 from ..space import SearchSpace
 from .per_sample import choice_block_per_sample
-from .mbconv import MBConv
+from .mbconv import MBConv, canonical_act, make_act
 
 
-def _conv_bn_act(cin: int, cout: int, k: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU6(inplace=True))
+def _conv_bn_act(cin: int, cout: int, k: int, stride: int, act: str = "relu6") -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), make_act(act))
 
 
-def build_candidate(space: SearchSpace, block: int, choice: int) -> nn.Module:
+def build_candidate(space: SearchSpace, block: int, choice: int, se_ratio: float = 0.0,
+                    act: str = "relu6") -> nn.Module:
+    """Candidate `choice` of choice block `block`: nn.Identity for `skip`, else an MBConv with activation
+    `act` and, with se_ratio > 0, a squeeze-excitation (MBConv, se_channels). The defaults build the
+    supernet's candidates."""
     spec, cand = space.blocks[block], space.candidates[choice]
     if not spec.allowed[choice]:
         raise ValueError(f"block {block}: candidate {cand.name!r} is not allowed "
                          f"({spec.in_channels}->{spec.out_channels}, stride {spec.stride})")
     if cand.is_skip:
         return nn.Identity()
-    return MBConv(spec.in_channels, spec.out_channels, cand.kernel_size, spec.stride, cand.expand_ratio)
+    return MBConv(spec.in_channels, spec.out_channels, cand.kernel_size, spec.stride, cand.expand_ratio, act=act,
+                  se_ratio=se_ratio)
 
 
 def gate_grad_bytes(x: torch.Tensor, candidate: nn.Module) -> int:
@@ -147,13 +151,14 @@ class ChoiceBlock(nn.Module):
 
 
 class _Body(nn.Module):
-    """Stem, fixed first block and head shared by the supernet and the searched net."""
+    """Stem, fixed first block and head shared by the supernet and the searched net. The defaults (ReLU6,
+    no squeeze-excitation) are the supernet's."""
 
-    def _build_fixed(self, space: SearchSpace) -> None:
+    def _build_fixed(self, space: SearchSpace, act: str = "relu6", se_ratio: float = 0.0) -> None:
         cfg = space.config
-        self.stem = _conv_bn_act(cfg.in_channels, space.stem_channels, 3, cfg.stem_stride)
-        self.first = MBConv(space.stem_channels, space.first_block_channels, 3, 1, 1)
-        self.head = _conv_bn_act(space.last_channels, space.head_channels, 1, 1)
+        self.stem = _conv_bn_act(cfg.in_channels, space.stem_channels, 3, cfg.stem_stride, act)
+        self.first = MBConv(space.stem_channels, space.first_block_channels, 3, 1, 1, act=act, se_ratio=se_ratio)
+        self.head = _conv_bn_act(space.last_channels, space.head_channels, 1, 1, act)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(space.head_channels, cfg.num_classes)
 
@@ -242,17 +247,37 @@ class Supernet(_Body):
 
 
 class Net(_Body):
-    """The searched network: one fixed candidate per block."""
+    """The searched network: one fixed candidate per block.
 
-    def __init__(self, space: SearchSpace, arch: Sequence[int]):
+    `act` ("relu6", the search space's, or "silu", alias "swish") is the activation of the whole network:
+    stem, first block, every MBConv's expand and depthwise stages (and its squeeze-excitation), head.
+    `se_ratio` > 0 adds a squeeze-excitation to every MBConv of the net, the fixed first block included,
+    after its depthwise stage as in timm's InvertedResidual. The ratio is relative to the block's INPUT
+    channels, as the `se` of a timm block string is for timm's EfficientNet builder: a block with input
+    width C_in and expansion e keeps round(round(C_in * e) * se_ratio / e) ~ round(C_in * se_ratio) reduced
+    channels (betanas_fast.nn.mbconv.se_channels); so `se_ratio=0.0625` is timm's `_se0.0625`. The width
+    multiplier is the space's (`SpaceConfig.width_mult`). The defaults are the supernet's own sub-network
+    (Net.from_supernet)."""
+
+    def __init__(self, space: SearchSpace, arch: Sequence[int], se_ratio: float = 0.0, act: str = "relu6"):
         super().__init__()
         space.check_arch(arch)
+        act = canonical_act(act)
+        if se_ratio < 0:
+            raise ValueError(f"se_ratio must be >= 0, got {se_ratio}")
         self.space, self.arch = space, list(arch)
-        self._build_fixed(space)
-        self.blocks = nn.Sequential(*(build_candidate(space, i, m) for i, m in enumerate(arch)))
+        self.se_ratio, self.act = float(se_ratio), act
+        self._build_fixed(space, act=act, se_ratio=se_ratio)
+        self.blocks = nn.Sequential(*(build_candidate(space, i, m, se_ratio=se_ratio, act=act)
+                                      for i, m in enumerate(arch)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._head(self.blocks(self.first(self.stem(x))))
+
+    @property
+    def net_config(self) -> dict:
+        """The constructor options beyond space and arch, as a retrained checkpoint's "net" entry stores them."""
+        return {"se_ratio": self.se_ratio, "act": self.act}
 
     @classmethod
     def from_supernet(cls, supernet: Supernet, arch: Sequence[int]) -> "Net":
