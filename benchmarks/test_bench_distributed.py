@@ -13,6 +13,7 @@ The pytest-benchmark time of each test is the whole torchrun launch (one round);
 from the workers."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -27,9 +28,16 @@ TIMEOUT = 900
 def torchrun(*args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            os.path.join(HERE, "dist_worker.py"), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    # a session of its own: on timeout the workers die with the agent instead of holding the pipes open
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    assert p.returncode == 0, out[-3000:] + err[-3000:]
 
 
 def test_gradient_sync_overhead(benchmark, record_measured, report_line, tmp_path):

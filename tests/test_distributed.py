@@ -27,7 +27,21 @@ TIMEOUT = 600  # seconds for one torchrun launch: far above what it needs, low e
 def torchrun(args, nproc=2, timeout=TIMEOUT, extra=(), env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *extra, *args]
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e)
+    return run_group(cmd, timeout, e)
+
+
+def run_group(cmd, timeout, env):
+    """subprocess.run in a session of its own: on timeout the agent *and its workers* are killed (a worker
+    left hanging in a collective would otherwise hold the output pipes open, and the test with them)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def search_args(out, *more):
@@ -175,7 +189,7 @@ def test_killed_worker_group_restarts_and_ends_as_an_uninterrupted_run(tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=3",
            *search_args(out, *more)]
     agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     killed = False
     deadline = time.time() + TIMEOUT
     try:
@@ -192,7 +206,7 @@ def test_killed_worker_group_restarts_and_ends_as_an_uninterrupted_run(tmp_path)
         log, _ = agent.communicate(timeout=max(deadline - time.time(), 1))
     finally:
         if agent.poll() is None:
-            agent.kill()
+            os.killpg(agent.pid, signal.SIGKILL)
     assert killed, "the run ended before a worker could be killed mid-run"
     assert agent.returncode == 0, log[-3000:]
     assert "resumed from" in log

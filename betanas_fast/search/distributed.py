@@ -118,9 +118,24 @@ def init(ranks: Ranks, device_name: str) -> str:
         device_name = "cpu"
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=float(os.environ.get("BETANAS_DIST_TIMEOUT", "1800")))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout,
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, store=_attempt_store(ranks, timeout),
+                                rank=ranks.rank, world_size=ranks.world,
                                 device_id=torch.device(device_name) if cuda else None)
     return device_name
+
+
+def _attempt_store(ranks: Ranks, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store of this worker group, with keys of its own restart attempt only.
+
+    torchrun's agent keeps one TCP store for every restart of the group (shared rendezvous store), and
+    the default env:// rendezvous does not separate the attempts' keys: after a restart, a rank can read
+    the address a killed worker published, and gloo then waits forever to connect to it (seen with
+    --max-restarts and a SIGKILLed worker). A prefix per TORCHELASTIC_RESTART_COUNT keeps the attempts
+    apart."""
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ranks.world,
+                          is_master=not agent_hosts_store and ranks.rank == 0, timeout=timeout)
+    return dist.PrefixStore(f"betanas/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown() -> None:

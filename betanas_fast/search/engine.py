@@ -22,6 +22,7 @@ from .. import cost as cost_model
 from .. import ops
 from ..data import BatchOrder, build_data
 from ..data.stream import BatchStream
+from ..evaluate import Evaluation, evaluate_arch
 from ..nn.supernet import Supernet
 from ..space import PRESETS as SPACES, build_space
 from . import checkpoint as ckpt
@@ -441,48 +442,34 @@ class Search:
                 "drops": [dict(d, op=names[d["path"]]) for d in drops]}
 
     # --- results ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def recalibrate_and_score(self, arch: List[int], split) -> float:
-        """BN statistics re-estimated for this sub-net on fixed training batches, then accuracy on `split`."""
-        model = self.model
-        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average over the recalibration batches
-        model.train()
-        g = torch.Generator().manual_seed(self.cfg.seed + 5)
-        perm = torch.randperm(len(self.data.train), generator=g)
-        for b in range(self.cfg.bn_recalib_batches):
-            idx = perm[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size]
-            if len(idx) == 0:
-                break
-            x, _ = self.data.train.batch(idx, train=False)
-            with self._autocast():
-                model(self._on_device(x), arch)
-        for bn in bns:
-            bn.momentum = 0.1
-        model.eval()
-        correct = 0
-        n = len(split)
-        bs = self.cfg.heldout_batch_size
-        for s in range(0, n, bs):
-            x, y = split.batch(torch.arange(s, min(s + bs, n)), train=False)
-            with self._autocast():
-                correct += int((model(self._on_device(x), arch).argmax(1).cpu() == y).sum())
-        model.train()
-        return correct / max(n, 1)
+    @classmethod
+    def for_evaluation(cls, cfg: SearchConfig) -> "Search":
+        """A search set up (data, space, model) but not run: for scoring architectures of a finished run."""
+        s = cls(cfg)
+        s._build()
+        return s
+
+    def evaluate(self, arch: List[int], split, seed: Optional[int] = None,
+                 calibration_batches: Optional[int] = None) -> Evaluation:
+        """`arch` with the supernet's weights (copied, the supernet untouched), BatchNorm recalibrated exactly
+        on a fixed subset of the weight-training split (seed + 5 unless `seed`), scored on `split`."""
+        cfg = self.cfg
+        return evaluate_arch(self.model, arch, self.data.train, split, batch_size=cfg.batch_size,
+                             calibration_batches=calibration_batches or cfg.bn_recalib_batches,
+                             seed=cfg.seed + 5 if seed is None else seed, to_device=self._on_device,
+                             autocast=self._autocast(), ranks=self.ranks)
 
     def arch_mflops(self, arch: List[int]) -> float:
         return cost_model.arch_cost(self.space, arch).mflops
 
     def _finish(self) -> dict:
         cfg = self.cfg
-        selection = Selection(score=lambda a: self.recalibrate_and_score(a, self.data.heldout), mflops=self.arch_mflops,
+        selection = Selection(score=lambda a: self.evaluate(a, self.data.heldout).top1, mflops=self.arch_mflops,
                               budget=cfg.flops_target, generator=torch.Generator().manual_seed(cfg.seed + 6),
                               log=self.log)
         arch, extra = self.strategy.select(self.state, selection)
         val_split = self.data.val if len(self.data.val) else self.data.heldout
-        val_acc = self.recalibrate_and_score(arch, val_split) if self.total_phase1 else None
+        val_acc = self.evaluate(arch, val_split).top1 if self.total_phase1 else None
         summary = arch_summary(self.space, self.state, arch, cfg.strategy, val_acc, cfg.flops_target, extra)
         if not self.ranks.is_main:  # every rank chose the same (the digest agreed); rank 0 writes
             return summary

@@ -1,0 +1,95 @@
+"""Scoring sub-networks of a trained supernet: exact BatchNorm recalibration, an untouched supernet,
+reproducible accuracy, and the command."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from betanas_fast.evaluate import calibration_indices, recalibrate_bn
+from betanas_fast.nn import DWConvBNAct
+from betanas_fast.search import Search
+
+from common import built, tiny
+
+
+def _population_moments(x):
+    x = x.double()
+    dims = [0, 2, 3]
+    return x.mean(dims), x.var(dims, unbiased=True)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_recalibration_equals_population_moments(batch_size):
+    g = torch.Generator().manual_seed(batch_size)
+    data = torch.randn(150, 3, 9, 9, generator=g) * 3 + 1.5  # 150 images: the last batch is partial for 7 and 64
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    model = nn.Sequential(conv, nn.BatchNorm2d(8))
+    dw = nn.Sequential(DWConvBNAct(3, kernel_size=5, stride=2))
+    for m in (model, dw):
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):  # stale statistics that must be replaced, not averaged into
+                bn.running_mean.uniform_(-5, 5)
+                bn.running_var.uniform_(3, 9)
+    batches = list(data.split(batch_size))
+    assert recalibrate_bn(model, batches) == 150
+    recalibrate_bn(dw, batches)
+    with torch.no_grad():
+        mean, var = _population_moments(conv(data))
+        dmean, dvar = _population_moments(nn.functional.conv2d(data, dw[0].conv.weight, None, 2, 2, groups=3))
+    torch.testing.assert_close(model[1].running_mean.double(), mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model[1].running_var.double(), var, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw[0].bn.running_mean.double(), dmean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw[0].bn.running_var.double(), dvar, atol=1e-5, rtol=1e-5)
+
+
+def test_calibration_subset_is_fixed_by_the_seed():
+    a, b = calibration_indices(100, 32, 4, seed=3), calibration_indices(100, 32, 4, seed=3)
+    assert [t.tolist() for t in a] == [t.tolist() for t in b] and [len(t) for t in a] == [32, 32, 32, 4]
+    assert calibration_indices(100, 32, 4, seed=4)[0].tolist() != a[0].tolist()
+
+
+def test_supernet_untouched_after_100_subnets_and_accuracy_reproducible(tmp_path):
+    s = built(tmp_path, heldout=64, bn_recalib_batches=2)
+    with torch.no_grad():  # trained-looking state: random weights and BatchNorm statistics
+        for name, t in s.model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5 if "var" in name else torch.randn_like(t) * 0.3)
+    before = {k: v.clone() for k, v in s.model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    allowed = s.state.allowed
+    scores = {}
+    for _ in range(100):
+        arch = [int(torch.multinomial(row.float(), 1, generator=g)) for row in allowed]
+        scores[tuple(arch)] = s.evaluate(arch, s.data.heldout)
+    after = s.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and buffers bit-identical
+    arch, first = next(iter(scores.items()))
+    again = s.evaluate(list(arch), s.data.heldout)
+    assert again == first and 0 <= first.top1 <= first.top5 <= 1 and first.images == len(s.data.heldout)
+    assert len({r.top1 for r in scores.values()}) > 1  # the architectures are told apart
+
+
+@pytest.mark.slow
+def test_evaluate_command_reproduces_the_search_and_scores_any_arch(tmp_path):
+    cfg = tiny(tmp_path, epochs=1, warmup_epochs=0)
+    result = Search(cfg).run()
+    run = cfg.out
+    r = subprocess.run([sys.executable, "-m", "betanas_fast.evaluate", run], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ev = json.loads(r.stdout.strip().splitlines()[-1])
+    # the search's final evaluation is this function: same subset, same number
+    assert ev["top1"] == result["val_acc"] and ev["arch"] == result["arch"] and ev["params"] == result["params"]
+    other = ["ir_r1_k7_s2_e6_c16", "ir_r1_k3_s2_e3_c24", "ir_r1_k5_s1_e6_c24", "ir_r1_k3_s2_e6_c32",
+             "ir_r1_k7_s1_e3_c40"]
+    r = subprocess.run([sys.executable, "-m", "betanas_fast.evaluate", run, "--arch", *other, "--split", "heldout"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ev2 = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ev2["arch"] == other and ev2["mflops"] != ev["mflops"] or ev2["arch"] != ev["arch"]
+    bad = subprocess.run([sys.executable, "-m", "betanas_fast.evaluate", run, "--arch", "ir_r1_k4_s2_e6_c16"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "error:" in bad.stderr and "Traceback" not in bad.stderr
