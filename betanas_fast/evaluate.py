@@ -146,26 +146,39 @@ def evaluate_arch(supernet: Supernet, arch: Sequence[int], calibration_split, ev
                for idx in calibration_indices(len(calibration_split), batch_size, calibration_batches, seed))
     all_reduce = _sum_over_ranks if active else None
     recalibrate_bn(net, batches, forward, all_reduce)
+    top1, top5, images = score(net, eval_split, batch_size, to_device, autocast, ranks)
+    cost = cost_model.arch_cost(space, arch)
+    return Evaluation(arch=space.arch_strings(arch), top1=top1, top5=top5, images=images, mflops=cost.mflops,
+                      params=cost.params)
+
+
+@torch.no_grad()
+def score(net: nn.Module, split, batch_size: int, to_device: Callable[[torch.Tensor], torch.Tensor], autocast=None,
+          ranks=None) -> tuple:
+    """(top-1, top-5, images) of `net` in eval mode on every image of `split`, shared over `ranks`."""
+    autocast = autocast or contextlib.nullcontext()
+    active = ranks is not None and ranks.active
+    was_training = net.training
     net.eval()
     counts = torch.zeros(3, dtype=torch.float64)
-    n = len(eval_split)
+    n = len(split)
     for s in range(0, n, batch_size):
         idx = torch.arange(s, min(s + batch_size, n))
         if active:
             idx = idx[ranks.rank::ranks.world]  # every image once over the ranks, whatever the last batch's size
         if len(idx) == 0:
             continue
-        x, y = eval_split.batch(idx, train=False)
-        logits = forward(net, to_device(x)).float().cpu()
+        x, y = split.batch(idx, train=False)
+        with autocast:
+            logits = net(to_device(x)).float().cpu()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         counts += torch.tensor([float((top[:, 0] == y).sum()), float((top == y[:, None]).any(1).sum()), len(y)],
                                dtype=torch.float64)
     if active:
         _sum_over_ranks(counts)
-    cost = cost_model.arch_cost(space, arch)
+    net.train(was_training)
     images = max(float(counts[2]), 1.0)
-    return Evaluation(arch=space.arch_strings(arch), top1=float(counts[0]) / images, top5=float(counts[1]) / images,
-                      images=int(counts[2]), mflops=cost.mflops, params=cost.params)
+    return float(counts[0]) / images, float(counts[1]) / images, int(counts[2])
 
 
 def _sum_over_ranks(t: torch.Tensor) -> None:

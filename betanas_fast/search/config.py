@@ -1,7 +1,7 @@
 """Search configuration: one dataclass whose field metadata is the command line, presets, and the
 fail-fast checks.
 
-Every field's help text, choices and parser type live next to its default (`_opt`); `build_parser`
+Every field's help text, choices and parser type live next to its default (`option`); `build_parser`
 reads them and knows no field by name.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ PATH_SAMPLING = ("per-batch", "per-sample")
 AMP_DTYPES = ("auto", "bf16", "fp16")
 
 
-def _opt(default, help: str, *, choices=None, type=None, nargs=None):
+def option(default, help: str, *, choices=None, type=None, nargs=None):
     """A config field with its command-line description (`type` is the parser's element type where the
     default does not tell it, e.g. for None defaults; `choices` a tuple, or a function giving one when the
     choices can grow, as the strategy table can)."""
@@ -35,95 +35,95 @@ def _opt(default, help: str, *, choices=None, type=None, nargs=None):
 @dataclass
 class SearchConfig:
     # what to search
-    strategy: str = _opt("betanas", "betanas (balanced training + selective drop), proxyless (paths trained "
+    strategy: str = option("betanas", "betanas (balanced training + selective drop), proxyless (paths trained "
                                     "in proportion to p), spos (uniform training, then evolution under the "
                                     "FLOPs budget), random (random architectures under the budget)",
                          choices=lambda: tuple(STRATEGIES))
-    space: str = _opt("demo", "search-space preset: demo (8 blocks, 32x32), bench (the speed benchmark's 8 blocks, "
+    space: str = option("demo", "search-space preset: demo (8 blocks, 32x32), bench (the speed benchmark's 8 blocks, "
                               "32x32, stem stride 1) or mobile (the paper's 21 blocks)",
                       choices=tuple(SPACES))
-    width_mult: Optional[float] = _opt(None, "channel width multiplier (default: the space's)", type=float)
-    resolution: Optional[int] = _opt(None, "input resolution (default: the space's)", type=int)
-    stage_depths: Optional[List[int]] = _opt(None, "choice blocks per stage", type=int, nargs="+")
-    candidates: Optional[List[str]] = _opt(None, "candidate names, e.g. mb_k3_e3 mb_k5_e6 skip "
+    width_mult: Optional[float] = option(None, "channel width multiplier (default: the space's)", type=float)
+    resolution: Optional[int] = option(None, "input resolution (default: the space's)", type=int)
+    stage_depths: Optional[List[int]] = option(None, "choice blocks per stage", type=int, nargs="+")
+    candidates: Optional[List[str]] = option(None, "candidate names, e.g. mb_k3_e3 mb_k5_e6 skip "
                                                  "(default: the space's seven)", type=str, nargs="+")
     # data
-    dataset: str = _opt("digits", "a registered data source; --data switches it to imagenet")
-    data: Optional[str] = _opt(None, "an ImageNet-layout folder (train/<class>/*, optional val/<class>/*)", type=str)
-    loader: str = _opt("auto", "for --data: dali, torchvision (PIL + DataLoader) or auto (DALI if installed)",
+    dataset: str = option("digits", "a registered data source; --data switches it to imagenet")
+    data: Optional[str] = option(None, "an ImageNet-layout folder (train/<class>/*, optional val/<class>/*)", type=str)
+    loader: str = option("auto", "for --data: dali, torchvision (PIL + DataLoader) or auto (DALI if installed)",
                        choices=("auto", "dali", "torchvision"))
-    heldout: int = _opt(300, "held-out images for α in total (split evenly over the classes)")
-    heldout_per_class: Optional[int] = _opt(None, "held-out images per class (instead of --heldout)", type=int)
-    val: int = _opt(200, "validation images for the final score")
-    augment: bool = _opt(True, "training augmentation")
+    heldout: int = option(300, "held-out images for α in total (split evenly over the classes)")
+    heldout_per_class: Optional[int] = option(None, "held-out images per class (instead of --heldout)", type=int)
+    val: int = option(200, "validation images for the final score")
+    augment: bool = option(True, "training augmentation")
     # schedule
-    epochs: int = _opt(100, "epochs of Phase-1 weight training")
-    batch_size: int = _opt(64, "Phase-1 batch")
-    heldout_batch_size: int = _opt(64, "Phase-2 (held-out) batch")
-    phase_ratio: int = _opt(2, "Phase-1 weight steps per α step")
-    path_sampling: str = _opt("per-batch", "Phase 1: per-batch, one path per block for the whole batch (the "
+    epochs: int = option(100, "epochs of Phase-1 weight training")
+    batch_size: int = option(64, "Phase-1 batch")
+    heldout_batch_size: int = option(64, "Phase-2 (held-out) batch")
+    phase_ratio: int = option(2, "Phase-1 weight steps per α step")
+    path_sampling: str = option("per-batch", "Phase 1: per-batch, one path per block for the whole batch (the "
                                            "paper's); per-sample, each sample its own path (balanced within each "
                                            "step, or from p for proxyless; Phase-1 counts then count samples; needs "
                                            "a batch of at least 2 x the number of candidates)",
                               choices=PATH_SAMPLING)
-    warmup_epochs: int = _opt(25, "no α steps and no drops before this epoch")
+    warmup_epochs: int = option(25, "no α steps and no drops before this epoch")
     # weights (SGD)
-    lr: float = _opt(0.1, "SGD learning rate (cosine schedule)")
-    momentum: float = _opt(0.9, "SGD momentum")
-    nesterov: bool = _opt(True, "Nesterov momentum")
-    weight_decay: float = _opt(5e-5, "weight decay of the convolution and linear weights")
-    weight_decay_bn: bool = _opt(False, "also decay BatchNorm weights and all biases (excluded by default, as in "
+    lr: float = option(0.1, "SGD learning rate (cosine schedule)")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(True, "Nesterov momentum")
+    weight_decay: float = option(5e-5, "weight decay of the convolution and linear weights")
+    weight_decay_bn: bool = option(False, "also decay BatchNorm weights and all biases (excluded by default, as in "
                                         "ProxylessNAS)")
-    label_smoothing: float = _opt(0.0, "Phase-1 label smoothing")
+    label_smoothing: float = option(0.0, "Phase-1 label smoothing")
     # architecture (Adam on α)
-    arch_lr: float = _opt(5e-3, "Adam learning rate of α. With β1 = 0 each step moves α by about ±lr whatever the "
+    arch_lr: float = option(5e-3, "Adam learning rate of α. With β1 = 0 each step moves α by about ±lr whatever the "
                                 "gradient, so noise random-walks α by lr·sqrt(α steps): keep that below half "
                                 "the threshold's magnitude (the run warns otherwise)")
-    arch_beta1: float = _opt(0.0, "Adam β1 of α (0: no stale momentum pushes a path)")
-    arch_beta2: float = _opt(0.999, "Adam β2 of α")
-    arch_eps: float = _opt(1e-8, "Adam eps of α")
-    drop_threshold: float = _opt(-0.4, "a path whose (re-centred) α falls below this is dropped for good")
-    beta: float = _opt(0.05, "cost weight β of Eq. 6, per MFLOP (million multiply-adds)")
-    flops_target: Optional[float] = _opt(None, "MFLOPs of the whole net to aim at: β then adapts toward it, and "
+    arch_beta1: float = option(0.0, "Adam β1 of α (0: no stale momentum pushes a path)")
+    arch_beta2: float = option(0.999, "Adam β2 of α")
+    arch_eps: float = option(1e-8, "Adam eps of α")
+    drop_threshold: float = option(-0.4, "a path whose (re-centred) α falls below this is dropped for good")
+    beta: float = option(0.05, "cost weight β of Eq. 6, per MFLOP (million multiply-adds)")
+    flops_target: Optional[float] = option(None, "MFLOPs of the whole net to aim at: β then adapts toward it, and "
                                                "the report says whether the searched net meets it; spos and random "
                                                "take it as a hard budget", type=float)
-    beta_adapt: float = _opt(0.02, "with --flops-target: β is multiplied / divided by (1 + this) after each α "
+    beta_adapt: float = option(0.02, "with --flops-target: β is multiplied / divided by (1 + this) after each α "
                                    "step while the expected MFLOPs are above / below the target")
-    phase2_memory: Optional[str] = _opt(None, "extra memory the all-candidate gate gradient of Phase 2 may use, e.g. "
+    phase2_memory: Optional[str] = option(None, "extra memory the all-candidate gate gradient of Phase 2 may use, e.g. "
                                               "512M or 4G: a block's candidates are processed in chunks under it "
                                               "(same numbers). Default: half the free device memory", type=str)
-    phase2_amp: bool = _opt(False, "run Phase 2 under --amp's autocast too (faster on GPUs; the α gradient's "
+    phase2_amp: bool = option(False, "run Phase 2 under --amp's autocast too (faster on GPUs; the α gradient's "
                                    "signs then disagree with a float64 computation far more often)")
     # spos / random
-    spos_population: int = _opt(50, "spos: evolution population")
-    spos_generations: int = _opt(20, "spos: generations")
-    spos_parents: int = _opt(10, "spos: the top architectures kept as parents each generation")
-    spos_mutation_prob: float = _opt(0.1, "spos: per-block mutation probability")
-    bn_recalib_batches: int = _opt(4, "training batches that recompute BatchNorm statistics before a sub-net "
+    spos_population: int = option(50, "spos: evolution population")
+    spos_generations: int = option(20, "spos: generations")
+    spos_parents: int = option(10, "spos: the top architectures kept as parents each generation")
+    spos_mutation_prob: float = option(0.1, "spos: per-block mutation probability")
+    bn_recalib_batches: int = option(4, "training batches that recompute BatchNorm statistics before a sub-net "
                                       "is scored")
     # run
-    seed: int = _opt(0, "seed of every generator of the run")
-    amp: bool = _opt(False, "mixed precision where it makes the run faster: bf16 autocast on CUDA (fp16 with a "
+    seed: int = option(0, "seed of every generator of the run")
+    amp: bool = option(False, "mixed precision where it makes the run faster: bf16 autocast on CUDA (fp16 with a "
                             "GradScaler where bf16 is missing) and on CPUs with native bf16 (AVX512-BF16/AMX); "
                             "fp32 on other CPUs, where bf16 is slower (--amp-dtype bf16 forces it)")
-    amp_dtype: str = _opt("auto", "autocast dtype with --amp (auto: as --amp describes)", choices=AMP_DTYPES)
-    device: str = _opt("auto", "cpu, cuda, cuda:N or auto (CUDA when available)")
-    threads: Optional[int] = _opt(None, "CPU threads (default: torch's)", type=int)
-    out: Optional[str] = _opt(None, "run directory (default runs/<strategy>-<time>)", type=str)
-    resume: Optional[str] = _opt(None, "continue the killed run in this directory exactly (a run directory given as "
+    amp_dtype: str = option("auto", "autocast dtype with --amp (auto: as --amp describes)", choices=AMP_DTYPES)
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (CUDA when available)")
+    threads: Optional[int] = option(None, "CPU threads (default: torch's)", type=int)
+    out: Optional[str] = option(None, "run directory (default runs/<strategy>-<time>)", type=str)
+    resume: Optional[str] = option(None, "continue the killed run in this directory exactly (a run directory given as "
                                        "--out that holds a checkpoint is continued too, if its settings are these)",
                                  type=str)
-    checkpoint_every: int = _opt(25, "α iterations between checkpoints")
-    stop_after: Optional[int] = _opt(None, "stop (without final outputs) after this many iterations: a simulated "
+    checkpoint_every: int = option(25, "α iterations between checkpoints")
+    stop_after: Optional[int] = option(None, "stop (without final outputs) after this many iterations: a simulated "
                                            "kill", type=int)
-    deterministic: Optional[bool] = _opt(None, "deterministic algorithms, which exact resume needs (default: on for "
+    deterministic: Optional[bool] = option(None, "deterministic algorithms, which exact resume needs (default: on for "
                                                "the CPU, off for CUDA, where they cost speed)", type=bool)
-    prefetch: int = _opt(2, "batches decoded ahead of the model, in a background thread (0: decode on demand)")
-    digest_every: int = _opt(10, "under torchrun: iterations between the check that every rank holds the same α, "
+    prefetch: int = option(2, "batches decoded ahead of the model, in a background thread (0: decode on demand)")
+    digest_every: int = option(10, "under torchrun: iterations between the check that every rank holds the same α, "
                                  "remaining paths, path generator, step and weights")
-    progress: bool = _opt(True, "progress bar")
-    plots: bool = _opt(True, "write the figures")
-    tensorboard: bool = _opt(True, "write TensorBoard events")
+    progress: bool = option(True, "progress bar")
+    plots: bool = option(True, "write the figures")
+    tensorboard: bool = option(True, "write TensorBoard events")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,14 +169,10 @@ def _choices(f) -> Optional[tuple]:
     return choices() if callable(choices) else choices
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m betanas_fast.search",
-                                description="BetaNAS search (balanced training + selective drop) and baselines. "
-                                            "Every default is set for the embedded digits demo.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default=None, help="JSON preset (name in betanas_fast/presets or a path), "
-                                                  "applied before the other flags: imagenet, spos_demo")
-    for f in fields(SearchConfig):
+def add_config_arguments(p: argparse.ArgumentParser, config_cls) -> None:
+    """One --flag per field of the dataclass `config_cls`, from the field's `option` metadata; every default
+    is None on the parser, so that the caller can tell a flag given from one left out."""
+    for f in fields(config_cls):
         meta = f.metadata
         default = f.default if f.default is not MISSING else f.default_factory()
         kw = dict(dest=f.name, default=None, help=f"{meta['help']} (default: {default})")
@@ -187,6 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
             if meta["nargs"]:
                 kw["nargs"] = meta["nargs"]
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def validate_choices(cfg) -> None:
+    for f in fields(cfg):
+        choices = _choices(f)
+        if choices is not None and getattr(cfg, f.name) not in choices:
+            raise ValueError(f"{f.name} must be one of {choices}, got {getattr(cfg, f.name)!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m betanas_fast.search",
+                                description="BetaNAS search (balanced training + selective drop) and baselines. "
+                                            "Every default is set for the embedded digits demo.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default=None, help="JSON preset (name in betanas_fast/presets or a path), "
+                                                  "applied before the other flags: imagenet, spos_demo")
+    add_config_arguments(p, SearchConfig)
     return p
 
 
@@ -206,10 +219,7 @@ def alpha_walk(cfg: SearchConfig, alpha_steps: int) -> float:
 def validate_config(cfg: SearchConfig) -> None:
     """Checks that need no data or model (the space, data and FLOPs checks follow in the engine, and so
     does `check_noise_floor`, once the data tell the number of α steps)."""
-    for f in fields(SearchConfig):
-        choices = _choices(f)
-        if choices is not None and getattr(cfg, f.name) not in choices:
-            raise ValueError(f"{f.name} must be one of {choices}, got {getattr(cfg, f.name)!r}")
+    validate_choices(cfg)
     if cfg.drop_threshold >= 0:
         raise ValueError(f"drop threshold {cfg.drop_threshold} would drop every path: α starts at 0 and each "
                          f"block's remaining α are re-centred to mean 0, so the threshold must be negative")
