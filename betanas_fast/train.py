@@ -174,6 +174,7 @@ class AutoAugmentSplit:
         self.split, self.policy = split, AutoAugment(AutoAugmentPolicy.IMAGENET)
         self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
         self.labels = split.labels
+        self.decodes = True  # per-image augmentation: worth doing ahead of the model
 
     def __len__(self) -> int:
         return len(self.split)
@@ -474,13 +475,12 @@ def parse_config(argv=None) -> TrainConfig:
 def main(argv=None):
     cfg = parse_config(argv)
     try:
-        try:
-            trainer = Trainer(cfg)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
-        return trainer.run()
-    finally:
-        distributed.shutdown()
+        trainer = Trainer(cfg)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    result = trainer.run()
+    distributed.shutdown()
+    return result
 
 
 if __name__ == "__main__":

@@ -109,9 +109,14 @@ def test_ranks_share_and_shard():
 
 
 # --- 4: the epoch stream -----------------------------------------------------------------------------------------
+class Decoding(TensorSplit):
+    """An in-memory split that says it decodes, so that the stream reads it ahead in a thread."""
+    decodes = True
+
+
 def _split(n=100):
     g = torch.Generator().manual_seed(0)
-    return TensorSplit(torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g), shift=1)
+    return Decoding(torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g), shift=1)
 
 
 @pytest.mark.parametrize("prefetch", [0, 1, 3])
@@ -151,8 +156,14 @@ def test_stream_shards_the_global_batch():
         p.close()
 
 
+def test_in_memory_split_is_read_on_demand():
+    plain = TensorSplit(torch.zeros(40, 1, 2, 2), torch.zeros(40))
+    assert BatchStream(plain, BatchOrder(40, 8, 0), False, prefetch=2).prefetch == 0
+    assert BatchStream(_split(), BatchOrder(100, 8, 0), False, prefetch=2).prefetch == 2
+
+
 def test_stream_error_reaches_the_consumer():
-    class Broken(TensorSplit):
+    class Broken(Decoding):
         def batch(self, indices, train, generator=None):
             raise OSError("unreadable image file x.jpg")
     stream = BatchStream(Broken(torch.zeros(40, 1, 2, 2), torch.zeros(40)), BatchOrder(40, 8, 0), False, prefetch=2)

@@ -9,8 +9,10 @@ import torch
 
 class ImageSplit:
     """A split of labelled images addressed by index. `batch` returns (images N x C x H x W float,
-    labels N long); `train=True` applies training augmentation drawn from `generator`."""
+    labels N long); `train=True` applies training augmentation drawn from `generator`. `decodes`: a batch
+    costs real work (reading and decoding files), worth doing ahead of the model in a thread."""
     labels: torch.Tensor
+    decodes = False
 
     def __len__(self) -> int:
         raise NotImplementedError

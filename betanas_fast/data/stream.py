@@ -24,13 +24,16 @@ from .base import BatchOrder, ImageSplit
 class BatchStream:
     """Batches (x, y) of `split`: `order` gives the global batch, `shard(indices)` this rank's part of
     it (identity for one process), `generator` the training augmentation (None: no augmentation).
-    `prefetch` batches are decoded ahead in a thread (0: decode on demand, in the caller's thread)."""
+    `prefetch` batches are decoded ahead in a thread (0: decode on demand, in the caller's thread), for
+    splits that decode (`split.decodes`). An in-memory split is read on demand: its batches cost less than
+    the thread does (on a 2-core CPU a demo search ran 1.5x slower with one, its torch ops competing with
+    the model's for the cores)."""
 
     def __init__(self, split: ImageSplit, order: BatchOrder, train: bool, generator: Optional[torch.Generator] = None,
                  shard=None, prefetch: int = 2):
         self.split, self.order, self.train, self.generator = split, order, train, generator
         self.shard = shard or (lambda idx: idx)
-        self.prefetch = prefetch
+        self.prefetch = prefetch if getattr(split, "decodes", False) else 0
         self._consumed = self._snapshot()
         self._queue: Optional[queue.Queue] = None
         self._thread: Optional[threading.Thread] = None

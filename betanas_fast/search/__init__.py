@@ -13,10 +13,9 @@ def main(argv=None):
     from .distributed import shutdown
     cfg = parse_config(argv)
     try:
-        try:
-            search = Search(cfg)
-        except ValueError as e:  # bad configuration: one clear message, no traceback, nothing computed
-            raise SystemExit(f"error: {e}")
-        return search.run()
-    finally:
-        shutdown()
+        search = Search(cfg)
+    except ValueError as e:  # bad configuration: one clear message, no traceback, nothing computed
+        raise SystemExit(f"error: {e}")
+    result = search.run()
+    shutdown()
+    return result

@@ -139,7 +139,11 @@ def _attempt_store(ranks: Ranks, timeout: datetime.timedelta) -> dist.Store:
 
 
 def shutdown() -> None:
+    """After a run that ended normally on every rank: the ranks leave together (a barrier), then the process
+    group is destroyed, so that no rank tears its connections down while another still uses them. Not
+    after an error: the other ranks may be inside a collective, and torchrun stops them."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -100,6 +100,7 @@ class DaliSplit:
     `external_source`. The crop windows and flips are drawn from `generator` exactly as in
     `FolderSplit` (same windows, same flips; the index knows every image's size), so both loaders
     produce the same images up to interpolation and a resumed run repeats its augmentation."""
+    decodes = True
 
     def __init__(self, index, positions, resolution: int, split: str = "train", augment: bool = True,
                  threads: int = 2, device_id: Optional[int] = None, channels_last: bool = False):

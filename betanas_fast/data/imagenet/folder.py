@@ -45,6 +45,7 @@ def load_sample(path: str, train: bool, resolution: int, uniforms) -> np.ndarray
 class FolderSplit(ImageSplit):
     """Images `positions` of one split of the index, decoded on demand with `threads` threads.
     Training augmentation is drawn from the engine's generator, so a resumed run repeats it exactly."""
+    decodes = True
 
     def __init__(self, index, positions: Sequence[int], resolution: int, split: str = "train", augment: bool = True,
                  threads: Optional[int] = None, channels_last: bool = False):
