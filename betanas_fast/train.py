@@ -256,21 +256,9 @@ class Trainer:
 
     @staticmethod
     def _saved_config(cli: TrainConfig) -> TrainConfig:
-        run = cli.resume or cli.out
-        path = os.path.join(run, "config.json")
-        if not os.path.exists(path):
-            raise ValueError(f"cannot continue {run}: {path} does not exist")
-        with open(path) as f:
-            saved = json.load(f)
-        if not cli.resume:  # the same command again: it must be the same run
-            given = cli.resolved().to_dict()
-            differ = [k for k in saved if k not in RUN_ONLY and given.get(k) != saved[k]]
-            if differ:
-                raise ValueError(f"{run} holds a run with other settings ({', '.join(differ[:6])}); use another "
-                                 f"--out or --resume {run}")
-        saved.update({k: getattr(cli, k) for k in RUN_ONLY})
-        saved.update(resume=run, out=run)
-        return TrainConfig(**saved)
+        """The saved configuration of the run being continued (the same command again must be the same run)."""
+        given = cli.resolved().to_dict() if not cli.resume else cli.to_dict()
+        return TrainConfig(**ckpt.continued_config(cli.resume or cli.out, given, RUN_ONLY, check=not cli.resume))
 
     # --- setup ---
     def _build(self) -> None:
@@ -340,18 +328,7 @@ class Trainer:
             self.log(f"note: checkpoint of {s['world_size']} process(es) resumed on {self.ranks.world}: not bit-identical")
         self.epoch, self.best = int(s["epoch"]), float(s["best"])
         if self.ranks.is_main:
-            hist = os.path.join(self.out, "history.jsonl")
-            if os.path.exists(hist):
-                keep = []
-                for ln in open(hist):
-                    try:
-                        if json.loads(ln)["epoch"] <= self.epoch:
-                            keep.append(ln if ln.endswith("\n") else ln + "\n")
-                    except json.JSONDecodeError:
-                        pass
-                with open(hist + ".tmp", "w") as f:
-                    f.writelines(keep)
-                os.replace(hist + ".tmp", hist)
+            ckpt.cut_history(self.out, "epoch", self.epoch)
         self.log(f"resumed from {path} after epoch {self.epoch}")
 
     def _save_net(self, name: str, net: torch.nn.Module) -> None:
@@ -373,9 +350,7 @@ class Trainer:
         if cfg.resume:
             self._restore()
         elif main:
-            with open(os.path.join(self.out, "config.json"), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=2)
-            open(os.path.join(self.out, "history.jsonl"), "w").close()
+            ckpt.start_run(self.out, cfg.to_dict())
         self.log("resolved configuration:\n" + json.dumps(cfg.to_dict(), indent=2))
         self.log(f"net: {self.space.arch_strings(self.arch)}; {sum(p.numel() for p in self.net.parameters())} params; "
                  f"{len(self.train_split)} training images, {len(self.val_split)} validation; device {self.device}; "
@@ -392,8 +367,7 @@ class Trainer:
                     return rec
                 rec = self._epoch()
                 if main:
-                    with open(os.path.join(self.out, "history.jsonl"), "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                    ckpt.append_history(self.out, rec)
                     if writer:
                         for k in ("train_loss", "train_acc", "val_top1", "val_top5", "lr"):
                             writer.add_scalar(k, rec[k], self.epoch)

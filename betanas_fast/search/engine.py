@@ -126,21 +126,8 @@ class Search:
         holds a checkpoint (a restarted worker group, or the same command typed again): the command's settings
         must be the saved ones, or it is an error rather than a silently different run."""
         run_dir = cli.out if automatic else cli.resume
-        path = os.path.join(run_dir, "config.json")
-        if not os.path.exists(path):
-            raise ValueError(f"cannot resume: {path} does not exist")
-        with open(path) as f:
-            saved = json.load(f)
-        if automatic:
-            given = cli.to_dict()
-            differ = [k for k in saved if k not in RUN_ONLY_FIELDS and given.get(k) != saved[k]]
-            if differ:
-                detail = ", ".join(f"{k}: saved {saved[k]!r}, given {given.get(k)!r}" for k in differ[:6])
-                raise ValueError(f"{run_dir} holds a checkpointed run with other settings ({detail}); use another "
-                                 f"--out, or --resume {run_dir} to continue that run with its own settings")
-        saved.update({k: getattr(cli, k) for k in RUN_ONLY_FIELDS if k not in ("resume", "out")})
-        saved.update(resume=run_dir, out=run_dir)
-        return SearchConfig(**saved)
+        given = cli.to_dict()
+        return SearchConfig(**ckpt.continued_config(run_dir, given, RUN_ONLY_FIELDS, check=automatic))
 
     # --- setup --------------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -216,33 +203,13 @@ class Search:
         self.heldout_stream.load_state_dict(s["heldout_stream"])
         self.iteration, self.phase1_steps, self.beta = int(s["iteration"]), int(s["phase1_steps"]), float(s["beta"])
         if self.ranks.is_main:
-            self._cut_history()
+            ckpt.cut_history(self.out, "step", self.iteration)
         self.log(f"resumed from {path} at iteration {self.iteration}")
         if not same_world:
             self.log(f"note: the checkpoint was written by {saved_world} process(es) and this run has "
                      f"{self.ranks.world}: the run continues with the same global batches, paths and α, but each "
                      f"process's share, augmentation and BatchNorm statistics differ, so it is not bit-identical to "
                      f"an uninterrupted run")
-
-    def _cut_history(self) -> None:
-        """history.jsonl back to the checkpoint: the steps after it are recomputed, identically. A line cut
-        short by a kill is dropped with them."""
-        hist = os.path.join(self.out, "history.jsonl")
-        if not os.path.exists(hist):
-            return
-        keep = []
-        with open(hist) as f:
-            for ln in f:
-                try:
-                    rec = json.loads(ln)
-                except json.JSONDecodeError:
-                    continue
-                if rec["step"] <= self.iteration:
-                    keep.append(json.dumps(rec) + "\n")
-        tmp = hist + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, hist)
 
     def _on_device(self, x: torch.Tensor) -> torch.Tensor:
         """An input batch on the run's device, in the model's memory format."""
@@ -348,9 +315,7 @@ class Search:
         if cfg.resume:
             self._restore()
         elif main:
-            with open(os.path.join(self.out, "config.json"), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=2)
-            open(os.path.join(self.out, "history.jsonl"), "w").close()
+            ckpt.start_run(self.out, cfg.to_dict())
         self.log("resolved configuration:\n" + json.dumps(cfg.to_dict(), indent=2))
         self.log(f"space: {self.space.num_blocks} choice blocks x {self.space.num_candidates} candidates "
                  f"{self.space.candidate_names}; device {self.device}; autocast {self.amp_dtype or 'off (fp32)'}; "
