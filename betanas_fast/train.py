@@ -192,15 +192,16 @@ class AutoAugmentSplit:
 
 
 def load_data(cfg: TrainConfig, space: SearchSpace, ranks):
-    """(train split, validation split, mean, std) of the images the net is retrained on: the whole training
-    data (the search's held-out images included), validated on val/ or a class-balanced carve-out."""
+    """(train split, validation split, number of classes, mean, std) of the images the net is retrained on:
+    the whole training data (the search's held-out images included), validated on val/ or a class-balanced
+    carve-out."""
     resolution = space.config.resolution
     if cfg.data is None:
         from .data.digits import load_digits_data
         d = load_digits_data(seed=cfg.seed, heldout=1, val=cfg.val, resolution=resolution, augment=True)
         train = TensorSplit(torch.cat([d.train.images, d.heldout.images]), torch.cat([d.train.labels, d.heldout.labels]),
                             d.train.shift)
-        return train, d.val, (127.5,) * 3, (127.5,) * 3
+        return train, d.val, d.num_classes, (127.5,) * 3, (127.5,) * 3
     from .data import imagenet
     from .data.imagenet.transforms import MEAN, STD
     index = imagenet.build_index(cfg.data)
@@ -215,7 +216,7 @@ def load_data(cfg: TrainConfig, space: SearchSpace, ranks):
     train = Split(index, train_positions, resolution, "train", True)
     val = Split(index, range(len(index.val)), resolution, "val", False) if index.val is not None \
         else Split(index, split.heldout, resolution, "train", False)
-    return train, val, MEAN, STD
+    return train, val, index.num_classes, MEAN, STD
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
@@ -242,7 +243,11 @@ class Trainer:
                           cfg.deterministic if cfg.deterministic is not None else self.device.type == "cpu")
         self.amp_dtype = resolve_amp_dtype(cfg.amp, cfg.amp_dtype, self.device, log=self.log)
         self.out = cfg.resume or cfg.out or os.path.join("runs", f"train-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-        self.train_split, self.val_split, mean, std = load_data(cfg, self.space, self.ranks)
+        self.train_split, self.val_split, classes, mean, std = load_data(cfg, self.space, self.ranks)
+        if classes != self.space.config.num_classes:  # the classifier is not part of the searched architecture
+            config = SpaceConfig.from_dict(self.space.config.to_dict())
+            config.num_classes = classes
+            self.space = SearchSpace(config)
         if cfg.autoaugment:
             self.train_split = AutoAugmentSplit(self.train_split, mean, std)
         if len(self.train_split) < cfg.batch_size:

@@ -250,3 +250,23 @@ def test_auto_resume_refuses_other_settings(tmp_path):
     s = Search(tiny(tmp_path, epochs=1, warmup_epochs=0, checkpoint_every=3))  # same command again: continues
     assert s.cfg.resume == str(tmp_path / "run")
     assert s.run() is not None
+
+
+@pytest.mark.slow
+def test_training_under_torchrun(tmp_path):
+    """The retraining command uses the same process group (torch's DDP over the fixed net): the global batch
+    splits over the ranks, rank 0 writes, and the run resumes by the same command."""
+    from betanas_fast.space import build_space
+    arch = build_space("demo").arch_strings([1, 0, 3, 6, 2, 5, 0, 1])
+    args = ["-m", "betanas_fast.train", "--arch", *arch, "--epochs", "2", "--batch-size", "64", "--threads", "1",
+            "--no-progress", "--no-tensorboard", "--out", str(tmp_path / "run")]
+    r = torchrun(args + ["--stop-after", "1"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = torchrun(args)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "resumed from" in r.stdout and '"batch_size": 64' in r.stdout
+    history = read_history(tmp_path / "run")
+    assert [h["epoch"] for h in history] == [1, 2] and history[1]["train_loss"] < history[0]["train_loss"]
+    assert (tmp_path / "run" / "best.pt").exists()
+    bad = torchrun(["-m", "betanas_fast.train", "--arch", *arch, "--batch-size", "63", "--out", str(tmp_path / "b")])
+    assert bad.returncode != 0 and "--batch-size 63 is the global batch" in bad.stderr + bad.stdout

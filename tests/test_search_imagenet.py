@@ -38,3 +38,24 @@ def test_search_runs_on_a_tree(tree, tmp_path, loader):
     assert not set(split["heldout"]) & set(split["train"])
     arch = json.loads((out / "arch.json").read_text())
     assert len(arch["arch"]) == 4
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "dali"])
+def test_train_runs_on_a_tree(tree, tmp_path, loader):
+    """Retraining reads the same tree (val/ when present), with the classifier sized for its classes."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    from betanas_fast.space import build_space
+    root, _ = tree
+    arch = build_space("demo").arch_strings([0, 1, 2, 3, 0, 1, 2, 3])
+    out = tmp_path / loader
+    cmd = [sys.executable, "-m", "betanas_fast.train", "--arch", *arch, "--data", root, "--loader", loader,
+           "--epochs", "2", "--batch-size", "8", "--autoaugment", "--threads", "2", "--no-progress", "--out", str(out)]
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-2000:]
+    history = [json.loads(ln) for ln in open(out / "history.jsonl")]
+    assert [h["epoch"] for h in history] == [1, 2] and all(0 <= h["val_top1"] <= h["val_top5"] <= 1 for h in history)
+    import torch
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["space"]["num_classes"] == len(CLASSES) and best["model"]["classifier.weight"].shape[0] == len(CLASSES)
