@@ -122,14 +122,11 @@ def calibration_indices(size: int, batch_size: int, batches: int, seed: int) -> 
 
 
 @torch.no_grad()
-def evaluate_arch(supernet: Supernet, arch: Sequence[int], calibration_split, eval_split, *, batch_size: int,
-                  calibration_batches: int, seed: int, to_device: Callable[[torch.Tensor], torch.Tensor],
-                  autocast=None, ranks=None) -> Evaluation:
-    """Top-1 / top-5 accuracy of `arch` on `eval_split` with inherited weights and exactly recalibrated
-    BatchNorm (calibration subset of `calibration_split` from `seed`), plus its MFLOPs and params. The
-    supernet is not modified. `to_device` puts a batch on the model's device and memory format; `ranks`
-    (search.distributed.Ranks) shares the calibration batches and the scored images over processes."""
-    space = supernet.space
+def recalibrated_subnet(supernet: Supernet, arch: Sequence[int], calibration_split, *, batch_size: int,
+                        calibration_batches: int, seed: int, to_device: Callable[[torch.Tensor], torch.Tensor],
+                        autocast=None, ranks=None) -> Net:
+    """`arch` as a Net with the supernet's weights (a copy) and its BatchNorm statistics recomputed exactly
+    on the seeded calibration subset of `calibration_split`; in eval mode."""
     net = Net.from_supernet(supernet, arch)
     param = next(supernet.parameters())
     net = net.to(param.device, memory_format=torch.channels_last if param.device.type == "cpu" else
@@ -144,8 +141,22 @@ def evaluate_arch(supernet: Supernet, arch: Sequence[int], calibration_split, ev
 
     batches = (to_device(calibration_split.batch(shard(idx), train=False)[0])
                for idx in calibration_indices(len(calibration_split), batch_size, calibration_batches, seed))
-    all_reduce = _sum_over_ranks if active else None
-    recalibrate_bn(net, batches, forward, all_reduce)
+    recalibrate_bn(net, batches, forward, _sum_over_ranks if active else None)
+    return net.eval()
+
+
+@torch.no_grad()
+def evaluate_arch(supernet: Supernet, arch: Sequence[int], calibration_split, eval_split, *, batch_size: int,
+                  calibration_batches: int, seed: int, to_device: Callable[[torch.Tensor], torch.Tensor],
+                  autocast=None, ranks=None) -> Evaluation:
+    """Top-1 / top-5 accuracy of `arch` on `eval_split` with inherited weights and exactly recalibrated
+    BatchNorm (calibration subset of `calibration_split` from `seed`), plus its MFLOPs and params. The
+    supernet is not modified. `to_device` puts a batch on the model's device and memory format; `ranks`
+    (search.distributed.Ranks) shares the calibration batches and the scored images over processes."""
+    space = supernet.space
+    net = recalibrated_subnet(supernet, arch, calibration_split, batch_size=batch_size,
+                              calibration_batches=calibration_batches, seed=seed, to_device=to_device,
+                              autocast=autocast, ranks=ranks)
     top1, top5, images = score(net, eval_split, batch_size, to_device, autocast, ranks)
     cost = cost_model.arch_cost(space, arch)
     return Evaluation(arch=space.arch_strings(arch), top1=top1, top5=top5, images=images, mflops=cost.mflops,
@@ -202,6 +213,28 @@ def _read_arch(space, arg: Optional[List[str]], run: str) -> List[int]:
     return space.arch_from_strings(arg)
 
 
+def load_run(run: str, device: Optional[str] = None):
+    """A finished (or checkpointed) search run, set up for scoring: its configuration, data and space, the
+    supernet with the weights of its last checkpoint. ValueError for what is not a run."""
+    from .search import Search, SearchConfig
+    from .search import checkpoint as ckpt
+    cfg_path = os.path.join(run, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ValueError(f"{run} is not a search run directory (no config.json)")
+    with open(cfg_path) as f:
+        saved = json.load(f)
+    saved.update(out=run, resume=None, progress=False, plots=False, tensorboard=False, prefetch=0)
+    if device:
+        saved["device"] = device
+    search = Search.for_evaluation(SearchConfig(**saved))
+    try:
+        _, state = ckpt.load_latest(search.ckpt_dir)
+    except ckpt.CheckpointError as e:
+        raise ValueError(str(e)) from None
+    search.model.load_state_dict(state["model"])
+    return search
+
+
 def main(argv: Optional[List[str]] = None) -> Evaluation:
     p = argparse.ArgumentParser(prog="python -m betanas_fast.evaluate",
                                 description="Accuracy, MFLOPs and params of an architecture of a run's space, with "
@@ -216,23 +249,11 @@ def main(argv: Optional[List[str]] = None) -> Evaluation:
                    help="calibration batches (default: the run's --bn-recalib-batches)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the run's)")
     args = p.parse_args(argv)
-    from .search import Search, SearchConfig
-    from .search import checkpoint as ckpt
     try:
-        cfg_path = os.path.join(args.run, "config.json")
-        if not os.path.exists(cfg_path):
-            raise ValueError(f"{args.run} is not a search run directory (no config.json)")
-        with open(cfg_path) as f:
-            saved = json.load(f)
-        saved.update(out=args.run, resume=None, progress=False, plots=False, tensorboard=False, prefetch=0)
-        if args.device:
-            saved["device"] = args.device
-        search = Search.for_evaluation(SearchConfig(**saved))
-        _, state = ckpt.load_latest(search.ckpt_dir)
-        search.model.load_state_dict(state["model"])
+        search = load_run(args.run, args.device)
         arch = _read_arch(search.space, args.arch, args.run)
         search.space.check_arch(arch)
-    except (ValueError, ckpt.CheckpointError, KeyError, json.JSONDecodeError) as e:
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
         raise SystemExit(f"error: {e}")
     split = search.data.val if args.split == "val" and len(search.data.val) else search.data.heldout
     result = search.evaluate(arch, split, seed=args.seed, calibration_batches=args.calibration_batches)

@@ -126,6 +126,22 @@ def _inherit(space: SearchSpace, arch: Sequence[int], state: dict, where: str) -
     return Net.from_supernet(supernet, arch)
 
 
+def _recalibrated(run_dir: str, arch: Sequence[int]) -> Optional[Net]:
+    """The sub-network of a search run with its BatchNorm statistics recomputed exactly on the run's own
+    calibration subset (evaluate.load_run, Search.subnet): the supernet's statistics mix every path's and
+    are wrong for any one sub-network. None, with a warning, when the run's data cannot be loaded."""
+    if not os.path.exists(os.path.join(run_dir, "config.json")):
+        return None
+    from .evaluate import load_run  # noqa: PLC0415 (the search package is heavier than export needs)
+    try:
+        search = load_run(run_dir, device="cpu")
+    except (ValueError, OSError, KeyError) as e:
+        print(f"warning: {run_dir}: the run's data could not be loaded to recompute the sub-network's BatchNorm "
+              f"statistics ({e}); exporting the supernet's", file=sys.stderr)
+        return None
+    return search.subnet(list(arch)).to("cpu", memory_format=torch.contiguous_format)
+
+
 def load_net(run_or_arch: str, weights: Optional[str] = None) -> Net:
     """The searched Net, in eval mode, with its weights:
     - `weights` (a retrained net's checkpoint: "model", "arch", "space", "net") when given; its architecture
@@ -188,9 +204,14 @@ def load_net(run_or_arch: str, weights: Optional[str] = None) -> Net:
                 raise ExportError(str(e)) from None
             if not isinstance(state, dict) or "model" not in state:
                 raise ExportError(f"{path} holds no 'model' state dict")
-            net = _inherit(space, arch, state["model"], path)
-            source["weights"] = (f"supernet checkpoint {os.path.abspath(path)} (inherited; BatchNorm statistics "
-                                 f"are the supernet's)")
+            net = _recalibrated(run_dir, arch)
+            if net is not None:
+                source["weights"] = (f"supernet checkpoint {os.path.abspath(path)} (inherited; BatchNorm statistics "
+                                     f"recomputed on the run's calibration subset, as evaluate scores it)")
+            else:
+                net = _inherit(space, arch, state["model"], path)
+                source["weights"] = (f"supernet checkpoint {os.path.abspath(path)} (inherited; BatchNorm statistics "
+                                     f"are the supernet's: the run's data could not be read to recompute them)")
         elif os.path.isdir(run_or_arch):
             raise ExportError(f"{run_or_arch}: no checkpoint in {ckpt_dir} to take the weights from; pass "
                               f"--weights FILE, or the arch.json file to export the architecture untrained")

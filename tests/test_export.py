@@ -1,6 +1,7 @@
 """Export (betanas_fast.export): the timm model and the ONNX graph compute the Net's logits, timm alone rebuilds
 the model, the exported costs are arch.json's, ProxylessNAS-Mobile has its published size, and the command line
 works end to end on a search run (and says clearly what is wrong with bad input)."""
+import copy
 import json
 import os
 import subprocess
@@ -260,8 +261,14 @@ def test_cli_timm(run_dir):
     with open(os.path.join(run_dir, "arch.json")) as f:
         summary = json.load(f)
     net = ex.load_net(run_dir)  # the supernet's latest checkpoint, inherited
-    assert "supernet checkpoint" in net.export_source["weights"]
+    assert "supernet checkpoint" in net.export_source["weights"] and "recomputed" in net.export_source["weights"]
     assert net.space.arch_strings(net.arch) == summary["arch"]
+    # BatchNorm recomputed as the search's own score did it: the exported net scores what arch.json says
+    from betanas_fast.evaluate import load_run, score
+    val = load_run(run_dir, device="cpu").data.val
+    cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    top1, _, _ = score(cl, val, 32, lambda x: x.contiguous(memory_format=torch.channels_last))
+    assert top1 == summary["val_acc"]
 
     r = cli(run_dir, "--format", "timm")
     assert r.returncode == 0, r.stderr

@@ -22,7 +22,7 @@ from .. import cost as cost_model
 from .. import ops
 from ..data import BatchOrder, build_data
 from ..data.stream import BatchStream
-from ..evaluate import Evaluation, evaluate_arch
+from ..evaluate import Evaluation, evaluate_arch, recalibrated_subnet
 from ..nn.supernet import Supernet
 from ..space import PRESETS as SPACES, build_space
 from . import checkpoint as ckpt
@@ -413,6 +413,15 @@ class Search:
         s = cls(cfg)
         s._build()
         return s
+
+    def subnet(self, arch: List[int], seed: Optional[int] = None, calibration_batches: Optional[int] = None):
+        """`arch` as a Net with the supernet's weights (a copy) and BatchNorm recalibrated exactly, as
+        `evaluate` scores it: what an export of the searched net from this run holds."""
+        cfg = self.cfg
+        return recalibrated_subnet(self.model, arch, self.data.train, batch_size=cfg.batch_size,
+                                   calibration_batches=calibration_batches or cfg.bn_recalib_batches,
+                                   seed=cfg.seed + 5 if seed is None else seed, to_device=self._on_device,
+                                   autocast=self._autocast(), ranks=self.ranks)
 
     def evaluate(self, arch: List[int], split, seed: Optional[int] = None,
                  calibration_batches: Optional[int] = None) -> Evaluation:
