@@ -42,7 +42,7 @@ from torch import nn
 
 from . import cost as cost_model
 from . import ops
-from .nn.mbconv import MBConv, se_channels
+from .nn.mbconv import MBConv
 from .nn.supernet import Net, Supernet
 from .space import SearchSpace, SpaceConfig
 

@@ -23,6 +23,7 @@ architecture, the space and the net options: `python -m betanas_fast.export RUN 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -43,7 +44,7 @@ from .search import checkpoint as ckpt
 from .search import distributed
 from .search.config import add_config_arguments, option, validate_choices
 from .search.runtime import autocast, configure_process, resolve_amp_dtype, resolve_device
-from .space import PRESETS as SPACES, SearchSpace, SpaceConfig, build_space
+from .space import PRESETS as SPACES, SearchSpace, build_space
 
 RECIPES = {
     "demo": dict(optimizer="sgd", lr=0.05, lr_batch=64, nesterov=True, schedule="cosine", warmup_epochs=2, epochs=60,
@@ -148,9 +149,7 @@ def resolve_arch(cfg: TrainConfig) -> tuple:
                              f"choice blocks")
         arch = space.arch_from_strings(strings)
     if cfg.width_mult is not None:
-        config = SpaceConfig.from_dict(space.config.to_dict())
-        config.width_mult = cfg.width_mult
-        space = SearchSpace(config)
+        space = SearchSpace(dataclasses.replace(space.config, width_mult=cfg.width_mult))
     space.check_arch(arch)
     return space, arch
 
@@ -245,9 +244,7 @@ class Trainer:
         self.out = cfg.resume or cfg.out or os.path.join("runs", f"train-{datetime.datetime.now():%Y%m%d-%H%M%S}")
         self.train_split, self.val_split, classes, mean, std = load_data(cfg, self.space, self.ranks)
         if classes != self.space.config.num_classes:  # the classifier is not part of the searched architecture
-            config = SpaceConfig.from_dict(self.space.config.to_dict())
-            config.num_classes = classes
-            self.space = SearchSpace(config)
+            self.space = SearchSpace(dataclasses.replace(self.space.config, num_classes=classes))
         if cfg.autoaugment:
             self.train_split = AutoAugmentSplit(self.train_split, mean, std)
         if len(self.train_split) < cfg.batch_size:
@@ -302,7 +299,7 @@ class Trainer:
             self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16
                                            and self.device.type == "cuda")
-        self.aug_gen = torch.Generator().manual_seed(cfg.seed + 2 + 7919 * self.ranks.rank)
+        self.aug_gen = torch.Generator().manual_seed(self.ranks.seed(cfg.seed + 2))
         self.stream = BatchStream(self.train_split, BatchOrder(len(self.train_split), cfg.batch_size, cfg.seed + 3),
                                   train=True, generator=self.aug_gen, shard=self.ranks.shard)
         self.epoch, self.best = 0, -1.0

@@ -59,6 +59,10 @@ class Ranks:
     def active(self) -> bool:
         return self.world > 1 or self.launched
 
+    def seed(self, base: int) -> int:
+        """A seed of this rank's own (its augmentation): `base` on rank 0, so one process is unchanged."""
+        return base + 7919 * self.rank
+
     def share(self, global_batch: int, what: str = "batch size") -> int:
         """This rank's part of a global batch; an indivisible one is a configuration error."""
         if global_batch % self.world:

@@ -34,9 +34,6 @@ from .runtime import autocast, configure_process, resolve_amp_dtype, resolve_dev
 from .strategies import Selection, make_strategy
 from .timing import NoTimer
 
-# Per-rank augmentation generators are seeded seed + 2 + this x rank (rank 0: seed + 2, as one process).
-_RANK_SEED_STRIDE = 7919
-
 
 class Search:
     """Prepare (all checks, no compute) in __init__; `run()` does the search and writes the outputs.
@@ -149,7 +146,7 @@ class Search:
         # identical on every rank: the paths agree by construction
         self.path_gen = torch.Generator().manual_seed(cfg.seed + 1)
         # each rank augments its own samples
-        self.aug_gen = torch.Generator().manual_seed(cfg.seed + 2 + _RANK_SEED_STRIDE * self.ranks.rank)
+        self.aug_gen = torch.Generator().manual_seed(self.ranks.seed(cfg.seed + 2))
         # the global batch order, identical on every rank; each rank decodes its share
         self.train_stream = BatchStream(self.data.train, BatchOrder(len(self.data.train), cfg.batch_size, cfg.seed + 3),
                                         train=True, generator=self.aug_gen, shard=self.ranks.shard,
