@@ -4,8 +4,11 @@ nn.BatchNorm2d(C), activation) that runs the fused op.
 It holds exactly those two modules, so its state_dict has their keys (`conv.weight`, `bn.weight`,
 `bn.running_mean`, ...) and a checkpoint of the composite loads into it and back.
 """
+import copy
+
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .. import ops
 
@@ -50,3 +53,21 @@ class DWConvBNAct(nn.Module):
 
     def extra_repr(self) -> str:
         return f"act={self.act}"
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """An inference copy of `module` in eval mode, as a deployed net runs it: every Conv2d directly followed by
+    a BatchNorm2d inside an nn.Sequential becomes one Conv2d with a bias (torch's fuse_conv_bn_eval) and the
+    BatchNorm an nn.Identity; DWConvBNAct folds its BatchNorm into the fused op already in eval mode. The
+    original is untouched; the copy computes the same function (to rounding)."""
+    module = copy.deepcopy(module).eval()
+    for seq in list(module.modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+                seq._modules[a] = fuse_conv_bn_eval(conv, bn)
+                seq._modules[b] = nn.Identity()
+    return module
