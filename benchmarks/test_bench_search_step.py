@@ -79,7 +79,7 @@ def phase2_fn(impl, s, x, y, arch, precision="fp32"):
         else:
             with ops.reference_ops() if impl == "reference" else contextlib.nullcontext():
                 gate = gates(s, x, y, arch, autocast)
-        s.state.alpha_grad(gate, s.cost_mflops, 0.05)
+        s.state.alpha_grad(gate, s.cost.table, 0.05)
         sync()
 
     return step

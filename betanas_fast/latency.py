@@ -188,7 +188,7 @@ def _read_arch(source: str, space: SearchSpace) -> List[int]:
 
 
 def validate(table: LatencyTable, n_archs: int = 30, seed: int = 0, extra: Sequence[tuple] = (),
-             progress: bool = True) -> dict:
+             progress: bool = True, protocol: Optional[Protocol] = None) -> dict:
     """Measure `n_archs` random architectures (and the (name, arch) pairs of `extra`) end to end on the
     table's device and settings; compare with the table's prediction and with MFLOPs (fitted by least
     squares to the same measurements: the best any FLOPs-proportional model can do on them)."""
@@ -202,7 +202,7 @@ def validate(table: LatencyTable, n_archs: int = 30, seed: int = 0, extra: Seque
     gen = torch.Generator().manual_seed(seed)
     items = [_net_item(target, space, a, name, gen) for name, a in named]
     bar, update = _progress(len(items), "whole networks", progress)
-    stats = measure(items, target.device, Protocol(seed=seed), update)
+    stats = measure(items, target.device, protocol or Protocol(seed=seed), update)
     if bar:
         bar.close()
     rows = [{"name": name, "arch": space.arch_strings(a), "measured_ms": stats[name]["median"],

@@ -59,8 +59,9 @@ def plot_train_frequency(space: SearchSpace, history: List[dict], path: str) -> 
                     "share of Phase-1 steps trained", path)
 
 
-def plot_architecture(space: SearchSpace, arch: Sequence[int], path: str) -> None:
-    """One box per block: colour by kernel size, width by expansion ratio; skip as a thin grey line."""
+def plot_architecture(space: SearchSpace, arch: Sequence[int], path: str, caption: str = "") -> None:
+    """One box per block: colour by kernel size, width by expansion ratio; skip as a thin grey line; `caption`
+    (the net's cost) under the title."""
     colours = {3: "#4c72b0", 5: "#55a868", 7: "#c44e52"}
     n = len(arch)
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * n + 2), 3))
@@ -79,19 +80,19 @@ def plot_architecture(space: SearchSpace, arch: Sequence[int], path: str) -> Non
     ax.set_xlim(0, n)
     ax.set_ylim(-0.2, 1.0)
     ax.axis("off")
-    ax.set_title("searched architecture (colour: kernel 3/5/7; width: expansion; below: channels, /2 = stride 2)",
-                 fontsize=8)
+    ax.set_title("searched architecture (colour: kernel 3/5/7; width: expansion; below: channels, /2 = stride 2)"
+                 + (f"\n{caption}" if caption else ""), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_all(space: SearchSpace, history: List[dict], arch: Sequence[int], out: str) -> List[str]:
+def write_all(space: SearchSpace, history: List[dict], arch: Sequence[int], out: str, caption: str = "") -> List[str]:
     paths = []
     if history:
         paths += [os.path.join(out, "alpha.png"), os.path.join(out, "train_frequency.png")]
         plot_alpha(space, history, paths[0])
         plot_train_frequency(space, history, paths[1])
     paths.append(os.path.join(out, "architecture.png"))
-    plot_architecture(space, arch, paths[-1])
+    plot_architecture(space, arch, paths[-1], caption)
     return paths

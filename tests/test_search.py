@@ -125,7 +125,7 @@ def test_alpha_gradient_equals_eq4_plus_cost(tmp_path):
     expected_gate = _gates_by_autograd(s, x, y, arch)
     torch.testing.assert_close(gate, expected_gate, rtol=1e-4, atol=1e-6)
 
-    beta, cost = 0.3, s.cost_mflops
+    beta, cost = 0.3, s.cost.table
     got = st.alpha_grad(gate, cost, beta)
     p = st.probs()
     want = torch.zeros_like(got)
@@ -306,10 +306,10 @@ def test_flops_target_adapts_beta_and_is_reported(tmp_path):
         s._iteration()
         betas.append(s.beta)
     assert betas[0] != s.cfg.beta and len(set(betas)) == 4   # β moves at every α step
-    assert (betas[-1] > betas[-2]) == (s.expected_mflops() > 0.5)  # up while above the target, down below
+    assert (betas[-1] > betas[-2]) == (s.expected_costs()["expected_mflops"] > 0.5)  # up while above the target, down below
     from betanas_fast.search.report import arch_summary, format_table
     arch = s.state.argmax_arch()
-    res = arch_summary(s.space, s.state, arch, "betanas", None, 0.5)
+    res = arch_summary(s.space, s.state, arch, "betanas", None, s.cost)
     assert res["flops_target"] == 0.5 and res["meets_flops_target"] == (res["mflops"] <= 0.5)
     assert "FLOPs target 0.5000 MFLOPs" in format_table(res)
     untargeted = arch_summary(s.space, s.state, arch, "betanas", None)

@@ -100,11 +100,12 @@ class _Clock:
 
 
 def measure(items: Sequence[Item], device: torch.device, protocol: Optional[Protocol] = None,
-            progress: Optional[Callable[[int], None]] = None) -> Dict[str, dict]:
+            progress: Optional[Callable[[int], None]] = None, clock=None) -> Dict[str, dict]:
     """Each item's statistics (`summarize`, plus `passes` and whether it `converged`), timed in interleaved
-    passes under `protocol`. `progress(k)` is called as k more items finish."""
+    passes under `protocol`. `progress(k)` is called as k more items finish. `clock` replaces the device's
+    clock (an object with `round(fn, n)` -> ms per call and `sync()`; tests script the timings with it)."""
     protocol = protocol or Protocol()
-    clock = _Clock(device)
+    clock = clock or _Clock(device)
     keys = [it.key for it in items]
     if len(set(keys)) != len(keys):
         raise ValueError("measure: item keys must be unique")

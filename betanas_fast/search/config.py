@@ -14,6 +14,7 @@ import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import List, Optional
 
+from ..cost.objective import COSTS
 from ..space import PRESETS as SPACES
 from .strategies import STRATEGIES
 
@@ -89,6 +90,18 @@ class SearchConfig:
                                                "take it as a hard budget", type=float)
     beta_adapt: float = option(0.02, "with --flops-target: β is multiplied / divided by (1 + this) after each α "
                                    "step while the expected MFLOPs are above / below the target")
+    cost: str = option("flops", "the cost of Eq. 6: flops (analytic multiply-adds) or latency (a table measured on "
+                              "the target device, --latency-table)", choices=COSTS)
+    latency_table: Optional[str] = option(None, "with --cost latency: a table built by `python -m "
+                                              "betanas_fast.latency build` (copied into the run directory)", type=str)
+    latency_target: Optional[float] = option(None, "with --cost latency: the whole net's predicted ms to aim at: β "
+                                                 "adapts toward it as for --flops-target, and spos and random take it "
+                                                 "as a hard budget", type=float)
+    beta_latency: Optional[float] = option(None, "with --cost latency: β per ms (default: --beta scaled by the space's "
+                                               "span of MFLOPs over its span of ms, the same pressure as the FLOPs "
+                                               "cost)", type=float)
+    latency_table_any_machine: bool = option(False, "use a latency table measured on another machine or software, on "
+                                                  "purpose (e.g. to search for the device that measured it)")
     phase2_memory: Optional[str] = option(None, "extra memory the all-candidate gate gradient of Phase 2 may use, e.g. "
                                               "512M or 4G: a block's candidates are processed in chunks under it "
                                               "(same numbers). Default: half the free device memory", type=str)
@@ -131,7 +144,7 @@ class SearchConfig:
 
 # How a run is executed, not what it computes: these may differ when a run is continued.
 RUN_ONLY_FIELDS = ("resume", "out", "stop_after", "progress", "threads", "prefetch", "device", "digest_every",
-                   "deterministic", "phase2_memory", "plots", "tensorboard")
+                   "deterministic", "phase2_memory", "plots", "tensorboard", "latency_table_any_machine")
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -240,6 +253,20 @@ def validate_config(cfg: SearchConfig) -> None:
         raise ValueError(f"--data {cfg.data!r} is not a directory (expected train/<class>/* inside)")
     if cfg.flops_target is not None and cfg.flops_target <= 0:
         raise ValueError(f"FLOPs target must be positive (MFLOPs), got {cfg.flops_target}")
+    if cfg.cost == "latency":
+        if not cfg.latency_table:
+            raise ValueError("--cost latency needs --latency-table (build one with `python -m betanas_fast.latency "
+                             "build`)")
+        if cfg.flops_target is not None:
+            raise ValueError("--flops-target is the FLOPs cost's target; with --cost latency give --latency-target")
+    else:
+        for name in ("latency_table", "latency_target", "beta_latency"):
+            if getattr(cfg, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} needs --cost latency")
+    if cfg.latency_target is not None and cfg.latency_target <= 0:
+        raise ValueError(f"latency target must be positive (ms), got {cfg.latency_target}")
+    if cfg.beta_latency is not None and cfg.beta_latency < 0:
+        raise ValueError(f"beta_latency must be >= 0, got {cfg.beta_latency}")
     if cfg.prefetch < 0:
         raise ValueError(f"prefetch must be >= 0, got {cfg.prefetch}")
     if cfg.phase2_memory is not None:

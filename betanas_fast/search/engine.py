@@ -29,10 +29,13 @@ from . import checkpoint as ckpt
 from . import distributed
 from .arch_state import ArchState, masked_list
 from .config import RUN_ONLY_FIELDS, SearchConfig, check_noise_floor, parse_size, validate_config
-from .report import arch_summary, format_table
+from .report import arch_summary, cost_caption, format_table
 from .runtime import autocast, configure_process, resolve_amp_dtype, resolve_device
 from .strategies import Selection, make_strategy
 from .timing import NoTimer
+
+
+LATENCY_TABLE = "latency_table.json"  # the run directory's copy of --latency-table: a continued run uses the same
 
 
 class Search:
@@ -78,18 +81,33 @@ class Search:
                              f"({cfg.batch_size})")
         # measured once, before the model exists: the budget for the candidates' activations in Phase 2
         self.phase2_memory = parse_size(cfg.phase2_memory) if cfg.phase2_memory else ops.default_phase2_budget(self.device)
-        self.cost_mflops = torch.tensor(cost_model.mflops_table(self.space))
-        self.fixed_mflops = cost_model.fixed_cost(self.space)[0] / 1e6
-        floor = cost_model.min_arch_mflops(self.space)
-        if cfg.flops_target is not None and cfg.flops_target < floor:
-            raise ValueError(f"FLOPs target {cfg.flops_target} MFLOPs is below the smallest net of this space "
-                             f"({floor:.4f} MFLOPs)")
+        self.cost = self._search_cost(cfg)
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
         self.bpe = len(self.data.train) // cfg.batch_size  # global batches: the same schedule at any world size
         self.total_phase1 = cfg.epochs * self.bpe if self.strategy.trains_weights else 0
         self.iterations = math.ceil(self.total_phase1 / cfg.phase_ratio)
         self.alpha_steps = sum(self._alpha_step_at(i) for i in range(1, self.iterations + 1))
         check_noise_floor(cfg, self.alpha_steps)
+
+    def _search_cost(self, cfg: SearchConfig) -> cost_model.SearchCost:
+        """Eq. 6's cost, checked before any compute: the FLOPs table, or the latency table (the run directory's
+        copy when the run is continued) covering every entry of the space and measured on this machine."""
+        self.flops = cost_model.flops_cost(self.space, cfg.flops_target)
+        if cfg.cost == "latency":
+            copy = os.path.join(self.out, LATENCY_TABLE)
+            table = cost_model.LatencyTable.load(copy if os.path.isfile(copy) else cfg.latency_table)
+            if not cfg.latency_table_any_machine:
+                table.check_machine()
+            cost = cost_model.latency_cost(self.space, table, cfg.latency_target)
+            self.initial_beta = (cfg.beta_latency if cfg.beta_latency is not None
+                                 else cost_model.latency_beta(cfg.beta, self.space, cost))
+        else:
+            cost = self.flops
+            self.initial_beta = cfg.beta
+        if cost.target is not None and cost.target < cost.floor():
+            raise ValueError(f"{'FLOPs' if cost.kind == 'flops' else 'latency'} target {cost.target} {cost.unit} is "
+                             f"below the smallest net of this space ({cost.floor():.4f} {cost.unit})")
+        return cost
 
     def _alpha_step_at(self, iteration: int) -> bool:
         """Whether iteration `iteration` (1-based) ends with an α step: after the warm-up epochs only."""
@@ -154,7 +172,7 @@ class Search:
         self.heldout_stream = BatchStream(self.data.heldout,
                                           BatchOrder(len(self.data.heldout), cfg.heldout_batch_size, cfg.seed + 4),
                                           train=False, shard=self.ranks.shard, prefetch=cfg.prefetch)
-        self.beta = cfg.beta
+        self.beta = self.initial_beta
         self.iteration = 0
         self.phase1_steps = 0
         self.timer = NoTimer()  # a StepTimer here measures each part of the step (benchmarks)
@@ -283,14 +301,19 @@ class Search:
                 packed = distributed.all_reduce_mean(self.ranks, packed, self.device)
                 gate, (loss, acc) = packed[:-2].view_as(gate), packed[-2:].tolist()
         with self.timer.part("phase2/alpha update"):
-            st.step(gate, self.cost_mflops, self.beta)
-        if cfg.flops_target is not None and cfg.beta_adapt > 0:
-            above = self.expected_mflops() > cfg.flops_target
+            st.step(gate, self.cost.table, self.beta)
+        if self.cost.target is not None and cfg.beta_adapt > 0:
+            above = self.cost.expected(st.probs()) > self.cost.target
             self.beta = self.beta * (1 + cfg.beta_adapt) if above else self.beta / (1 + cfg.beta_adapt)
         return loss, acc
 
-    def expected_mflops(self) -> float:
-        return self.fixed_mflops + float((self.state.probs() * self.cost_mflops).sum())
+    def expected_costs(self) -> dict:
+        """The whole net's expected MFLOPs (always) and predicted latency (with --cost latency) under p."""
+        p = self.state.probs()
+        out = {"expected_mflops": self.flops.expected(p)}
+        if self.cost.kind == "latency":
+            out["expected_latency_ms"] = self.cost.expected(p)
+        return out
 
     # --- the loop -------------------------------------------------------------------------------------------
     def run(self) -> Optional[dict]:
@@ -313,6 +336,8 @@ class Search:
             self._restore()
         elif main:
             ckpt.start_run(self.out, cfg.to_dict())
+        if main and self.cost.latency is not None and not os.path.isfile(os.path.join(self.out, LATENCY_TABLE)):
+            self.cost.latency.save(os.path.join(self.out, LATENCY_TABLE))
         self.log("resolved configuration:\n" + json.dumps(cfg.to_dict(), indent=2))
         self.log(f"space: {self.space.num_blocks} choice blocks x {self.space.num_candidates} candidates "
                  f"{self.space.candidate_names}; device {self.device}; autocast {self.amp_dtype or 'off (fp32)'}; "
@@ -343,8 +368,9 @@ class Search:
                     hist_f.write(json.dumps(rec) + "\n")
                     hist_f.flush()
                 if writer:
-                    for k in ("phase1_loss", "phase1_acc", "phase2_loss", "phase2_acc", "expected_mflops", "beta"):
-                        if rec[k] is not None:
+                    for k in ("phase1_loss", "phase1_acc", "phase2_loss", "phase2_acc", "expected_mflops",
+                              "expected_latency_ms", "beta"):
+                        if rec.get(k) is not None:
                             writer.add_scalar(k, rec[k], self.iteration)
                     writer.add_scalar("remaining_paths", int(self.state.remaining.sum()), self.iteration)
                 if bar:
@@ -400,7 +426,7 @@ class Search:
                 "p": masked_list(st.probs(), st.remaining, 6),
                 "remaining": [[names[m] for m in st.remaining_paths(l)] for l in range(st.num_blocks)],
                 "phase1_counts": st.phase1_counts.tolist(), "phase2_counts": st.phase2_counts.tolist(),
-                "expected_mflops": self.expected_mflops(), "beta": self.beta,
+                **self.expected_costs(), "beta": self.beta,
                 "drops": [dict(d, op=names[d["path"]]) for d in drops]}
 
     # --- results ----------------------------------------------------------------------------------------------
@@ -430,18 +456,15 @@ class Search:
                              seed=cfg.seed + 5 if seed is None else seed, to_device=self._on_device,
                              autocast=self._autocast(), ranks=self.ranks)
 
-    def arch_mflops(self, arch: List[int]) -> float:
-        return cost_model.arch_cost(self.space, arch).mflops
-
     def _finish(self) -> dict:
         cfg = self.cfg
-        selection = Selection(score=lambda a: self.evaluate(a, self.data.heldout).top1, mflops=self.arch_mflops,
-                              budget=cfg.flops_target, generator=torch.Generator().manual_seed(cfg.seed + 6),
-                              log=self.log)
+        selection = Selection(score=lambda a: self.evaluate(a, self.data.heldout).top1, cost=self.cost.of_arch,
+                              budget=self.cost.target, unit=self.cost.unit,
+                              generator=torch.Generator().manual_seed(cfg.seed + 6), log=self.log)
         arch, extra = self.strategy.select(self.state, selection)
         val_split = self.data.val if len(self.data.val) else self.data.heldout
         val_acc = self.evaluate(arch, val_split).top1 if self.total_phase1 else None
-        summary = arch_summary(self.space, self.state, arch, cfg.strategy, val_acc, cfg.flops_target, extra)
+        summary = arch_summary(self.space, self.state, arch, cfg.strategy, val_acc, self.cost, extra)
         if not self.ranks.is_main:  # every rank chose the same (the digest agreed); rank 0 writes
             return summary
         with open(os.path.join(self.out, "arch.json"), "w") as f:
@@ -450,5 +473,5 @@ class Search:
         if cfg.plots:
             from .. import plots
             history = [json.loads(ln) for ln in open(os.path.join(self.out, "history.jsonl")) if ln.strip()]
-            plots.write_all(self.space, history, arch, self.out)
+            plots.write_all(self.space, history, arch, self.out, caption=cost_caption(summary))
         return summary

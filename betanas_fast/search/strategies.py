@@ -5,7 +5,7 @@ questions and knows no strategy by name.
 - `BetaNAS`: balanced training (uniform over the remaining paths, by shuffled cycles), α by the
   binary-gate gradient, selective drop after each α step, argmax at the end.
 - `Proxyless`: BetaNAS without the two ideas: Phase 1 draws paths from p, nothing is dropped.
-- `SPOS`: uniform training of every path for the whole run, no α; evolution under the FLOPs budget.
+- `SPOS`: uniform training of every path for the whole run, no α; evolution under the cost budget.
 - `Random`: no training; a random architecture under the budget.
 """
 from __future__ import annotations
@@ -23,13 +23,14 @@ Paths = Union[List[int], torch.Tensor]  # one path per block, or [blocks, batch]
 
 @dataclass
 class Selection:
-    """What the final choice may use: score a sub-net on held-out data (BN recalibrated), its MFLOPs,
-    the budget (MFLOPs or None), a seeded generator, a log line sink."""
+    """What the final choice may use: score a sub-net on held-out data (BN recalibrated), its cost (MFLOPs
+    or predicted ms), the budget in that unit (or None), a seeded generator, a log line sink."""
     score: Callable[[List[int]], float]
-    mflops: Callable[[List[int]], float]
+    cost: Callable[[List[int]], float]
     budget: Optional[float]
     generator: torch.Generator
     log: Callable[[str], None] = print
+    unit: str = "MFLOPs"
 
 
 class Strategy:
@@ -84,7 +85,7 @@ class SPOS(Strategy):
     def select(self, state, selection):
         cfg = self.cfg
         arch, score, trace = evolution_search(
-            state.allowed, selection.score, selection.mflops, selection.budget, selection.generator,
+            state.allowed, selection.score, selection.cost, selection.budget, selection.generator,
             population=cfg.spos_population, generations=cfg.spos_generations, parents=cfg.spos_parents,
             mutation_prob=cfg.spos_mutation_prob,
             progress=lambda g, s: selection.log(f"evolution generation {g}: best held-out acc {s:.4f}"))
@@ -96,7 +97,7 @@ class Random(Strategy):
     trains_weights = False
 
     def select(self, state, selection):
-        return sample_within_budget(state.allowed, selection.generator, selection.mflops, selection.budget), {}
+        return sample_within_budget(state.allowed, selection.generator, selection.cost, selection.budget), {}
 
 
 STRATEGIES: Dict[str, type] = {cls.name: cls for cls in (BetaNAS, Proxyless, SPOS, Random)}
