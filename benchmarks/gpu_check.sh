@@ -59,5 +59,7 @@ if required:
     print(f"{sum('BELOW' in l for l in required)} of {sum('required >=' in l for l in required)} required ratios missed")
 # The paper's search schedule projected from timed ImageNet-shaped steps (test_bench_gpu_projection.py).
 print("\n".join(l.rstrip() for l in open(sys.argv[1]) if l.startswith("- projected GPU-hours")))
+# Latency tables of the mobile space on this GPU at batch 1 and 256, and validate (test_bench_latency.py).
+print("\n".join(l.rstrip() for l in open(sys.argv[1]) if l.startswith("- latency")))
 PY
 exit $(( tests_rc != 0 || bench_rc != 0 || smoke_rc != 0 ))

@@ -13,25 +13,27 @@ A search uses a table with `--cost latency --latency-table table.json` (Eq. 6 in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from . import cost as cost_model
 from . import ops
-from .cost.latency import LatencyTable, LatencyTableError, fixed_keys, machine_info, space_keys
+from .cost.latency import STATISTICS, LatencyTable, LatencyTableError, fixed_keys, machine_info, space_keys
 from .cost.measure import Item, Protocol, measure
 from .nn.layers import fold_batchnorm
 from .nn.supernet import Net, build_candidate
 from .space import PRESETS as SPACES, SearchSpace, SpaceConfig, build_space
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTILES = {"p10": 0.1, "median": 0.5}
 CALIBRATION_SEED = 1_000_003  # the whole networks that measure the overhead; validate's are drawn apart from them
 
 
@@ -132,9 +134,12 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def build_table(space: SearchSpace, space_name: str, target: _Target, protocol: Optional[Protocol] = None,
-                calibration_archs: int = 8, progress: bool = True) -> LatencyTable:
-    """Measure the table of `space` on `target` (see the module's help)."""
-    protocol = protocol or Protocol()
+                calibration_archs: int = 16, progress: bool = True, statistic: str = "p10") -> LatencyTable:
+    """Measure the table of `space` on `target` (see the module's help); `statistic` of the timing rounds
+    predicts (cost.latency.STATISTICS)."""
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    protocol = dataclasses.replace(protocol or Protocol(), quantile=QUANTILES[statistic])
     target.configure()
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(protocol.seed)
@@ -148,14 +153,15 @@ def build_table(space: SearchSpace, space_name: str, target: _Target, protocol: 
     if bar:
         bar.close()
     fixed_set = set(fixed_keys(space).values())
-    table = LatencyTable(meta={}, entries={it.key: stats[it.key] for it in parts if it.key not in fixed_set},
+    table = LatencyTable(meta={"statistic": statistic},
+                         entries={it.key: stats[it.key] for it in parts if it.key not in fixed_set},
                          fixed={it.key: stats[it.key] for it in parts if it.key in fixed_set})
     sums = [table.sum_ms(space, a) for a in archs]
-    meas = [stats[it.key]["median"] for it in nets]
+    meas = [stats[it.key][statistic] for it in nets]
     table.network = {"overhead_ms": float(np.median(np.subtract(meas, sums))) if archs else 0.0,
                      "calibration_archs": [space.arch_strings(a) for a in archs],
                      "measured_ms": meas, "sum_ms": sums}
-    table.meta = dict(machine_info(target.device.type), **target.meta(), space_name=space_name,
+    table.meta = dict(machine_info(target.device.type), **target.meta(), statistic=statistic, space_name=space_name,
                       space=space.config.to_dict(), resolution=space.config.resolution,
                       date=datetime.datetime.now().isoformat(timespec="seconds"), protocol=protocol.to_dict(),
                       build_seconds=round(time.perf_counter() - t0, 1),
@@ -202,11 +208,12 @@ def validate(table: LatencyTable, n_archs: int = 30, seed: int = 0, extra: Seque
     gen = torch.Generator().manual_seed(seed)
     items = [_net_item(target, space, a, name, gen) for name, a in named]
     bar, update = _progress(len(items), "whole networks", progress)
-    stats = measure(items, target.device, protocol or Protocol(seed=seed), update)
+    protocol = dataclasses.replace(protocol or Protocol(seed=seed), quantile=QUANTILES[table.statistic])
+    stats = measure(items, target.device, protocol, update)
     if bar:
         bar.close()
-    rows = [{"name": name, "arch": space.arch_strings(a), "measured_ms": stats[name]["median"],
-             "measured_mad_ms": stats[name]["mad"], "sum_ms": table.sum_ms(space, a),
+    rows = [{"name": name, "arch": space.arch_strings(a), "measured_ms": stats[name][table.statistic],
+             "measured_median_ms": stats[name]["median"], "measured_mad_ms": stats[name]["mad"], "sum_ms": table.sum_ms(space, a),
              "predicted_ms": table.predict_ms(space, a), "mflops": cost_model.arch_cost(space, a).mflops}
             for name, a in named]
     rand = rows[:len(archs)]
@@ -259,8 +266,8 @@ def plot_validation(result: dict, path: str) -> None:
     ax.set_title(f"MFLOPs (least-squares fit): MAPE {result['mflops_fit_mape']:.1f} %, τ {result['mflops_tau']:.3f}",
                  fontsize=9)
     m = result["table_meta"]
-    fig.suptitle(f"{m.get('device_name')} · batch {m.get('batch')} · {m.get('dtype')} · {m.get('threads')} thread(s)",
-                 fontsize=9)
+    fig.suptitle(f"{m.get('device_name')} · batch {m.get('batch')} · {m.get('dtype')} · {m.get('threads')} thread(s) · "
+                 f"{m.get('statistic', 'median')} of the timing rounds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -268,7 +275,8 @@ def plot_validation(result: dict, path: str) -> None:
 
 def format_validation(result: dict) -> str:
     lines = [f"{result['archs']} random architectures, measured {result['measured_range_ms'][0]:.3f}-"
-             f"{result['measured_range_ms'][1]:.3f} ms",
+             f"{result['measured_range_ms'][1]:.3f} ms ({result['table_meta'].get('statistic', 'median')} of the "
+             f"timing rounds, as the table)",
              f"{'predictor':<34} {'MAPE %':>7} {'Kendall tau-b':>14}",
              f"{'table (sum + network overhead)':<34} {result['table_mape']:>7.2f} {result['table_tau']:>14.3f}",
              f"{'table (sum of parts only)':<34} {result['sum_only_mape']:>7.2f} {result['table_tau']:>14.3f}",
@@ -295,7 +303,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=1, help="CPU threads, fixed while timing")
     b.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC tensors (default: on for the CPU, off for CUDA, as the search and training run)")
-    b.add_argument("--calibration-archs", type=int, default=8,
+    b.add_argument("--statistic", default="p10", choices=STATISTICS,
+                   help="what predicts: the 10th percentile of each entry's timing rounds (what the network "
+                        "itself costs; interference from outside only adds time) or their median")
+    b.add_argument("--calibration-archs", type=int, default=16,
                    help="random whole networks timed to measure the per-network overhead")
     b.add_argument("--rel-ci", type=float, default=Protocol.rel_ci,
                    help="stop timing an entry when its median's 95 %% interval is within this relative margin")
@@ -331,7 +342,8 @@ def main(argv: Optional[List[str]] = None):
                   f"parts) on {target.device}, batch {args.batch}, {args.dtype}, {args.threads} thread(s)", flush=True)
             table = build_table(space, args.space, target, Protocol(rel_ci=args.rel_ci, max_passes=args.max_passes,
                                                                     seed=args.seed),
-                                calibration_archs=args.calibration_archs, progress=args.progress)
+                                calibration_archs=args.calibration_archs, progress=args.progress,
+                                statistic=args.statistic)
             table.save(out)
             n_unconv = len(table.meta["unconverged"])
             print(f"wrote {out}: {len(table.entries)} entries, network overhead {table.overhead_ms:+.4f} ms, "

@@ -23,7 +23,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..space import ChoiceBlockSpec, SearchSpace
 
 FORMAT = "betanas_fast.latency_table/1"
-FIXED_PARTS = ("stem", "first", "head")
+# Which statistic of an entry's timing rounds predicts: p10 (default) or the median. Interference from
+# outside the process (another tenant of the machine, interrupts) only ever adds time, and on a shared
+# machine it moves the median of whole networks by 10-25 % from one minute to the next; the 10th percentile
+# of the rounds is what the network itself costs, and it moves far less (measured: benchmarks/results).
+STATISTICS = ("p10", "median")
 
 
 class LatencyTableError(ValueError):
@@ -126,7 +130,8 @@ def machine_mismatches(meta: dict) -> List[str]:
 @dataclass
 class LatencyTable:
     """Latencies in milliseconds. `entries` (candidates) and `fixed` (stem, first block, head) map a key to
-    its statistics (median, p90, mad, count); the prediction uses the medians. `network` holds the whole-network calibration."""
+    its statistics (p10, median, p90, mad, count); the prediction uses the table's `statistic` of each.
+    `network` holds the whole-network calibration."""
     meta: dict
     entries: Dict[str, dict]
     fixed: Dict[str, dict]
@@ -150,10 +155,14 @@ class LatencyTable:
         for part in ("meta", "entries", "fixed"):
             if not isinstance(data.get(part), dict):
                 raise LatencyTableError(f"latency table {path!r}: its {part!r} section is missing")
+        statistic = data["meta"].get("statistic", "median")
+        if statistic not in STATISTICS:
+            raise LatencyTableError(f"latency table {path!r}: unknown statistic {statistic!r} (expected one of "
+                                    f"{STATISTICS})")
         for key, stats in list(data["entries"].items()) + list(data["fixed"].items()):
-            if not isinstance(stats, dict) or not isinstance(stats.get("median"), (int, float)) \
-                    or stats["median"] < 0:
-                raise LatencyTableError(f"latency table {path!r}: entry {key!r} has no valid median: {stats!r}")
+            if not isinstance(stats, dict) or not isinstance(stats.get(statistic), (int, float)) \
+                    or stats[statistic] < 0:
+                raise LatencyTableError(f"latency table {path!r}: entry {key!r} has no valid {statistic}: {stats!r}")
         return cls(data["meta"], data["entries"], data["fixed"], data.get("network", {"overhead_ms": 0.0}), path)
 
     def to_dict(self) -> dict:
@@ -196,12 +205,16 @@ class LatencyTable:
         """(per block and candidate ms, as L x M lists with 0 where a candidate is not allowed; the fixed
         parts' ms plus the network overhead)."""
         self.check_space(space)
-        matrix = [[self.entries[entry_key(space, b, m)]["median"] if ok else 0.0 for m, ok in enumerate(b.allowed)]
+        matrix = [[self.entries[entry_key(space, b, m)][self.statistic] if ok else 0.0 for m, ok in enumerate(b.allowed)]
                   for b in space.blocks]
         return matrix, self.fixed_ms(space) + self.overhead_ms
 
     def fixed_ms(self, space: SearchSpace) -> float:
-        return float(sum(self.fixed[k]["median"] for k in fixed_keys(space).values()))
+        return float(sum(self.fixed[k][self.statistic] for k in fixed_keys(space).values()))
+
+    @property
+    def statistic(self) -> str:
+        return self.meta.get("statistic", "median")
 
     @property
     def overhead_ms(self) -> float:
@@ -211,7 +224,7 @@ class LatencyTable:
         """Fixed parts plus the chosen entries: the plain sum, without the network overhead."""
         space.check_arch(arch)
         self.check_space(space)
-        return self.fixed_ms(space) + float(sum(self.entries[entry_key(space, space.blocks[l], m)]["median"]
+        return self.fixed_ms(space) + float(sum(self.entries[entry_key(space, space.blocks[l], m)][self.statistic]
                                                 for l, m in enumerate(arch)))
 
     def predict_ms(self, space: SearchSpace, arch: Sequence[int]) -> float:
@@ -221,7 +234,8 @@ class LatencyTable:
     def describe(self) -> str:
         m = self.meta
         return (f"{m.get('device')} {m.get('device_name')!r}, batch {m.get('batch')}, {m.get('dtype')}, "
-                f"{m.get('threads')} thread(s), {m.get('memory_format')}, measured {m.get('date')}")
+                f"{m.get('threads')} thread(s), {m.get('memory_format')}, {self.statistic} of the timing rounds, "
+                f"measured {m.get('date')}")
 
 
 def cost_span(matrix: Sequence[Sequence[float]], allowed: Sequence[Sequence[bool]]) -> float:

@@ -4,9 +4,9 @@ Every timed thing (a candidate on its input, a fixed part, a whole network) is a
 timed in passes: each pass visits every unfinished item once, in a fresh random order, and times one
 round of it (several calls). Interleaving spreads slow drifts (clock frequency, other load) over all items
 alike instead of biasing whichever was timed during them. An item is finished when the 95 % confidence
-interval of its median (distribution-free, from order statistics) lies within ±`rel_ci` of the median, or
-after `max_passes`. Statistics are median, p90 and MAD, so a few outliers (an interrupt, a page fault)
-do not move the estimate.
+interval of the estimated quantile (the median, or p10; distribution-free, from order statistics) lies
+within ±`rel_ci` of it, or after `max_passes`. Statistics are p10, median, p90 and MAD, so a few outliers
+(an interrupt, a page fault) do not move the estimate.
 
 A sample is the mean per call of one round, timed with `time.perf_counter` on the CPU (threads fixed by
 the caller) and with CUDA events on the GPU (see `_Clock`).
@@ -31,7 +31,8 @@ class Protocol:
     max_calls_per_round: int = 1000
     min_passes: int = 5
     max_passes: int = 200
-    rel_ci: float = 0.01          # stop when the median's 95 % interval is within ±1 %
+    rel_ci: float = 0.01          # stop when the estimate's 95 % interval is within ±1 % ...
+    quantile: float = 0.5         # ... the estimate being this quantile of the rounds (0.1 for a p10 table)
     seed: int = 0                 # order of the items in each pass
 
     def to_dict(self) -> dict:
@@ -45,13 +46,13 @@ class Item:
     call: Callable[[], object]
 
 
-def median_ci(samples: Sequence[float], z: float = 1.96) -> tuple:
-    """Distribution-free ~95 % confidence interval of the median: the order statistics at ranks
-    n/2 ± z·sqrt(n)/2 (the normal approximation of the binomial)."""
+def quantile_ci(samples: Sequence[float], q: float = 0.5, z: float = 1.96) -> tuple:
+    """Distribution-free ~95 % confidence interval of the q-quantile (q = 0.5: the median): the order
+    statistics at ranks n·q ± z·sqrt(n·q·(1 − q)) (the normal approximation of the binomial)."""
     s = np.sort(np.asarray(samples, dtype=np.float64))
     n = len(s)
-    half = z * math.sqrt(n) / 2
-    lo, hi = max(0, int(math.floor(n / 2 - half))), min(n - 1, int(math.ceil(n / 2 + half)))
+    half = z * math.sqrt(n * q * (1 - q))
+    lo, hi = max(0, int(math.floor(n * q - half))), min(n - 1, int(math.ceil(n * q + half)))
     return float(s[lo]), float(s[hi])
 
 
@@ -59,14 +60,15 @@ def summarize(samples_ms: Sequence[float]) -> dict:
     """median, p90, MAD (median absolute deviation) and count of samples in ms."""
     s = np.asarray(samples_ms, dtype=np.float64)
     med = float(np.median(s))
-    return {"median": med, "p90": float(np.percentile(s, 90)), "mad": float(np.median(np.abs(s - med))),
-            "count": int(len(s))}
+    return {"median": med, "p10": float(np.percentile(s, 10)), "p90": float(np.percentile(s, 90)),
+            "mad": float(np.median(np.abs(s - med))), "count": int(len(s))}
 
 
-def converged(samples: Sequence[float], rel_ci: float) -> bool:
-    lo, hi = median_ci(samples)
-    med = float(np.median(samples))
-    return med > 0 and (med - lo) <= rel_ci * med and (hi - med) <= rel_ci * med
+def converged(samples: Sequence[float], rel_ci: float, q: float = 0.5) -> bool:
+    """Whether the q-quantile's 95 % interval lies within ±rel_ci of it."""
+    lo, hi = quantile_ci(samples, q)
+    est = float(np.quantile(samples, q))
+    return est > 0 and (est - lo) <= rel_ci * est and (hi - est) <= rel_ci * est
 
 
 class _Clock:
@@ -135,7 +137,7 @@ def measure(items: Sequence[Item], device: torch.device, protocol: Optional[Prot
                 continue
             still = []
             for it in active:
-                if converged(samples[it.key], protocol.rel_ci):
+                if converged(samples[it.key], protocol.rel_ci, protocol.quantile):
                     done[it.key] = True
                 else:
                     still.append(it)

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..space import SearchSpace
-from .flops import arch_cost, fixed_cost, mflops_table
+from .flops import fixed_cost, mflops_table
 from .latency import LatencyTable, cost_span
 
 COSTS = ("flops", "latency")
