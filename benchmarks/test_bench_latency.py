@@ -67,4 +67,5 @@ def test_latency_table(benchmark, record_measured, report_line, tmp_path, device
         report_line(f"- latency search (demo defaults, --cost latency): searched net predicted "
                     f"{r['predicted_ms']:.4f} ms, measured {r['measured_ms']:.4f} ms ({r['error_pct']:+.2f} %; "
                     f"this validate's MAPE {searched['table_mape']:.2f} %: "
-                    f"{'within' if r['within_table_mape'] else 'OUTSIDE'})")
+                    f"{'within' if r['within_table_mape'] else 'OUTSIDE'}; "
+                    f"{r['random_nets_predicted_better']:.0%} of the 30 random nets were predicted better)")

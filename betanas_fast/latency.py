@@ -232,9 +232,12 @@ def validate(table: LatencyTable, n_archs: int = 30, seed: int = 0, extra: Seque
         "measured_range_ms": [min(meas), max(meas)] if meas else None,
         "rows": rows,
     }
+    random_errors = np.abs([100 * (r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in rand])
     for r in rows[len(archs):]:
         r["error_pct"] = 100 * (r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"]
         r["within_table_mape"] = abs(r["error_pct"]) <= result["table_mape"]
+        # how its error compares with the random nets': the share of them predicted better
+        r["random_nets_predicted_better"] = float(np.mean(random_errors < abs(r["error_pct"])))
     return result
 
 
@@ -283,7 +286,8 @@ def format_validation(result: dict) -> str:
              f"{'MFLOPs (least-squares fit)':<34} {result['mflops_fit_mape']:>7.2f} {result['mflops_tau']:>14.3f}"]
     for r in result["rows"][result["archs"]:]:
         lines.append(f"{r['name']}: predicted {r['predicted_ms']:.4f} ms, measured {r['measured_ms']:.4f} ms "
-                     f"({r['error_pct']:+.2f} %: {'within' if r['within_table_mape'] else 'OUTSIDE'} the table's MAPE)")
+                     f"({r['error_pct']:+.2f} %: {'within' if r['within_table_mape'] else 'OUTSIDE'} the table's MAPE; "
+                     f"{r['random_nets_predicted_better']:.0%} of the random nets were predicted better)")
     return "\n".join(lines)
 
 
