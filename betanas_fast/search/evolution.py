@@ -18,12 +18,15 @@ def sample_arch(allowed: torch.Tensor, generator: torch.Generator) -> List[int]:
 
 
 def sample_within_budget(allowed, generator, cost_fn: Callable[[List[int]], float], budget: Optional[float],
-                         tries: int = 10000) -> List[int]:
+                         tries: int = 10000, floor: Optional[float] = None) -> List[int]:
+    """A uniformly random architecture whose cost is at most `budget` (and at least `floor`), by rejection."""
     for _ in range(tries):
         arch = sample_arch(allowed, generator)
-        if budget is None or cost_fn(arch) <= budget:
+        cost = cost_fn(arch) if budget is not None or floor is not None else None
+        if (budget is None or cost <= budget) and (floor is None or cost >= floor):
             return arch
-    raise RuntimeError(f"no architecture under {budget} MFLOPs found in {tries} random samples")
+    band = f"under {budget}" if floor is None else f"in [{floor}, {budget}]"
+    raise RuntimeError(f"no architecture {band} MFLOPs found in {tries} random samples")
 
 
 def _mutate(parent: Arch, allowed, generator, prob: float) -> Arch:
