@@ -442,7 +442,7 @@ class Trainer:
 
 def parse_config(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(prog="python -m betanas_fast.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # each help says its default
     add_config_arguments(p, TrainConfig)
     args = p.parse_args(argv)
     return TrainConfig(**{k: v for k, v in vars(args).items() if v is not None})

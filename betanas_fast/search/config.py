@@ -188,7 +188,8 @@ def add_config_arguments(p: argparse.ArgumentParser, config_cls) -> None:
     for f in fields(config_cls):
         meta = f.metadata
         default = f.default if f.default is not MISSING else f.default_factory()
-        kw = dict(dest=f.name, default=None, help=f"{meta['help']} (default: {default})")
+        said = "(default" in meta["help"] or "default:" in meta["help"]  # the help already says it
+        kw = dict(dest=f.name, default=None, help=meta["help"] if said else f"{meta['help']} (default: {default})")
         if isinstance(default, bool) or meta["type"] is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m betanas_fast.search",
                                 description="BetaNAS search (balanced training + selective drop) and baselines. "
                                             "Every default is set for the embedded digits demo.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # each help says its default
     p.add_argument("--preset", default=None, help="JSON preset (name in betanas_fast/presets or a path), "
                                                   "applied before the other flags: imagenet, spos_demo")
     add_config_arguments(p, SearchConfig)

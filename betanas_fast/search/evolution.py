@@ -25,8 +25,9 @@ def sample_within_budget(allowed, generator, cost_fn: Callable[[List[int]], floa
         cost = cost_fn(arch) if budget is not None or floor is not None else None
         if (budget is None or cost <= budget) and (floor is None or cost >= floor):
             return arch
-    band = f"under {budget}" if floor is None else f"in [{floor}, {budget}]"
-    raise RuntimeError(f"no architecture {band} MFLOPs found in {tries} random samples")
+    band = f"at most {budget}" if floor is None else f"in [{floor}, {budget}]"
+    raise RuntimeError(f"no architecture of cost {band} (the budget's unit: MFLOPs, or ms with a latency cost) found "
+                       f"in {tries} random samples")
 
 
 def _mutate(parent: Arch, allowed, generator, prob: float) -> Arch:
