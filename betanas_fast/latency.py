@@ -13,6 +13,7 @@ A search uses a table with `--cost latency --latency-table table.json` (Eq. 6 in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -58,7 +59,11 @@ class _Target:
         self.channels_last = (self.device.type == "cpu") if channels_last is None else channels_last
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
-    def configure(self) -> None:
+    @contextlib.contextmanager
+    def timing(self):
+        """The process set up for timing (fixed threads, denormals flushed, cuDNN's autotuner), and put back
+        afterwards: a library call must not change how the rest of the process computes."""
+        threads, benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
         torch.set_num_threads(self.threads)
         torch.set_flush_denormal(True)  # random weights must not hit the slow denormal path
         if self.device.type == "cuda":
@@ -66,6 +71,12 @@ class _Target:
             torch.backends.cudnn.benchmark = True  # the fastest algorithms, as a deployed net would pick
         else:
             ops.cache_cpu_allocations()  # reused activation blocks, as in the search and training processes
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+            torch.set_flush_denormal(False)
+            torch.backends.cudnn.benchmark = benchmark
 
     def module(self, module: torch.nn.Module) -> torch.nn.Module:
         return fold_batchnorm(module).to(self.device, self.dtype, memory_format=self.memory_format)
@@ -140,7 +151,11 @@ def build_table(space: SearchSpace, space_name: str, target: _Target, protocol: 
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     protocol = dataclasses.replace(protocol or Protocol(), quantile=QUANTILES[statistic])
-    target.configure()
+    with target.timing():
+        return _build_table(space, space_name, target, protocol, calibration_archs, progress, statistic)
+
+
+def _build_table(space, space_name, target, protocol, calibration_archs, progress, statistic) -> LatencyTable:
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(protocol.seed)
     parts = _part_items(target, space, gen)
@@ -198,10 +213,13 @@ def validate(table: LatencyTable, n_archs: int = 30, seed: int = 0, extra: Seque
     """Measure `n_archs` random architectures (and the (name, arch) pairs of `extra`) end to end on the
     table's device and settings; compare with the table's prediction and with MFLOPs (fitted by least
     squares to the same measurements: the best any FLOPs-proportional model can do on them)."""
-    space = SearchSpace(SpaceConfig.from_dict(table.meta["space"]))
     target = _Target.of_table(table)
-    target.configure()
-    extra = list(extra)
+    with target.timing():
+        return _validate(table, target, n_archs, seed, list(extra), progress, protocol)
+
+
+def _validate(table, target, n_archs, seed, extra, progress, protocol) -> dict:
+    space = SearchSpace(SpaceConfig.from_dict(table.meta["space"]))
     calibration = [space.arch_from_strings(s) for s in table.network.get("calibration_archs", [])]
     archs = random_archs(space, n_archs, seed, exclude=calibration)
     named = [(f"random{i}", a) for i, a in enumerate(archs)] + extra

@@ -288,8 +288,10 @@ def test_validate_measures_random_and_searched_archs(demo_table, tmp_path):
     Search(_cfg(tmp_path, epochs=1, cost="latency", latency_table=demo_table, plots=False)).run()
     table = LatencyTable.load(demo_table)
     space = build_space("demo")
+    threads = torch.get_num_threads()
     result = latency_cli.validate(table, 4, seed=3, extra=[("searched", latency_cli._read_arch(str(run), space))],
                                   progress=False, protocol=FAST)
+    assert torch.get_num_threads() == threads  # the timing settings are put back
     assert result["archs"] == 4 and len(result["rows"]) == 5
     for r in result["rows"]:
         assert r["measured_ms"] > 0 and r["predicted_ms"] == pytest.approx(r["sum_ms"] + table.overhead_ms)
