@@ -1,0 +1,270 @@
+"""The studies: their statistics against scipy and known answers, the MACs-matched sampler, the command lines
+passed to sub-runs, and a tiny end-to-end run of each study (deterministic, continued without redoing
+finished sub-runs, the same numbers with --jobs 2)."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from betanas_fast import cost as cost_model
+from betanas_fast.search import SearchConfig
+from betanas_fast.search.config import parse_config as parse_search
+from betanas_fast.search.evolution import sample_within_budget
+from betanas_fast.space import build_space
+from betanas_fast.study import common, main, stats
+from betanas_fast.study.seeds import sample_matched
+from betanas_fast.train import TrainConfig
+from betanas_fast.train import parse_config as parse_train
+
+
+# --- statistics ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n, levels", [(2, 2), (4, 3), (7, 3), (12, 4), (30, 6), (30, 1000)])
+def test_kendall_tau_b_matches_scipy_with_ties(n, levels):
+    rng = np.random.default_rng(n * levels)
+    for _ in range(20):
+        x, y = rng.integers(0, levels, n), rng.integers(0, levels, n)
+        expected = sps.kendalltau(x, y, variant="b").statistic
+        got = stats.kendall_tau_b(x, y)
+        assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected, abs=1e-12)
+
+
+def test_kendall_tau_b_extremes():
+    assert stats.kendall_tau_b([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert stats.kendall_tau_b([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert math.isnan(stats.kendall_tau_b([1, 1, 1], [1, 2, 3]))  # one ranking all ties: undefined, as scipy
+    with pytest.raises(ValueError):
+        stats.kendall_tau_b([1, 2], [1, 2, 3])
+
+
+def test_bootstrap_interval_is_seeded_and_covers_the_mean():
+    data = np.random.default_rng(0).normal(5.0, 1.0, 200)
+    iv = stats.bootstrap_interval(lambda idx: data[idx].mean(), len(data), resamples=4000, seed=3)
+    assert iv == stats.bootstrap_interval(lambda idx: data[idx].mean(), len(data), resamples=4000, seed=3)
+    se = data.std(ddof=1) / math.sqrt(len(data))
+    assert iv.low < data.mean() < iv.high
+    assert (iv.high - iv.low) == pytest.approx(2 * 1.96 * se, rel=0.15)
+    const = stats.bootstrap_interval(lambda idx: 0.5, 3, resamples=100)
+    assert (const.low, const.high, const.undefined) == (0.5, 0.5, 0)
+    nan = stats.bootstrap_interval(lambda idx: float("nan"), 3, resamples=10)
+    assert nan.undefined == 10 and math.isnan(nan.low)
+
+
+def test_two_sample_tests_known_answers():
+    hi, lo = [5, 6, 7, 8], [1, 2, 3, 4]
+    # complete separation: only 1 of the C(8, 4) = 70 labellings is as extreme
+    for test in (stats.mann_whitney_greater, stats.permutation_greater):
+        assert test(hi, lo).p_value == pytest.approx(1 / 70)
+        assert test(lo, hi).p_value == 1.0
+        assert test(hi, lo).method == "exact"
+    assert stats.mann_whitney_greater(hi, lo).statistic == 16
+    assert stats.permutation_greater(hi, lo).statistic == 4.0
+    # identical samples: every labelling is as extreme as the observed one
+    assert stats.mann_whitney_greater([1, 1, 1], [1, 1, 1]).p_value == 1.0
+
+
+@pytest.mark.parametrize("n, m", [(3, 3), (4, 6), (8, 8), (5, 9)])
+def test_mann_whitney_matches_scipy_exact(n, m):
+    rng = np.random.default_rng(n * 100 + m)
+    for shift in (0.0, 0.7, 2.0):
+        a, b = rng.normal(shift, 1, n), rng.normal(0, 1, m)
+        expected = sps.mannwhitneyu(a, b, alternative="greater", method="exact")
+        got = stats.mann_whitney_greater(a, b)
+        assert got.statistic == expected.statistic
+        assert got.p_value == pytest.approx(expected.pvalue, abs=1e-12)
+
+
+def test_tests_with_ties_match_scipy_permutation_test():
+    """With ties, both tests are exact permutation tests conditional on the pooled values: scipy's
+    permutation_test over every relabelling is the oracle."""
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        a, b = rng.integers(0, 4, 6).astype(float), rng.integers(0, 4, 7).astype(float)
+
+        def u(x, y):  # Mann–Whitney U, ties counted half
+            d = np.subtract.outer(x, y)
+            return (d > 0).sum() + 0.5 * (d == 0).sum()
+
+        for ours, statistic in ((stats.mann_whitney_greater, u), (stats.permutation_greater,
+                                                                 lambda x, y: np.mean(x) - np.mean(y))):
+            ref = sps.permutation_test((a, b), statistic, permutation_type="independent", alternative="greater",
+                                       n_resamples=np.inf, vectorized=False)
+            assert ours(a, b).p_value == pytest.approx(ref.pvalue, abs=1e-9)
+
+
+def test_monte_carlo_beyond_the_exact_limit_is_seeded_and_sound():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(1.5, 1, 16), rng.normal(0, 1, 16)  # C(32, 16) labellings: Monte Carlo
+    r = stats.permutation_greater(a, b, seed=4)
+    assert r.method.startswith("monte carlo") and r == stats.permutation_greater(a, b, seed=4)
+    assert r.p_value < 1e-3
+    null = [stats.mann_whitney_greater(rng.normal(0, 1, 16), rng.normal(0, 1, 16)).p_value for _ in range(3)]
+    assert all(0.0 < p <= 1.0 for p in null)
+    asymptotic = sps.mannwhitneyu(a, b, alternative="greater", method="asymptotic").pvalue
+    assert stats.mann_whitney_greater(a, b).p_value == pytest.approx(asymptotic, abs=2e-3)
+
+
+def test_mean_std():
+    assert stats.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert stats.mean_std([4.0]) == (4.0, 0.0)
+
+
+# --- the MACs-matched sampler -------------------------------------------------------------------------------------
+def test_sampler_meets_its_tolerance_distinct_and_seeded():
+    space = build_space("demo")
+    median = cost_model.arch_cost(space, [1, 0, 3, 6, 2, 5, 0, 1]).mflops
+    archs = sample_matched(space, 8, median, 0.02, seed=11)
+    assert archs == sample_matched(space, 8, median, 0.02, seed=11)
+    assert len({tuple(a) for a in archs}) == 8
+    for a in archs:
+        space.check_arch(a)
+        assert abs(cost_model.arch_cost(space, a).mflops / median - 1) <= 0.02
+    tight = sample_matched(space, 3, median, 0.002, seed=11)
+    assert all(abs(cost_model.arch_cost(space, a).mflops / median - 1) <= 0.002 for a in tight)
+    allowed = torch.tensor(space.allowed_mask())
+    with pytest.raises(RuntimeError, match="no architecture of cost in"):  # no net is that large
+        sample_within_budget(allowed, torch.Generator().manual_seed(0), lambda a: 1.0, 3.0, tries=50, floor=2.0)
+
+
+# --- command lines --------------------------------------------------------------------------------------------------
+def test_sub_run_command_lines_round_trip():
+    s = SearchConfig(strategy="spos", stage_depths=[1, 1, 0, 0], candidates=["mb_k3_e1", "mb_k7_e6"], lr=0.05,
+                     label_smoothing=0.1, augment=False, deterministic=True, out="runs/x", threads=1, epochs=7)
+    assert parse_search(common.to_argv(s)) == s
+    t = TrainConfig(arch=["runs/x/arch.json"], epochs=3, dropout=0.0, nesterov=False, lr=0.025, out="runs/y", seed=2)
+    assert parse_train(common.to_argv(t)) == t
+
+
+def test_flags_the_study_sets_are_refused():
+    with pytest.raises(ValueError, match="--seed in the search flags"):
+        common.search_config("--epochs 3 --seed 4", ("seed", "out"))
+    with pytest.raises(ValueError, match="--out in the train flags"):
+        common.train_config("--out=somewhere", ("arch", "out"))
+    assert common.search_config("--epochs 3", ("seed",)).epochs == 3
+
+
+# --- tiny end-to-end runs -------------------------------------------------------------------------------------------
+TINY_SEARCH = ("--stage-depths 1 2 1 1 --heldout 64 --val 64 --batch-size 32 --heldout-batch-size 32 --epochs 2 "
+               "--warmup-epochs 1 --no-tensorboard --no-plots --bn-recalib-batches 1")
+TINY_TRAIN = "--epochs 1 --no-tensorboard"
+
+
+@pytest.fixture(autouse=True)
+def process_settings_restored():
+    """The in-process sub-runs set torch's threads and determinism for the process (as a search does): put them
+    back for the tests that follow."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def study_json(out):
+    with open(os.path.join(out, "study.json")) as f:
+        return json.load(f)
+
+
+def numbers(result: dict) -> dict:
+    """study.json without what may differ between two runs of the same command: nothing but the output path."""
+    return {k: v for k, v in result.items() if k != "config"} | {"config": dict(result["config"], out=None)}
+
+
+def forbid_sub_runs(monkeypatch):
+    def fail(self):
+        raise AssertionError(f"finished sub-run {self.name} was run again")
+    monkeypatch.setattr(common.SubRun, "run_here", fail)
+
+
+@pytest.mark.slow
+def test_balance_study_end_to_end(tmp_path, monkeypatch, capsys):
+    argv = ["balance", "--threads", "1", "--no-progress", f"--search-flags={TINY_SEARCH}"]
+    main(argv + ["--out", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    assert "claim: betanas trains every remaining path" in out and "claim: proxyless" in out
+    r = study_json(tmp_path / "a")
+    assert set(r["strategies"]) == {"betanas", "proxyless"} and r["versions"]["torch"] == torch.__version__
+    for name, s in r["strategies"].items():
+        for window in ("whole_run", "after_warmup"):
+            summary, blocks = s[window]["summary"], s[window]["per_block"]
+            assert summary["mean_max_over_mean"] == pytest.approx(np.mean([b["max_over_mean"] for b in blocks]))
+            assert summary["blocks"] == 5
+        # whole-run counts over the remaining paths sum to the Phase-1 steps of every block
+        assert all(sum(b["counts"]) == s["phase1_steps"] for b in s["whole_run"]["per_block"]) or s["paths_dropped"]
+    # betanas's shuffled cycles: remaining paths differ by at most one step per block
+    assert all(max(b["counts"]) - min(b["counts"]) <= 1 for b in r["strategies"]["betanas"]["whole_run"]["per_block"])
+    for png in ("balance.png", "balance_counts.png"):
+        assert os.path.getsize(tmp_path / "a" / png) > 10_000
+    # the same command again: nothing is recomputed, the numbers are the same
+    forbid_sub_runs(monkeypatch)
+    main(argv + ["--out", str(tmp_path / "a")])
+    assert study_json(tmp_path / "a") == r
+    # ... and options of the analysis only may change: the figures and the claims are recomputed
+    main(argv + ["--out", str(tmp_path / "a"), "--blocks", "2", "4", "--fair-share-factor", "1.01"])
+    again = study_json(tmp_path / "a")
+    assert again["config"]["blocks"] == [2, 4] and again["fair_share_factor"] == 1.01
+    assert again["strategies"]["proxyless"]["whole_run"]["per_block"] == \
+        r["strategies"]["proxyless"]["whole_run"]["per_block"]
+    monkeypatch.undo()
+    # as two processes (--jobs 2, one thread each): the same numbers
+    main(argv + ["--out", str(tmp_path / "b"), "--jobs", "2"])
+    assert numbers(study_json(tmp_path / "b")) == numbers(dict(r, config=dict(r["config"], jobs=2)))
+    assert os.path.exists(tmp_path / "b" / "betanas" / common.SUBRUN_LOG)
+    # a continued study with other settings is refused
+    with pytest.raises(SystemExit, match="other settings"):
+        main(argv[:-1] + ["--search-flags=--epochs 3", "--out", str(tmp_path / "a")])
+
+
+@pytest.mark.slow
+def test_seeds_study_end_to_end_deterministic_and_continued(tmp_path, monkeypatch):
+    argv = ["seeds", "--seeds", "2", "--threads", "1", "--no-progress", f"--search-flags={TINY_SEARCH}",
+            f"--train-flags={TINY_TRAIN}"]
+    main(argv + ["--out", str(tmp_path / "a")])
+    r = study_json(tmp_path / "a")
+    m = r["matching"]
+    assert m["reached"] <= m["tolerance"] == 0.02
+    assert all(abs(x["mflops"] / m["median_mflops"] - 1) <= 0.02 for x in r["random"])
+    assert m["median_mflops"] == pytest.approx(np.median([x["mflops"] for x in r["searched"]]))
+    assert len(r["searched"]) == len(r["random"]) == 2
+    a, b = [x["top1"] for x in r["searched"]], [x["top1"] for x in r["random"]]
+    assert r["tests"]["mann_whitney"]["p_value"] == stats.mann_whitney_greater(a, b).p_value
+    assert r["summary"]["searched"]["top1_mean"] == pytest.approx(np.mean(a))
+    assert os.path.getsize(tmp_path / "a" / "seeds.png") > 10_000
+    # the same command in another directory: identical numbers
+    main(argv + ["--out", str(tmp_path / "b")])
+    assert numbers(study_json(tmp_path / "b")) == numbers(r)
+    # a retraining killed before its result: only it runs again, to the same numbers
+    os.remove(tmp_path / "b" / "train-random-1" / "result.json")
+    ran = []
+    run_here = common.SubRun.run_here
+    monkeypatch.setattr(common.SubRun, "run_here", lambda self: (ran.append(self.name), run_here(self)))
+    main(argv + ["--out", str(tmp_path / "b")])
+    assert ran == ["train-random-1"]
+    assert numbers(study_json(tmp_path / "b")) == numbers(r)
+
+
+@pytest.mark.slow
+def test_sharing_study_end_to_end(tmp_path, capsys):
+    main(["sharing", "--seeds", "2", "--epochs", "1", "--threads", "1", "--no-progress", "--bootstrap", "500",
+          "--out", str(tmp_path / "s"), "--search-flags=--lr 0.05 --no-tensorboard --no-plots --bn-recalib-batches 1",
+          "--train-flags=--no-tensorboard --dropout 0 --warmup-epochs 0"])
+    out = capsys.readouterr().out
+    r = study_json(tmp_path / "s")
+    assert r["groups"] == ["NS", "B2", "B4"] and r["epochs"] == {"NS": 1, "B2": 2, "B4": 4}
+    assert r["labels"] == ["k3e1-k3e1", "k3e1-k3e6", "k3e6-k3e1", "k3e6-k3e6"]
+    assert r["candidates"]["B4"] == ["mb_k3_e1", "mb_k3_e6", "mb_k5_e3", "mb_k7_e6"]
+    acc = {g: np.array(r["accuracy"][g]["per_seed"]) for g in r["groups"]}
+    assert all(a.shape == (2, 4) and ((0 <= a) & (a <= 1)).all() for a in acc.values())
+    for g in ("B2", "B4"):
+        t = r["tau"][g]
+        expected = stats.kendall_tau_b(acc[g].mean(0), acc["NS"].mean(0))
+        assert t["tau"] == pytest.approx(expected) or (t["tau"] is None and math.isnan(expected))
+        assert f"Kendall τ-b({g}, NS)" in out
+    # the supernets score exactly the study's architectures, on the images NS is validated on (200)
+    with open(tmp_path / "s" / "B2-seed0" / "config.json") as f:
+        cfg = json.load(f)
+    assert (cfg["strategy"], cfg["heldout"], cfg["val"], cfg["epochs"]) == ("spos", 1, 200, 2)
+    assert os.path.getsize(tmp_path / "s" / "sharing.png") > 10_000
