@@ -27,6 +27,7 @@ import torch
 
 from . import cost as cost_model
 from . import ops
+from .stats import kendall_tau_b
 from .cost.latency import STATISTICS, LatencyTable, LatencyTableError, fixed_keys, machine_info, space_keys
 from .cost.measure import Item, Protocol, measure
 from .nn.layers import fold_batchnorm
@@ -185,12 +186,6 @@ def _build_table(space, space_name, target, protocol, calibration_archs, progres
 
 
 # --- validate ------------------------------------------------------------------------------------------------------
-def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
-    """Kendall's τ-b (ties accounted for), as scipy.stats.kendalltau."""
-    from scipy.stats import kendalltau
-    return float(kendalltau(x, y).statistic)
-
-
 def mape(pred: Sequence[float], measured: Sequence[float]) -> float:
     p, m = np.asarray(pred, dtype=np.float64), np.asarray(measured, dtype=np.float64)
     return float(np.mean(np.abs(p - m) / m) * 100)
@@ -243,8 +238,8 @@ def _validate(table, target, n_archs, seed, extra, progress, protocol) -> dict:
         "overhead_ms": table.overhead_ms,
         "table_mape": mape([r["predicted_ms"] for r in rand], meas),
         "sum_only_mape": mape([r["sum_ms"] for r in rand], meas),
-        "table_tau": kendall_tau([r["predicted_ms"] for r in rand], meas),
-        "mflops_tau": kendall_tau(mflops, meas),
+        "table_tau": kendall_tau_b([r["predicted_ms"] for r in rand], meas),
+        "mflops_tau": kendall_tau_b(mflops, meas),
         "mflops_fit": {"ms_per_mflop": float(slope), "intercept_ms": float(intercept)},
         "mflops_fit_mape": mape(np.polyval([slope, intercept], mflops), meas),
         "measured_range_ms": [min(meas), max(meas)] if meas else None,

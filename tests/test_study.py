@@ -15,7 +15,8 @@ from betanas_fast.search import SearchConfig
 from betanas_fast.search.config import parse_config as parse_search
 from betanas_fast.search.evolution import sample_within_budget
 from betanas_fast.space import build_space
-from betanas_fast.study import common, main, stats
+from betanas_fast import stats
+from betanas_fast.study import common, main
 from betanas_fast.study.seeds import sample_matched
 from betanas_fast.train import TrainConfig
 from betanas_fast.train import parse_config as parse_train

@@ -20,7 +20,7 @@ import torch
 from .. import cost as cost_model
 from ..search.config import option
 from ..search.evolution import sample_within_budget
-from . import stats
+from .. import stats
 from .common import (StudyOptions, StudyRun, arch_file, read_history, read_json, run_space, search_config, short,
                      train_config, write_json)
 

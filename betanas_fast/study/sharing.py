@@ -30,7 +30,7 @@ import numpy as np
 
 from ..search.config import option
 from ..space import build_space, parse_candidate
-from . import stats
+from .. import stats
 from .common import (StudyOptions, StudyRun, arch_file, read_history, read_json, search_config, short, train_config,
                      write_json)
 

@@ -1,4 +1,4 @@
-"""The statistics of the studies, in numpy: Kendall's τ-b, a percentile bootstrap over seeds, and the
+"""The statistics of the studies and of latency validation, in numpy: Kendall's τ-b, a percentile bootstrap over seeds, and the
 one-sided two-sample tests (Mann–Whitney U and a permutation test on the mean difference), exact where
 the number of label assignments allows, seeded Monte Carlo otherwise."""
 from __future__ import annotations
