@@ -88,7 +88,9 @@ def _arch_of(space: SearchSpace, strings, choices, where: str) -> List[int]:
 
 
 def read_arch_json(path: str) -> Tuple[SearchSpace, List[int], dict]:
-    """(space, choices, the whole summary) of a search's arch.json."""
+    """(space, choices, the whole summary) of a search's arch.json, or of the one in the run directory `path`."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "arch.json")
     if not os.path.isfile(path):
         raise ExportError(f"{path}: no such file (a search writes arch.json into its run directory when it "
                           f"finishes)")

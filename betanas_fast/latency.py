@@ -32,10 +32,10 @@ from .cost.latency import STATISTICS, LatencyTable, LatencyTableError, fixed_key
 from .cost.measure import Item, Protocol, measure
 from .nn.layers import fold_batchnorm
 from .nn.supernet import Net, build_candidate
+from .search.runtime import resolve_device
 from .space import PRESETS as SPACES, SearchSpace, SpaceConfig, build_space
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTILES = {"p10": 0.1, "median": 0.5}
 CALIBRATION_SEED = 1_000_003  # the whole networks that measure the overhead; validate's are drawn apart from them
 
 
@@ -47,13 +47,9 @@ class _Target:
             raise ValueError(f"--batch must be >= 1, got {batch}")
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: torch sees no CUDA device")
-        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-        self.device = torch.device(device)
+        if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+            raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+        self.device = resolve_device(device)
         self.dtype = DTYPES[dtype]
         self.batch, self.threads = batch, threads
         # the layout the search and training use on each device unless told otherwise
@@ -150,8 +146,8 @@ def build_table(space: SearchSpace, space_name: str, target: _Target, protocol: 
     """Measure the table of `space` on `target` (see the module's help); `statistic` of the timing rounds
     predicts (cost.latency.STATISTICS)."""
     if statistic not in STATISTICS:
-        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-    protocol = dataclasses.replace(protocol or Protocol(), quantile=QUANTILES[statistic])
+        raise ValueError(f"statistic must be one of {tuple(STATISTICS)}, got {statistic!r}")
+    protocol = dataclasses.replace(protocol or Protocol(), quantile=STATISTICS[statistic])
     with target.timing():
         return _build_table(space, space_name, target, protocol, calibration_archs, progress, statistic)
 
@@ -193,13 +189,12 @@ def mape(pred: Sequence[float], measured: Sequence[float]) -> float:
 
 def _read_arch(source: str, space: SearchSpace) -> List[int]:
     from .export import ExportError, read_arch_json
-    path = os.path.join(source, "arch.json") if os.path.isdir(source) else source
     try:
-        arch_space, arch, _ = read_arch_json(path)
+        arch_space, arch, _ = read_arch_json(source)
     except ExportError as e:
         raise ValueError(str(e)) from None
     if arch_space.config.to_dict() != space.config.to_dict():
-        raise ValueError(f"{path}: its space is not the table's space ({space.config.to_dict()})")
+        raise ValueError(f"{source}: its space is not the table's space ({space.config.to_dict()})")
     return arch
 
 
@@ -221,12 +216,13 @@ def _validate(table, target, n_archs, seed, extra, progress, protocol) -> dict:
     gen = torch.Generator().manual_seed(seed)
     items = [_net_item(target, space, a, name, gen) for name, a in named]
     bar, update = _progress(len(items), "whole networks", progress)
-    protocol = dataclasses.replace(protocol or Protocol(seed=seed), quantile=QUANTILES[table.statistic])
+    protocol = dataclasses.replace(protocol or Protocol(seed=seed), quantile=STATISTICS[table.statistic])
     stats = measure(items, target.device, protocol, update)
     if bar:
         bar.close()
     rows = [{"name": name, "arch": space.arch_strings(a), "measured_ms": stats[name][table.statistic],
-             "measured_median_ms": stats[name]["median"], "measured_mad_ms": stats[name]["mad"], "sum_ms": table.sum_ms(space, a),
+             "measured_median_ms": stats[name]["median"], "measured_mad_ms": stats[name]["mad"],
+             "sum_ms": table.sum_ms(space, a),
              "predicted_ms": table.predict_ms(space, a), "mflops": cost_model.arch_cost(space, a).mflops}
             for name, a in named]
     rand = rows[:len(archs)]
@@ -282,8 +278,8 @@ def plot_validation(result: dict, path: str) -> None:
     ax.set_title(f"MFLOPs (least-squares fit): MAPE {result['mflops_fit_mape']:.1f} %, τ {result['mflops_tau']:.3f}",
                  fontsize=9)
     m = result["table_meta"]
-    fig.suptitle(f"{m.get('device_name')} · batch {m.get('batch')} · {m.get('dtype')} · {m.get('threads')} thread(s) · "
-                 f"{m.get('statistic', 'median')} of the timing rounds", fontsize=9)
+    fig.suptitle(f"{m.get('device_name')} · batch {m.get('batch')} · {m.get('dtype')} · {m.get('threads')} "
+                 f"thread(s) · {m.get('statistic', 'median')} of the timing rounds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -307,7 +303,8 @@ def format_validation(result: dict) -> str:
 # --- the command --------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m betanas_fast.latency", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="measure a space's latency table on this device")
     b.add_argument("--space", default="demo", choices=tuple(SPACES), help="the space's preset")
@@ -320,7 +317,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=1, help="CPU threads, fixed while timing")
     b.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC tensors (default: on for the CPU, off for CUDA, as the search and training run)")
-    b.add_argument("--statistic", default="p10", choices=STATISTICS,
+    b.add_argument("--statistic", default="p10", choices=tuple(STATISTICS),
                    help="what predicts: the 10th percentile of each entry's timing rounds (what the network "
                         "itself costs; interference from outside only adds time) or their median")
     b.add_argument("--calibration-archs", type=int, default=16,

@@ -136,9 +136,8 @@ def resolve_arch(cfg: TrainConfig) -> tuple:
         raise ValueError("--arch is required: a search run directory, its arch.json, or block strings")
     source = cfg.arch[0]
     if len(cfg.arch) == 1 and (os.path.isdir(source) or source.endswith(".json")):
-        path = os.path.join(source, "arch.json") if os.path.isdir(source) else source
         try:
-            space, arch, _ = read_arch_json(path)
+            space, arch, _ = read_arch_json(source)
         except ExportError as e:
             raise ValueError(str(e)) from None
     else:

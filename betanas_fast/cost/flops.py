@@ -94,11 +94,3 @@ def arch_cost(space: SearchSpace, arch: Sequence[int]) -> NetCost:
         macs += candidate_macs(space, b, m)
         params += candidate_params(space, b, m)
     return NetCost(macs, params)
-
-
-def min_arch_mflops(space: SearchSpace) -> float:
-    """The cheapest net the space can express (the floor for a FLOPs target)."""
-    macs, _ = fixed_cost(space)
-    table = candidate_cost_table(space)[0]
-    macs += sum(min(v for v, a in zip(row, b.allowed) if a) for row, b in zip(table, space.blocks))
-    return macs / 1e6

@@ -81,7 +81,15 @@ class Search:
                              f"({cfg.batch_size})")
         # measured once, before the model exists: the budget for the candidates' activations in Phase 2
         self.phase2_memory = parse_size(cfg.phase2_memory) if cfg.phase2_memory else ops.default_phase2_budget(self.device)
+        self.flops = cost_model.flops_cost(self.space, cfg.flops_target)
         self.cost = self._search_cost(cfg)
+        # β of Eq. 6 in the cost's unit; the default per ms presses as hard as --beta per MFLOP
+        if self.cost.kind == "flops":
+            self.initial_beta = cfg.beta
+        elif cfg.beta_latency is not None:
+            self.initial_beta = cfg.beta_latency
+        else:
+            self.initial_beta = cost_model.latency_beta(cfg.beta, self.space, self.cost)
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
         self.bpe = len(self.data.train) // cfg.batch_size  # global batches: the same schedule at any world size
         self.total_phase1 = cfg.epochs * self.bpe if self.strategy.trains_weights else 0
@@ -92,18 +100,14 @@ class Search:
     def _search_cost(self, cfg: SearchConfig) -> cost_model.SearchCost:
         """Eq. 6's cost, checked before any compute: the FLOPs table, or the latency table (the run directory's
         copy when the run is continued) covering every entry of the space and measured on this machine."""
-        self.flops = cost_model.flops_cost(self.space, cfg.flops_target)
         if cfg.cost == "latency":
             copy = os.path.join(self.out, LATENCY_TABLE)
             table = cost_model.LatencyTable.load(copy if os.path.isfile(copy) else cfg.latency_table)
             if not cfg.latency_table_any_machine:
                 table.check_machine()
             cost = cost_model.latency_cost(self.space, table, cfg.latency_target)
-            self.initial_beta = (cfg.beta_latency if cfg.beta_latency is not None
-                                 else cost_model.latency_beta(cfg.beta, self.space, cost))
         else:
             cost = self.flops
-            self.initial_beta = cfg.beta
         if cost.target is not None and cost.target < cost.floor():
             raise ValueError(f"{'FLOPs' if cost.kind == 'flops' else 'latency'} target {cost.target} {cost.unit} is "
                              f"below the smallest net of this space ({cost.floor():.4f} {cost.unit})")

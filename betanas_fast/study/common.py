@@ -105,7 +105,7 @@ def train_config(flags: str, set_by_study: Sequence[str]):
 def run_space(run_dir: str):
     """The space of a finished search (its arch.json carries it)."""
     from ..export import read_arch_json
-    return read_arch_json(os.path.join(run_dir, "arch.json"))[0]
+    return read_arch_json(run_dir)[0]
 
 
 def short(name: str) -> str:
