@@ -95,8 +95,11 @@ def test_indivisible_global_batch_is_rejected_before_compute(monkeypatch, tmp_pa
 def test_small_heldout_split_fails_on_every_rank_before_compute(tmp_path):
     r = torchrun(search_args(tmp_path / "run", "--heldout-batch-size", "128"), timeout=300)
     assert r.returncode != 0
+    # Every rank raises it in its constructor, but torchrun stops the other ranks as soon as one has failed,
+    # so the later rank's message is printed only if it got there before being stopped (CI saw 1 of 2): at least one
+    # must show.
     assert r.stderr.count("smaller than one global held-out batch (128)") + r.stdout.count(
-        "smaller than one global held-out batch (128)") >= 2, r.stderr[-2000:]
+        "smaller than one global held-out batch (128)") >= 1, r.stderr[-2000:]
     assert not (tmp_path / "run" / "history.jsonl").exists()
 
 
