@@ -111,12 +111,14 @@ def check_against_oracle(mode, tensors, stride, act_name, dtype):
 @pytest.mark.parametrize("act_name", list(ACT_CODES))
 def test_matches_reference(device, dtype, k, stride, layout, mode, act_name):
     seed = hash((k, stride, layout, mode, act_name, str(dtype))) % 2**31
-    tensors = make_inputs((3, 6, 13, 17), k, device, dtype, LAYOUTS[layout], seed)
+    # 12 channels and 17 columns: the NHWC kernels' register tiles (8 channels x 8 output pixels) and both tails
+    tensors = make_inputs((3, 12, 13, 17), k, device, dtype, LAYOUTS[layout], seed)
     check_against_oracle(mode, tensors, stride, act_name, dtype)
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
-@pytest.mark.parametrize("shape", [(1, 5, 7, 7), (4, 1, 13, 17), (1, 1, 2, 3), (2, 3, 1, 9), (5, 33, 8, 8)])
+@pytest.mark.parametrize("shape", [(1, 5, 7, 7), (4, 1, 13, 17), (1, 1, 2, 3), (2, 3, 1, 9), (5, 33, 8, 8),
+                                   (2, 19, 11, 21)])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_odd_shapes(device, dtype, shape, mode, layout):

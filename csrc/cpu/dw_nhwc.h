@@ -27,6 +27,8 @@ class ThreadSums {
  public:
   explicit ThreadSums(int64_t width) : width_(width), sums_(at::get_num_threads() * width, 0.0) {}
   double* mine() { return sums_.data() + at::get_thread_num() * width_; }
+  int threads() const { return static_cast<int>(sums_.size() / width_); }
+  const double* of(int thread) const { return sums_.data() + thread * width_; }
   std::vector<double> total() const {
     std::vector<double> out(width_, 0.0);
     for (size_t t = 0; t < sums_.size() / width_; ++t) {
@@ -70,15 +72,97 @@ inline void dot_taps(int n, const src_t* const* src, const T* const* w, out_t* _
   }
 }
 
-// acc[c] += sum over the row's Wo pixels of f(row[ow, c]): vectorised over the channels, no long chains.
-template <typename T, typename F>
-void add_row_sums(const T* row, int64_t Wo, int64_t C, double* acc, F&& f) {
-  std::vector<T> part(C, T(0));
-  for (int64_t ow = 0; ow < Wo; ++ow) {
-    const T* __restrict p = row + ow * C;
-    for (int64_t c = 0; c < C; ++c) part[c] += f(p[c]);
+// acc[r] += the taps of one kernel row kh for R consecutive output pixels ow0 + r and the 8 channels at c:
+// xrow is input row ih at column 0, wrow the kernel row's K tap vectors (w_t + kh * K * C), col0 = ow0 * S - P
+// the input column of output ow0's first tap. Each input column is loaded once and meets every tap that
+// reads it (output r, tap kw with S * r + kw = j), the K weights stay in registers: R * K FMAs for
+// S * (R - 1) + K loads, where a pixel at a time costs two loads per FMA. Columns outside [0, W) are the
+// zero padding and are skipped.
+template <int K, int S, int R>
+__attribute__((always_inline)) inline void row_taps_block(const float* __restrict xrow, const float* __restrict wrow, int64_t C, int64_t c,
+                           int64_t col0, int64_t W, Float8* acc) {
+  Float8 w[K];
+#pragma GCC unroll 8
+  for (int kw = 0; kw < K; ++kw) w[kw] = load8(wrow + kw * C + c);
+  constexpr int J = S * (R - 1) + K;
+#pragma GCC unroll 32
+  for (int j = 0; j < J; ++j) {
+    const int64_t col = col0 + j;
+    if (col < 0 || col >= W) continue;
+    const Float8 xv = load8(xrow + col * C + c);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int kw = j - S * r;
+      if (kw >= 0 && kw < K) acc[r] += w[kw] * xv;
+    }
   }
-  for (int64_t c = 0; c < C; ++c) acc[c] += part[c];
+}
+
+// The weight gradient's counterpart of row_taps_block: acc[kw] += sum over R output pixels ow0 + r (r < count;
+// the others count as 0) of dz[ow0 + r] * x[S * (ow0 + r) - P + kw] for the 8 channels at c, kernel row kh (xrow
+// its input row). The R dz vectors stay in registers and each input column is loaded once.
+template <int K, int S, int R>
+__attribute__((always_inline)) inline void row_wgrad_block(const float* __restrict xrow, const float* __restrict dz, int64_t C, int64_t c,
+                            int64_t col0, int64_t W, int64_t count, Float8* acc) {
+  Float8 d[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) d[r] = r < count ? load8(dz + r * C + c) : Float8{};
+  constexpr int J = S * (R - 1) + K;
+#pragma GCC unroll 32
+  for (int j = 0; j < J; ++j) {
+    const int64_t col = col0 + j;
+    if (col < 0 || col >= W) continue;
+    const Float8 xv = load8(xrow + col * C + c);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int kw = j - S * r;
+      if (kw >= 0 && kw < K) acc[kw] += d[r] * xv;
+    }
+  }
+}
+
+// Output row (n, oh) of the float convolution, register-tiled: per 8 channels, R = 8 output pixels at a
+// time (the last block of a row computes pixels past Wo from in-range inputs and does not store them).
+// Channels past the last multiple of 8 go through dot_taps.
+template <int K, int S>
+void nhwc_conv_row_tiled(const float* __restrict x, const float* __restrict w_t, float* __restrict z,
+                         const NhwcShape& s, int64_t n, int64_t oh) {
+  constexpr int P = K / 2, R = 8;
+  const int64_t C = s.C, C8 = C / 8 * 8;
+  for (int64_t c = 0; c < C8; c += 8) {
+    for (int64_t ow0 = 0; ow0 < s.Wo; ow0 += R) {
+      // acc is indexed by constants only (every loop over r unrolled), so that it stays in registers
+      Float8 acc[R] = {};
+#pragma GCC unroll 8
+      for (int kh = 0; kh < K; ++kh) {
+        const int64_t ih = oh * S - P + kh;
+        if (ih < 0 || ih >= s.H) continue;
+        row_taps_block<K, S, R>(x + (n * s.H + ih) * s.W * C, w_t + kh * K * C, C, c, ow0 * S - P, s.W, acc);
+      }
+      const int64_t count = s.Wo - ow0;
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        if (r < count) store8(z + (ow0 + r) * C + c, acc[r]);
+      }
+    }
+  }
+  if (C8 == C) return;
+  const float* src[K * K];
+  const float* w[K * K];
+  for (int64_t ow = 0; ow < s.Wo; ++ow) {
+    int taps = 0;
+    for (int kh = 0; kh < K; ++kh) {
+      const int64_t ih = oh * S - P + kh;
+      if (ih < 0 || ih >= s.H) continue;
+      for (int kw = 0; kw < K; ++kw) {
+        const int64_t iw = ow * S - P + kw;
+        if (iw < 0 || iw >= s.W) continue;
+        src[taps] = x + ((n * s.H + ih) * s.W + iw) * C + C8;
+        w[taps++] = w_t + (kh * K + kw) * C + C8;
+      }
+    }
+    dot_taps(taps, src, w, z + ow * C + C8, C - C8);
+  }
 }
 
 // z[ow, c] of output row (n, oh), Wo x C, from x in NHWC (x of shape s.N x s.H x s.W x s.C).
@@ -87,6 +171,10 @@ void nhwc_conv_row(const scalar_t* __restrict x, const T* __restrict w_t, out_t*
                    int64_t n, int64_t oh) {
   constexpr int P = K / 2;
   const int64_t C = s.C;
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<T, float> && std::is_same_v<out_t, float>) {
+    nhwc_conv_row_tiled<K, S>(x, w_t, z, s, n, oh);
+    return;
+  }
   const scalar_t* src[K * K];
   const T* w[K * K];
   for (int64_t ow = 0; ow < s.Wo; ++ow) {
@@ -118,33 +206,51 @@ void nhwc_train_forward(const scalar_t* x, scalar_t* y, const NhwcShape& s, cons
     z_buffer = at::empty({rows * row_len}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
     z = z_buffer.mutable_data_ptr<T>();
   }
-  ThreadSums sums(C);
+  // Batch statistics in the same pass as the convolution, while the row is in cache: per row its sum and its
+  // squares about the row's own mean (no cancellation), merged into the thread's running mean and M2 with
+  // Chan et al.'s pairwise update in double; the threads' states are merged the same way.
+  ThreadSums moments(2 * C + 1);  // per thread: mean[C], M2[C], count
   for_each_index(rows, [&](int64_t r) {
     T* zr = z + r * row_len;
     nhwc_conv_row<scalar_t, K, S>(x, w_t, zr, s, r / s.Ho, r % s.Ho);
-    add_row_sums(zr, s.Wo, C, sums.mine(), [](T v) { return v; });
-  });
-  std::vector<T> mean(C);
-  const auto sum = sums.total();
-  for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<T>(sum[c] / count);
-  ThreadSums squares(C);  // centred second pass: no cancellation
-  for_each_index(rows, [&](int64_t r) {
-    const T* zr = z + r * row_len;
-    double* acc = squares.mine();
-    std::vector<T> part(C, T(0));
+    std::vector<T> row_mean(C, T(0)), row_m2(C, T(0));
     for (int64_t ow = 0; ow < s.Wo; ++ow) {
       const T* __restrict zp = zr + ow * C;
-      for (int64_t c = 0; c < C; ++c) part[c] += (zp[c] - mean[c]) * (zp[c] - mean[c]);
+      for (int64_t c = 0; c < C; ++c) row_mean[c] += zp[c];
     }
-    for (int64_t c = 0; c < C; ++c) acc[c] += part[c];
+    for (int64_t c = 0; c < C; ++c) row_mean[c] /= static_cast<T>(s.Wo);
+    for (int64_t ow = 0; ow < s.Wo; ++ow) {
+      const T* __restrict zp = zr + ow * C;
+      for (int64_t c = 0; c < C; ++c) row_m2[c] += (zp[c] - row_mean[c]) * (zp[c] - row_mean[c]);
+    }
+    double* m = moments.mine();
+    const double n_a = m[2 * C], n_b = static_cast<double>(s.Wo), n = n_a + n_b;
+    for (int64_t c = 0; c < C; ++c) {
+      const double delta = row_mean[c] - m[c];
+      m[c] += delta * n_b / n;
+      m[C + c] += row_m2[c] + delta * delta * n_a * n_b / n;
+    }
+    m[2 * C] = n;
   });
-  const auto sq = squares.total();
+  std::vector<double> mean_d(C, 0.0), m2(C, 0.0);
+  double n_a = 0.0;
+  for (int t = 0; t < moments.threads(); ++t) {
+    const double* m = moments.of(t);
+    const double n_b = m[2 * C], n = n_a + n_b;
+    if (n_b == 0.0) continue;
+    for (int64_t c = 0; c < C; ++c) {
+      const double delta = m[c] - mean_d[c];
+      mean_d[c] += delta * n_b / n;
+      m2[c] += m[C + c] + delta * delta * n_a * n_b / n;
+    }
+    n_a = n;
+  }
   std::vector<T> a(C), b(C);
   for (int64_t c = 0; c < C; ++c) {
-    const double var = sq[c] / count;
+    const double var = m2[c] / count;
     a[c] = static_cast<T>(gamma[c] / std::sqrt(var + eps));
-    b[c] = static_cast<T>(beta[c] - sum[c] / count * a[c]);
-    mean_out[c] = mean[c];
+    b[c] = static_cast<T>(beta[c] - mean_d[c] * a[c]);
+    mean_out[c] = static_cast<T>(mean_d[c]);
     var_out[c] = static_cast<T>(var);
   }
   for_each_index(rows, [&](int64_t r) {
@@ -280,18 +386,25 @@ void nhwc_train_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, co
           T* __restrict pp = part.data() + (kh * K + kw) * C;
           int64_t c = 0;
           if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<T, float>) {
-            for (; c + 8 <= C; c += 8) {
-              Float8 a = {};
-              for (int64_t ow = ow0; ow < ow1; ++ow) {
-                a += load8(dz + ow * C + c) * load8(xrow + (ow * S - P + kw) * C + c);
-              }
-              store8(pp + c, load8(pp + c) + a);
-            }
+            c = C / 8 * 8;  // done per kernel row by row_wgrad_block below
           }
           for (; c < C; ++c) {
             T a = 0;
             for (int64_t ow = ow0; ow < ow1; ++ow) a += dz[ow * C + c] * static_cast<T>(xrow[(ow * S - P + kw) * C + c]);
             pp[c] += a;
+          }
+        }
+        if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<T, float>) {
+          constexpr int R = 8;
+          for (int64_t c = 0; c + 8 <= C; c += 8) {
+            Float8 wacc[K];  // indexed by constants only: in registers
+#pragma GCC unroll 8
+            for (int kw = 0; kw < K; ++kw) wacc[kw] = load8(part.data() + (kh * K + kw) * C + c);
+            for (int64_t ow0 = 0; ow0 < s.Wo; ow0 += R) {
+              row_wgrad_block<K, S, R>(xrow, dz + ow0 * C, C, c, ow0 * S - P, s.W, s.Wo - ow0, wacc);
+            }
+#pragma GCC unroll 8
+            for (int kw = 0; kw < K; ++kw) store8(part.data() + (kh * K + kw) * C + c, wacc[kw]);
           }
         }
       }
