@@ -121,7 +121,7 @@ __attribute__((always_inline)) inline void row_wgrad_block(const float* __restri
   }
 }
 
-// Output row (n, oh) of the float convolution, register-tiled: per 8 channels, R = 8 output pixels at a
+// Output row (n, oh) of the float convolution, register-tiled: R = 8 output pixels and 8 channels at a
 // time (the last block of a row computes pixels past Wo from in-range inputs and does not store them).
 // Channels past the last multiple of 8 go through dot_taps.
 template <int K, int S>
@@ -129,8 +129,9 @@ void nhwc_conv_row_tiled(const float* __restrict x, const float* __restrict w_t,
                          const NhwcShape& s, int64_t n, int64_t oh) {
   constexpr int P = K / 2, R = 8;
   const int64_t C = s.C, C8 = C / 8 * 8;
-  for (int64_t c = 0; c < C8; c += 8) {
-    for (int64_t ow0 = 0; ow0 < s.Wo; ow0 += R) {
+  // pixels outer, channels inner: consecutive tiles read adjacent bytes of the same input columns
+  for (int64_t ow0 = 0; ow0 < s.Wo; ow0 += R) {
+    for (int64_t c = 0; c < C8; c += 8) {
       // acc is indexed by constants only (every loop over r unrolled), so that it stays in registers
       Float8 acc[R] = {};
 #pragma GCC unroll 8
@@ -396,15 +397,17 @@ void nhwc_train_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, co
         }
         if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<T, float>) {
           constexpr int R = 8;
-          for (int64_t c = 0; c + 8 <= C; c += 8) {
-            Float8 wacc[K];  // indexed by constants only: in registers
+          // pixels outer, channels inner (adjacent bytes of the same columns); the K partial sums of a tile
+          // are loaded and stored around it, from L1
+          for (int64_t ow0 = 0; ow0 < s.Wo; ow0 += R) {
+            for (int64_t c = 0; c + 8 <= C; c += 8) {
+              Float8 wacc[K];  // indexed by constants only: in registers
 #pragma GCC unroll 8
-            for (int kw = 0; kw < K; ++kw) wacc[kw] = load8(part.data() + (kh * K + kw) * C + c);
-            for (int64_t ow0 = 0; ow0 < s.Wo; ow0 += R) {
+              for (int kw = 0; kw < K; ++kw) wacc[kw] = load8(part.data() + (kh * K + kw) * C + c);
               row_wgrad_block<K, S, R>(xrow, dz + ow0 * C, C, c, ow0 * S - P, s.W, s.Wo - ow0, wacc);
-            }
 #pragma GCC unroll 8
-            for (int kw = 0; kw < K; ++kw) store8(part.data() + (kh * K + kw) * C + c, wacc[kw]);
+              for (int kw = 0; kw < K; ++kw) store8(part.data() + (kh * K + kw) * C + c, wacc[kw]);
+            }
           }
         }
       }
