@@ -72,18 +72,39 @@ inline void dot_taps(int n, const src_t* const* src, const T* const* w, out_t* _
   }
 }
 
-// acc[r] += the taps of one kernel row kh for R consecutive output pixels ow0 + r and the 8 channels at c:
-// xrow is input row ih at column 0, wrow the kernel row's K tap vectors (w_t + kh * K * C), col0 = ow0 * S - P
-// the input column of output ow0's first tap. Each input column is loaded once and meets every tap that
-// reads it (output r, tap kw with S * r + kw = j), the K weights stay in registers: R * K FMAs for
-// S * (R - 1) + K loads, where a pixel at a time costs two loads per FMA. Columns outside [0, W) are the
-// zero padding and are skipped.
-template <int K, int S, int R>
-__attribute__((always_inline)) inline void row_taps_block(const float* __restrict xrow, const float* __restrict wrow, int64_t C, int64_t c,
-                           int64_t col0, int64_t W, Float8* acc) {
-  Float8 w[K];
-#pragma GCC unroll 8
-  for (int kw = 0; kw < K; ++kw) w[kw] = load8(wrow + kw * C + c);
+// Channels c0 .. C-1 of output row (n, oh), a pixel at a time: each pixel's valid taps gathered, then dot_taps.
+template <typename scalar_t, int K, int S, typename T, typename out_t>
+void nhwc_conv_row_pixels(const scalar_t* __restrict x, const T* __restrict w_t, out_t* __restrict z,
+                          const NhwcShape& s, int64_t n, int64_t oh, int64_t c0) {
+  constexpr int P = K / 2;
+  const int64_t C = s.C;
+  const scalar_t* src[K * K];
+  const T* w[K * K];
+  for (int64_t ow = 0; ow < s.Wo; ++ow) {
+    int taps = 0;
+    for (int kh = 0; kh < K; ++kh) {
+      const int64_t ih = oh * S - P + kh;
+      if (ih < 0 || ih >= s.H) continue;
+      for (int kw = 0; kw < K; ++kw) {
+        const int64_t iw = ow * S - P + kw;
+        if (iw < 0 || iw >= s.W) continue;
+        src[taps] = x + ((n * s.H + ih) * s.W + iw) * C + c0;
+        w[taps++] = w_t + (kh * K + kw) * C + c0;
+      }
+    }
+    dot_taps(taps, src, w, z + ow * C + c0, C - c0);
+  }
+}
+
+// The register tile of one kernel row: R consecutive output pixels ow0 + r and the 8 channels at c, xrow the
+// input row ih at column 0 and col0 = ow0 * S - P the input column of output ow0's first tap. Every input
+// column of the tile is loaded once and handed to f(r, kw, x) for each (output r, tap kw) that reads it
+// (S * r + kw = j): R * K products for S * (R - 1) + K loads, where a pixel at a time loads twice per FMA.
+// Columns outside [0, W) are the zero padding and are skipped. Every loop is unrolled, so that r and kw
+// are constants and the caller's accumulators stay in registers.
+template <int K, int S, int R, typename F>
+__attribute__((always_inline)) inline void for_each_tile_tap(const float* __restrict xrow, int64_t C, int64_t c,
+                                                             int64_t col0, int64_t W, F&& f) {
   constexpr int J = S * (R - 1) + K;
 #pragma GCC unroll 32
   for (int j = 0; j < J; ++j) {
@@ -93,37 +114,37 @@ __attribute__((always_inline)) inline void row_taps_block(const float* __restric
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const int kw = j - S * r;
-      if (kw >= 0 && kw < K) acc[r] += w[kw] * xv;
+      if (kw >= 0 && kw < K) f(r, kw, xv);
     }
   }
 }
 
-// The weight gradient's counterpart of row_taps_block: acc[kw] += sum over R output pixels ow0 + r (r < count;
-// the others count as 0) of dz[ow0 + r] * x[S * (ow0 + r) - P + kw] for the 8 channels at c, kernel row kh (xrow
-// its input row). The R dz vectors stay in registers and each input column is loaded once.
+// Forward tile: acc[r] += sum over the row's taps of w[kw] * x, the K weights (wrow = w_t + kh * K * C) in
+// registers.
 template <int K, int S, int R>
-__attribute__((always_inline)) inline void row_wgrad_block(const float* __restrict xrow, const float* __restrict dz, int64_t C, int64_t c,
-                            int64_t col0, int64_t W, int64_t count, Float8* acc) {
+__attribute__((always_inline)) inline void row_taps_block(const float* __restrict xrow, const float* __restrict wrow,
+                                                          int64_t C, int64_t c, int64_t col0, int64_t W, Float8* acc) {
+  Float8 w[K];
+#pragma GCC unroll 8
+  for (int kw = 0; kw < K; ++kw) w[kw] = load8(wrow + kw * C + c);
+  for_each_tile_tap<K, S, R>(xrow, C, c, col0, W, [&](int r, int kw, Float8 xv) { acc[r] += w[kw] * xv; });
+}
+
+// Weight-gradient tile: acc[kw] += sum over the R output pixels (r < count; the others count as 0) of
+// dz[ow0 + r] * x[S * (ow0 + r) - P + kw], the R dz vectors in registers.
+template <int K, int S, int R>
+__attribute__((always_inline)) inline void row_wgrad_block(const float* __restrict xrow, const float* __restrict dz,
+                                                           int64_t C, int64_t c, int64_t col0, int64_t W,
+                                                           int64_t count, Float8* acc) {
   Float8 d[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) d[r] = r < count ? load8(dz + r * C + c) : Float8{};
-  constexpr int J = S * (R - 1) + K;
-#pragma GCC unroll 32
-  for (int j = 0; j < J; ++j) {
-    const int64_t col = col0 + j;
-    if (col < 0 || col >= W) continue;
-    const Float8 xv = load8(xrow + col * C + c);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const int kw = j - S * r;
-      if (kw >= 0 && kw < K) acc[kw] += d[r] * xv;
-    }
-  }
+  for_each_tile_tap<K, S, R>(xrow, C, c, col0, W, [&](int r, int kw, Float8 xv) { acc[kw] += d[r] * xv; });
 }
 
 // Output row (n, oh) of the float convolution, register-tiled: R = 8 output pixels and 8 channels at a
 // time (the last block of a row computes pixels past Wo from in-range inputs and does not store them).
-// Channels past the last multiple of 8 go through dot_taps.
+// Channels past the last multiple of 8 go a pixel at a time.
 template <int K, int S>
 void nhwc_conv_row_tiled(const float* __restrict x, const float* __restrict w_t, float* __restrict z,
                          const NhwcShape& s, int64_t n, int64_t oh) {
@@ -147,50 +168,18 @@ void nhwc_conv_row_tiled(const float* __restrict x, const float* __restrict w_t,
       }
     }
   }
-  if (C8 == C) return;
-  const float* src[K * K];
-  const float* w[K * K];
-  for (int64_t ow = 0; ow < s.Wo; ++ow) {
-    int taps = 0;
-    for (int kh = 0; kh < K; ++kh) {
-      const int64_t ih = oh * S - P + kh;
-      if (ih < 0 || ih >= s.H) continue;
-      for (int kw = 0; kw < K; ++kw) {
-        const int64_t iw = ow * S - P + kw;
-        if (iw < 0 || iw >= s.W) continue;
-        src[taps] = x + ((n * s.H + ih) * s.W + iw) * C + C8;
-        w[taps++] = w_t + (kh * K + kw) * C + C8;
-      }
-    }
-    dot_taps(taps, src, w, z + ow * C + C8, C - C8);
-  }
+  if (C8 < C) nhwc_conv_row_pixels<float, K, S>(x, w_t, z, s, n, oh, C8);
 }
 
-// z[ow, c] of output row (n, oh), Wo x C, from x in NHWC (x of shape s.N x s.H x s.W x s.C).
+// z[ow, c] of output row (n, oh), Wo x C, from x in NHWC (x of shape s.N x s.H x s.W x s.C): the register
+// tiles for float, a pixel at a time otherwise.
 template <typename scalar_t, int K, int S, typename T, typename out_t>
 void nhwc_conv_row(const scalar_t* __restrict x, const T* __restrict w_t, out_t* __restrict z, const NhwcShape& s,
                    int64_t n, int64_t oh) {
-  constexpr int P = K / 2;
-  const int64_t C = s.C;
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<T, float> && std::is_same_v<out_t, float>) {
     nhwc_conv_row_tiled<K, S>(x, w_t, z, s, n, oh);
-    return;
-  }
-  const scalar_t* src[K * K];
-  const T* w[K * K];
-  for (int64_t ow = 0; ow < s.Wo; ++ow) {
-    int taps = 0;
-    for (int kh = 0; kh < K; ++kh) {
-      const int64_t ih = oh * S - P + kh;
-      if (ih < 0 || ih >= s.H) continue;
-      for (int kw = 0; kw < K; ++kw) {
-        const int64_t iw = ow * S - P + kw;
-        if (iw < 0 || iw >= s.W) continue;
-        src[taps] = x + ((n * s.H + ih) * s.W + iw) * C;
-        w[taps++] = w_t + (kh * K + kw) * C;
-      }
-    }
-    dot_taps(taps, src, w, z + ow * C, C);
+  } else {
+    nhwc_conv_row_pixels<scalar_t, K, S>(x, w_t, z, s, n, oh, 0);
   }
 }
 
