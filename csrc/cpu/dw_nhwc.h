@@ -183,6 +183,21 @@ void nhwc_conv_row(const scalar_t* __restrict x, const T* __restrict w_t, out_t*
   }
 }
 
+// Chan et al.'s pairwise update: the running moments (mean[C], M2[C] over n_a values) absorb a part's
+// (mean_b, m2_b over n_b values); returns the new count.
+template <typename U>
+inline double merge_moments(double* mean, double* m2, double n_a, const U* mean_b, const U* m2_b, double n_b,
+                            int64_t C) {
+  const double n = n_a + n_b;
+  if (n_b == 0.0) return n_a;
+  for (int64_t c = 0; c < C; ++c) {
+    const double delta = static_cast<double>(mean_b[c]) - mean[c];
+    mean[c] += delta * n_b / n;
+    m2[c] += static_cast<double>(m2_b[c]) + delta * delta * n_a * n_b / n;
+  }
+  return n;
+}
+
 // Training-mode forward: y = act(BN(conv(x))) with batch statistics; writes mean and biased var per channel.
 template <typename scalar_t, int K, int S, int ACT, typename T>
 void nhwc_train_forward(const scalar_t* x, scalar_t* y, const NhwcShape& s, const T* w_t, const T* gamma,
@@ -214,26 +229,13 @@ void nhwc_train_forward(const scalar_t* x, scalar_t* y, const NhwcShape& s, cons
       for (int64_t c = 0; c < C; ++c) row_m2[c] += (zp[c] - row_mean[c]) * (zp[c] - row_mean[c]);
     }
     double* m = moments.mine();
-    const double n_a = m[2 * C], n_b = static_cast<double>(s.Wo), n = n_a + n_b;
-    for (int64_t c = 0; c < C; ++c) {
-      const double delta = row_mean[c] - m[c];
-      m[c] += delta * n_b / n;
-      m[C + c] += row_m2[c] + delta * delta * n_a * n_b / n;
-    }
-    m[2 * C] = n;
+    m[2 * C] = merge_moments(m, m + C, m[2 * C], row_mean.data(), row_m2.data(), static_cast<double>(s.Wo), C);
   });
   std::vector<double> mean_d(C, 0.0), m2(C, 0.0);
   double n_a = 0.0;
   for (int t = 0; t < moments.threads(); ++t) {
     const double* m = moments.of(t);
-    const double n_b = m[2 * C], n = n_a + n_b;
-    if (n_b == 0.0) continue;
-    for (int64_t c = 0; c < C; ++c) {
-      const double delta = m[c] - mean_d[c];
-      mean_d[c] += delta * n_b / n;
-      m2[c] += m[C + c] + delta * delta * n_a * n_b / n;
-    }
-    n_a = n;
+    n_a = merge_moments(mean_d.data(), m2.data(), n_a, m, m + C, m[2 * C], C);
   }
   std::vector<T> a(C), b(C);
   for (int64_t c = 0; c < C; ++c) {
