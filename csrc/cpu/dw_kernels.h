@@ -80,20 +80,6 @@ struct DwPlane {
     std::fill(xp + (P + H) * Wp, xp + Hp * Wp, T(0));
   }
 
-  // The plane with act(a * x + b) applied first (a batch norm and activation that precede the depthwise
-  // stage, folded into its padding copy); the padding stays zero.
-  template <int ACT, typename scalar_t>
-  void pad_bn_act(const scalar_t* __restrict x, T* __restrict xp, T a, T b) const {
-    std::fill(xp, xp + P * Wp, T(0));
-    for (int64_t h = 0; h < H; ++h) {
-      T* __restrict row = xp + (h + P) * Wp;
-      for (int p = 0; p < P; ++p) row[p] = row[P + W + p] = T(0);
-      const scalar_t* __restrict src = x + h * W;
-      for (int64_t w = 0; w < W; ++w) row[P + w] = act_forward<ACT>(a * static_cast<T>(src[w]) + b);
-    }
-    std::fill(xp + (P + H) * Wp, xp + Hp * Wp, T(0));
-  }
-
   // z[oh, ow] = sum_{kh, kw} w[kh, kw] * xp[oh*S + kh, ow*S + kw]. Tiles of 4 output rows x 8 columns
   // accumulate over all K*K taps in registers: four independent vector sums hide the FMA latency even
   // on the 8x8 planes of a network's last stages.
@@ -263,11 +249,10 @@ void for_each_index(int64_t n, F&& f) {
 // One channel of the training-mode forward over n samples: x points at the channel's plane of sample 0
 // and x_step is the distance between samples (C * H * W in an NCHW tensor); likewise y and y_step.
 // Writes the channel's batch mean and biased variance. n = 0: mean and var 0, nothing written.
-// in_bn (optional): {a, b} of a batch norm and activation ACT applied to x first, x -> act(a * x + b).
 template <typename scalar_t, int K, int S, int ACT, typename T>
 void train_forward_channel(const DwPlane<T, K, S>& plane, const scalar_t* x, int64_t x_step, scalar_t* y,
                            int64_t y_step, int64_t N, const T* w, T gamma, T beta, double eps, T* mean_out,
-                           T* var_out, const T* in_bn = nullptr) {
+                           T* var_out) {
   const int64_t out_plane = plane.Ho * plane.Wo, count = N * out_plane;
   if (N == 0) {
     *mean_out = *var_out = T(0);
@@ -275,11 +260,7 @@ void train_forward_channel(const DwPlane<T, K, S>& plane, const scalar_t* x, int
   }
   std::vector<T> xp(plane.Hp * plane.Wp), z(count);
   for (int64_t n = 0; n < N; ++n) {
-    if (in_bn != nullptr) {
-      plane.template pad_bn_act<ACT>(x + n * x_step, xp.data(), in_bn[0], in_bn[1]);
-    } else {
-      plane.pad(x + n * x_step, xp.data());
-    }
+    plane.pad(x + n * x_step, xp.data());
     plane.conv(xp.data(), w, z.data() + n * out_plane);
   }
   double sum = 0.0, sq = 0.0;

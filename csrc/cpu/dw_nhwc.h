@@ -198,24 +198,15 @@ inline double merge_moments(double* mean, double* m2, double n_a, const U* mean_
   return n;
 }
 
-// Training-mode forward: y = act(BN(conv(x))) with batch statistics; writes mean and biased var per channel.
-template <typename scalar_t, int K, int S, int ACT, typename T>
-void nhwc_train_forward(const scalar_t* x, scalar_t* y, const NhwcShape& s, const T* w_t, const T* gamma,
-                        const T* beta, double eps, T* mean_out, T* var_out) {
-  const int64_t C = s.C, rows = s.N * s.Ho, row_len = s.Wo * C, count = rows * s.Wo;
-  at::Tensor z_buffer;  // from the tensor allocator: no fresh pages every call
-  T* z;
-  if constexpr (std::is_same_v<scalar_t, T>) {
-    z = y;  // the conv output is kept where the result goes
-  } else {
-    z_buffer = at::empty({rows * row_len}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-    z = z_buffer.mutable_data_ptr<T>();
-  }
-  // Batch statistics in the same pass as the convolution, while the row is in cache: per row its sum and its
-  // squares about the row's own mean (no cancellation), merged into the thread's running mean and M2 with
-  // Chan et al.'s pairwise update in double; the threads' states are merged the same way.
-  ThreadSums moments(2 * C + 1);  // per thread: mean[C], M2[C], count
-  for_each_index(rows, [&](int64_t r) {
+// The convolution of every output row of x (shape s) into z (rows of s.Wo * s.C), rows in parallel, with the
+// batch statistics in the same pass while each row is in cache: per row its sum and its squares about the
+// row's own mean (no cancellation), merged into the running thread's (mean[C], M2[C], count) in `moments`
+// (width 2C + 1) with Chan et al.'s pairwise update in double. Calls on several parts of a batch (chunks
+// of samples) add up in the same `moments`.
+template <typename scalar_t, int K, int S, typename T>
+void nhwc_conv_moments(const scalar_t* x, const T* w_t, T* z, const NhwcShape& s, ThreadSums& moments) {
+  const int64_t C = s.C, row_len = s.Wo * C;
+  for_each_index(s.N * s.Ho, [&](int64_t r) {
     T* zr = z + r * row_len;
     nhwc_conv_row<scalar_t, K, S>(x, w_t, zr, s, r / s.Ho, r % s.Ho);
     std::vector<T> row_mean(C, T(0)), row_m2(C, T(0));
@@ -231,29 +222,59 @@ void nhwc_train_forward(const scalar_t* x, scalar_t* y, const NhwcShape& s, cons
     double* m = moments.mine();
     m[2 * C] = merge_moments(m, m + C, m[2 * C], row_mean.data(), row_m2.data(), static_cast<double>(s.Wo), C);
   });
-  std::vector<double> mean_d(C, 0.0), m2(C, 0.0);
-  double n_a = 0.0;
+}
+
+// The threads' moments of nhwc_conv_moments merged: the batch mean and biased variance per channel.
+inline void total_moments(const ThreadSums& moments, int64_t C, std::vector<double>& mean, std::vector<double>& var) {
+  mean.assign(C, 0.0);
+  var.assign(C, 0.0);
+  double n = 0.0;
   for (int t = 0; t < moments.threads(); ++t) {
     const double* m = moments.of(t);
-    n_a = merge_moments(mean_d.data(), m2.data(), n_a, m, m + C, m[2 * C], C);
+    n = merge_moments(mean.data(), var.data(), n, m, m + C, m[2 * C], C);
   }
+  for (int64_t c = 0; c < C; ++c) var[c] = n > 0.0 ? var[c] / n : 0.0;
+}
+
+// act(a[c] * src + b[c]) of rows x C values into dst (which may be src), rows in parallel: a batch norm
+// with folded statistics and its activation, applied to a whole tensor.
+template <int ACT, typename src_t, typename dst_t, typename T>
+void nhwc_affine_act(const src_t* src, dst_t* dst, int64_t rows, int64_t C, const T* a, const T* b) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const src_t* sp = src + r * C;
+      dst_t* dp = dst + r * C;
+      for (int64_t c = 0; c < C; ++c) dp[c] = static_cast<dst_t>(act_forward<ACT>(a[c] * static_cast<T>(sp[c]) + b[c]));
+    }
+  });
+}
+
+// Training-mode forward: y = act(BN(conv(x))) with batch statistics; writes mean and biased var per channel.
+template <typename scalar_t, int K, int S, int ACT, typename T>
+void nhwc_train_forward(const scalar_t* x, scalar_t* y, const NhwcShape& s, const T* w_t, const T* gamma,
+                        const T* beta, double eps, T* mean_out, T* var_out) {
+  const int64_t C = s.C, rows = s.N * s.Ho, row_len = s.Wo * C;
+  at::Tensor z_buffer;  // from the tensor allocator: no fresh pages every call
+  T* z;
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    z = y;  // the conv output is kept where the result goes
+  } else {
+    z_buffer = at::empty({rows * row_len}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    z = z_buffer.mutable_data_ptr<T>();
+  }
+  ThreadSums moments(2 * C + 1);  // per thread: mean[C], M2[C], count
+  nhwc_conv_moments<scalar_t, K, S>(x, w_t, z, s, moments);
+  std::vector<double> mean_d, var_d;
+  total_moments(moments, C, mean_d, var_d);
   std::vector<T> a(C), b(C);
   for (int64_t c = 0; c < C; ++c) {
-    const double var = m2[c] / count;
+    const double var = var_d[c];
     a[c] = static_cast<T>(gamma[c] / std::sqrt(var + eps));
     b[c] = static_cast<T>(beta[c] - mean_d[c] * a[c]);
     mean_out[c] = static_cast<T>(mean_d[c]);
     var_out[c] = static_cast<T>(var);
   }
-  for_each_index(rows, [&](int64_t r) {
-    const T* zr = z + r * row_len;
-    scalar_t* yr = y + r * row_len;
-    for (int64_t ow = 0; ow < s.Wo; ++ow) {
-      for (int64_t c = 0; c < C; ++c) {
-        yr[ow * C + c] = static_cast<scalar_t>(act_forward<ACT>(a[c] * zr[ow * C + c] + b[c]));
-      }
-    }
-  });
+  nhwc_affine_act<ACT>(z, y, rows * s.Wo, C, a.data(), b.data());
 }
 
 // Training-mode backward from dL/dy: dx (NHWC), and the weight (w_t's layout, [K * K, C]), gamma and beta

@@ -2,11 +2,12 @@
 // channels (dw_bn_act_grouped_train and its backward), and block_gate_grads, which evaluates every MBConv
 // candidate of a choice block on the same input and reduces each output against dL/dO at once.
 //
-// block_gate_grads runs the candidates one after the other, each in three passes over memory: a batched
-// GEMM expands x; the depthwise stage reads the expanded activations with their batch norm and activation
-// applied on the fly (the statistics come from x's covariance, never from a pass over the expanded
-// activations) and writes its output; a batched GEMM projects it, and a fused pass reduces BN(z) . dL/dO
-// without writing BN(z). No autograd graph is built; one candidate's activations exist at a time.
+// block_gate_grads runs the candidates one after the other, channels_last: in chunks of samples, one GEMM
+// expands x, its batch norm and activation are applied in place (the statistics come from x's covariance,
+// never from a pass over the expanded activations) and the depthwise stage writes its output rows with
+// their moments; then in chunks of rows, that output's batch norm and activation, one GEMM projects it,
+// and a fused pass reduces BN(z) . dL/dO without writing BN(z). Each chunk's activations are read back while
+// in cache. No autograd graph is built; one candidate's activations exist at a time.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -16,6 +17,7 @@
 #include "common/dispatch.h"
 #include "common/grouped.h"
 #include "cpu/dw_kernels.h"
+#include "cpu/dw_nhwc.h"
 
 namespace betanas {
 namespace {
@@ -114,62 +116,167 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_grouped_tra
 // ---------------------------------------------------------------------------------------------------------
 // block_gate_grads.
 
-// sum over n, c, s of BN(z)[n, c, s] * g[n, c, s] with batch statistics, BN(z) never written:
-// per channel gamma / sqrt(var + eps) * sum (z - mean) g + beta * sum g. z [N, C, S]; g in T.
-template <typename scalar_t, typename T = at::opmath_type<scalar_t>>
-double bn_dot(const at::Tensor& z, const at::Tensor& g, const std::vector<T>& gamma, const std::vector<T>& beta,
-              double eps) {
-  const int64_t N = z.size(0), C = z.size(1), S = z.size(2), count = N * S;
-  const scalar_t* zd = z.const_data_ptr<scalar_t>();
-  const T* gd = g.const_data_ptr<T>();
-  std::vector<double> per_channel(C);
-  for_each_index(C, [&](int64_t c) {
-    double sum = 0.0, sq = 0.0, zg = 0.0, sg = 0.0;
-    for (int64_t n = 0; n < N; ++n) {
-      const scalar_t* p = zd + (n * C + c) * S;
-      sum += lane_sum<T>(S, [&](int64_t i) { return static_cast<T>(p[i]); });
-    }
-    const T mean = static_cast<T>(sum / count);
-    for (int64_t n = 0; n < N; ++n) {
-      const scalar_t* p = zd + (n * C + c) * S;
-      const T* q = gd + (n * C + c) * S;
-      sq += lane_sum<T>(S, [&](int64_t i) { return (static_cast<T>(p[i]) - mean) * (static_cast<T>(p[i]) - mean); });
-      zg += lane_sum<T>(S, [&](int64_t i) { return (static_cast<T>(p[i]) - mean) * q[i]; });
-      sg += lane_sum<T>(S, [&](int64_t i) { return q[i]; });
-    }
-    per_channel[c] = static_cast<double>(gamma[c]) / std::sqrt(sq / count + eps) * zg + static_cast<double>(beta[c]) * sg;
-  });
-  double total = 0.0;
-  for (double v : per_channel) total += v;
-  return total;
-}
-
 // The batch statistics of the expand stage h = W x of every candidate, without computing h: per output
 // channel c, mean(h_c) = w_c . mean(x) and var(h_c) = w_c^T Cov(x) w_c, with Cov(x) the Cin x Cin
-// covariance of x over the batch and the plane (one small GEMM). Returns, per candidate, the folded batch
-// norm {a, b} per channel (act(a * h + b) is the expand stage's output), in T.
+// covariance of x over the batch and the plane (per sample in x's stats dtype, summed in double). x3 is x as
+// [N, H * W, Cin] (NHWC). Returns, per candidate, the folded batch norm: a and b per channel, act(a * h + b)
+// being the expand stage's output, in T.
 template <typename T>
-std::vector<std::vector<T>> expand_bn_folded(const at::Tensor& x3, at::TensorList expand_weight,
-                                             at::TensorList expand_bn_weight, at::TensorList expand_bn_bias,
-                                             double eps) {
-  const int64_t Cin = x3.size(1);
+std::vector<std::pair<std::vector<T>, std::vector<T>>> expand_bn_folded(const at::Tensor& x3,
+                                                                        at::TensorList expand_weight,
+                                                                        at::TensorList expand_bn_weight,
+                                                                        at::TensorList expand_bn_bias, double eps) {
+  const int64_t Cin = x3.size(2);
   const at::Tensor xs = x3.to(stats_dtype(x3));
-  const at::Tensor mean = xs.mean({0, 2}, /*keepdim=*/true);
+  const at::Tensor mean = xs.mean({0, 1}, /*keepdim=*/true);
   const at::Tensor xc = xs - mean;
-  const at::Tensor cov = at::bmm(xc, xc.transpose(1, 2)).sum(0, /*keepdim=*/false, at::kDouble) /
-                         static_cast<double>(x3.size(0) * x3.size(2));
+  const at::Tensor cov = at::bmm(xc.transpose(1, 2), xc).sum(0, /*keepdim=*/false, at::kDouble) /
+                         static_cast<double>(x3.size(0) * x3.size(1));
   const at::Tensor mu = mean.reshape({Cin, 1}).to(at::kDouble);
-  std::vector<std::vector<T>> folded;
+  std::vector<std::pair<std::vector<T>, std::vector<T>>> folded;
   for (size_t j = 0; j < expand_weight.size(); ++j) {
     const at::Tensor w = expand_weight[j].reshape({-1, Cin}).to(at::kDouble);
     const at::Tensor mean_h = at::mm(w, mu).reshape({-1});
     const at::Tensor var_h = (at::mm(w, cov) * w).sum(1).clamp_min(0.0);
     const at::Tensor a = expand_bn_weight[j].to(at::kDouble) * at::rsqrt(var_h + eps);
     const at::Tensor b = expand_bn_bias[j].to(at::kDouble) - mean_h * a;
-    const at::Tensor ab = at::stack({a, b}, 1).to(c10::CppTypeToScalarType<T>::value).contiguous();
-    folded.emplace_back(ab.const_data_ptr<T>(), ab.const_data_ptr<T>() + ab.numel());
+    folded.emplace_back(to_vector<T>(a), to_vector<T>(b));
   }
   return folded;
+}
+
+// Bytes of activations that one chunk of a candidate's pipeline holds at once: small enough to stay in the
+// last-level cache between the GEMM that writes them and the pass that reads them, large enough that a
+// GEMM call's fixed cost is small.
+constexpr int64_t kChunkBytes = int64_t(2) << 20;
+
+// Running sums of BN(z) . g per output channel over parts of the rows of z and g (both [rows, C]): the
+// count, mean(z), M2 = sum (z - mean)^2, the cross term sum (z - mean) g and sum g, in double. Parts merge with
+// Chan et al.'s pairwise update, the cross term moved to the new mean.
+struct GateMoments {
+  explicit GateMoments(int64_t C) : mean(C, 0.0), m2(C, 0.0), cross(C, 0.0), sum_g(C, 0.0) {}
+  double n = 0.0;
+  std::vector<double> mean, m2, cross, sum_g;
+
+  template <typename U>
+  void merge(double n_b, const U* mean_b, const U* m2_b, const U* cross_b, const U* sum_g_b) {
+    if (n_b == 0.0) return;
+    const double total = n + n_b;
+    for (size_t c = 0; c < mean.size(); ++c) {
+      const double delta = static_cast<double>(mean_b[c]) - mean[c];
+      const double new_mean = mean[c] + delta * n_b / total;
+      m2[c] += static_cast<double>(m2_b[c]) + delta * delta * n * n_b / total;
+      cross[c] += static_cast<double>(cross_b[c]) + (mean[c] - new_mean) * sum_g[c] +
+                  (static_cast<double>(mean_b[c]) - new_mean) * static_cast<double>(sum_g_b[c]);
+      sum_g[c] += static_cast<double>(sum_g_b[c]);
+      mean[c] = new_mean;
+    }
+    n = total;
+  }
+
+  void merge(const GateMoments& o) { merge(o.n, o.mean.data(), o.m2.data(), o.cross.data(), o.sum_g.data()); }
+
+  // sum over rows and channels of BN(z) * g, with the batch statistics of z: per channel
+  // gamma / sqrt(var + eps) * sum (z - mean) g + beta * sum g.
+  double bn_dot(const std::vector<double>& gamma, const std::vector<double>& beta, double eps) const {
+    double total = 0.0;
+    for (size_t c = 0; c < mean.size(); ++c) {
+      total += gamma[c] / std::sqrt(m2[c] / n + eps) * cross[c] + beta[c] * sum_g[c];
+    }
+    return total;
+  }
+};
+
+// Rows [begin, end) of z [*, C] and g [*, C] as one part: its mean first (the rows are in cache), then the
+// centred sums in T; merged into `into`.
+template <typename scalar_t, typename T>
+void gate_moments_part(const scalar_t* z, const T* g, int64_t begin, int64_t end, int64_t C, GateMoments& into) {
+  std::vector<T> mean(C, T(0)), m2(C, T(0)), cross(C, T(0)), sum_g(C, T(0));
+  T* __restrict mp = mean.data();
+  T* __restrict m2p = m2.data();
+  T* __restrict cp = cross.data();
+  T* __restrict gp = sum_g.data();
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* __restrict zr = z + r * C;
+    for (int64_t c = 0; c < C; ++c) mp[c] += static_cast<T>(zr[c]);
+  }
+  const T inv = T(1) / static_cast<T>(end - begin);
+  for (int64_t c = 0; c < C; ++c) mp[c] *= inv;
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* __restrict zr = z + r * C;
+    const T* __restrict gr = g + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const T d = static_cast<T>(zr[c]) - mp[c];
+      m2p[c] += d * d;
+      cp[c] += d * gr[c];
+      gp[c] += gr[c];
+    }
+  }
+  into.merge(static_cast<double>(end - begin), mp, m2p, cp, gp);
+}
+
+// dL/dg of one MBConv candidate, everything channels_last: x2 is x as [N * H * W, Cin] (x's dtype), g2 dL/dO as
+// [N * Ho * Wo, Cout] in T. Two pipelines over chunks of kChunkBytes:
+// 1. per chunk of samples: h = x W_e^T (one GEMM), act(BN(h)) in place with the statistics of
+//    expand_bn_folded, then the depthwise convolution's output rows and their moments;
+// 2. per chunk of rows, with the depthwise stage's batch statistics now known: act(BN(.)) in place, the
+//    projection (one GEMM) and its moments against dL/dO, merged into the batch's BN(z) . dL/dO.
+template <typename scalar_t, int K, int S, int ACT, typename T = at::opmath_type<scalar_t>>
+double candidate_gate_grad(const at::Tensor& x2, const at::Tensor& g2, const BlockCandidates& b,
+                           const at::Tensor& expand_weight, const std::vector<T>& expand_a,
+                           const std::vector<T>& expand_b, const at::Tensor& dw_weight, const at::Tensor& dw_bn_weight,
+                           const at::Tensor& dw_bn_bias, const at::Tensor& project_weight,
+                           const at::Tensor& project_bn_weight, const at::Tensor& project_bn_bias, double eps) {
+  const int64_t mid = expand_a.size(), HW = b.H * b.W, HoWo = b.Ho * b.Wo, rows = b.N * HoWo;
+  const auto t_options = x2.options().dtype(c10::CppTypeToScalarType<T>::value);
+  constexpr bool in_place = std::is_same_v<scalar_t, T>;
+  const at::Tensor we_t = expand_weight.reshape({mid, b.Cin}).to(x2.scalar_type()).t();
+  const at::Tensor wp_t = project_weight.reshape({b.Cout, mid}).to(x2.scalar_type()).t();
+  const auto w_t = to_vector<T>(dw_weight.reshape({mid, K * K}).t());
+
+  // 1. expand, its BN and activation, depthwise convolution: z [rows, mid] in T, and its moments.
+  at::Tensor z = at::empty({rows, mid}, t_options);
+  T* const zd = z.mutable_data_ptr<T>();
+  ThreadSums moments(2 * mid + 1);
+  const int64_t samples = std::clamp<int64_t>(kChunkBytes / (HW * mid * int64_t(sizeof(T))), 1, b.N);
+  for (int64_t n0 = 0; n0 < b.N; n0 += samples) {
+    const int64_t nc = std::min(samples, b.N - n0);
+    at::Tensor h = at::mm(x2.narrow(0, n0 * HW, nc * HW), we_t);
+    at::Tensor h_t = in_place ? h : at::empty({nc * HW, mid}, t_options);
+    nhwc_affine_act<ACT>(h.const_data_ptr<scalar_t>(), h_t.mutable_data_ptr<T>(), nc * HW, mid, expand_a.data(),
+                         expand_b.data());
+    const NhwcShape shape{nc, b.H, b.W, mid, b.Ho, b.Wo};
+    nhwc_conv_moments<T, K, S>(h_t.const_data_ptr<T>(), w_t.data(), zd + n0 * HoWo * mid, shape, moments);
+  }
+  std::vector<double> mean, var;
+  total_moments(moments, mid, mean, var);
+  std::vector<T> a(mid), bias(mid);
+  {
+    const auto gamma = to_vector<double>(dw_bn_weight), beta = to_vector<double>(dw_bn_bias);
+    for (int64_t c = 0; c < mid; ++c) {
+      const double ac = gamma[c] / std::sqrt(var[c] + eps);
+      a[c] = static_cast<T>(ac);
+      bias[c] = static_cast<T>(beta[c] - mean[c] * ac);
+    }
+  }
+
+  // 2. the depthwise stage's BN and activation, projection, and BN(projection) . dL/dO.
+  const T* const gd = g2.const_data_ptr<T>();
+  const int64_t chunk_rows = std::clamp<int64_t>(kChunkBytes / (mid * int64_t(sizeof(T))), 1, rows);
+  std::vector<GateMoments> parts(at::get_num_threads(), GateMoments(b.Cout));
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
+    const int64_t rc = std::min(chunk_rows, rows - r0);
+    at::Tensor y = in_place ? z.narrow(0, r0, rc) : at::empty({rc, mid}, x2.options());
+    nhwc_affine_act<ACT>(zd + r0 * mid, y.mutable_data_ptr<scalar_t>(), rc, mid, a.data(), bias.data());
+    const at::Tensor out = at::mm(y, wp_t);  // [rc, Cout]
+    const scalar_t* od = out.const_data_ptr<scalar_t>();
+    at::parallel_for(0, rc, 256, [&](int64_t begin, int64_t end) {
+      gate_moments_part(od, gd + r0 * b.Cout, begin, end, b.Cout, parts[at::get_thread_num()]);
+    });
+  }
+  GateMoments total(b.Cout);
+  for (const auto& part : parts) total.merge(part);
+  return total.bn_dot(to_vector<double>(project_bn_weight), to_vector<double>(project_bn_bias), eps);
 }
 
 at::Tensor block_gate_grads_cpu(const at::Tensor& x_in, const at::Tensor& grad_out_in, at::TensorList expand_weight,
@@ -185,50 +292,37 @@ at::Tensor block_gate_grads_cpu(const at::Tensor& x_in, const at::Tensor& grad_o
                             dw_weight, dw_bn_weight, dw_bn_bias, project_weight, project_bn_weight, project_bn_bias,
                             stride, residual, act);
   const bool same_shape = x_in.sizes() == grad_out_in.sizes();
-  const at::Tensor x = x_in.contiguous();
-  const auto stats_type = stats_dtype(x);
-  const at::Tensor g = grad_out_in.to(stats_type).contiguous();
+  const auto stats_type = stats_dtype(x_in);
   const size_t K = b.mid.size();
-  at::Tensor result = at::zeros({static_cast<int64_t>(K) + 1}, x.options().dtype(at::kFloat));
-  const double identity = same_shape ? at::sum(x.to(stats_type) * g, at::kDouble).item<double>() : 0.0;
+  at::Tensor result = at::zeros({static_cast<int64_t>(K) + 1}, x_in.options().dtype(at::kFloat));
+  const double identity =
+      same_shape ? at::sum(x_in.to(stats_type) * grad_out_in.to(stats_type), at::kDouble).item<double>() : 0.0;
   result[K] = identity;
   if (K == 0) return result;
 
-  const at::Tensor x3 = x.view({b.N, b.Cin, b.H * b.W});
-  const at::Tensor g3 = g.view({b.N, b.Cout, b.Ho * b.Wo});
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "block_gate_grads_cpu", [&] {
+  // Channels_last throughout: x as [N * H * W, Cin] rows, so that each GEMM is one call over the whole batch
+  // (a view, not a copy, when x is channels_last already), and the depthwise stage's inner loops run over
+  // contiguous channels.
+  const at::Tensor x2 = x_in.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).reshape({-1, b.Cin});
+  const at::Tensor g2 = grad_out_in.to(stats_type)
+                            .contiguous(at::MemoryFormat::ChannelsLast)
+                            .permute({0, 2, 3, 1})
+                            .reshape({-1, b.Cout});
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x_in.scalar_type(), "block_gate_grads_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    const auto expand_bn = expand_bn_folded<T>(x3, expand_weight, expand_bn_weight, expand_bn_bias, eps);
+    const auto expand_bn =
+        expand_bn_folded<T>(x2.view({b.N, b.H * b.W, b.Cin}), expand_weight, expand_bn_weight, expand_bn_bias, eps);
     auto res = result.accessor<float, 1>();
-    // One candidate at a time, so that its expanded activations (written by the GEMM, read by the depthwise
-    // stage) and its depthwise output (read by the projection) are as fresh in the cache as they can be.
+    // One candidate at a time: its activations are the only large buffer alive.
     for (size_t j = 0; j < K; ++j) {
-      const int64_t mid = b.mid[j], k = b.kernel[j];
-      // Expand: h = W_e x per sample (one batched GEMM, the weight shared); its batch norm and activation are
-      // applied as the depthwise stage reads it, with the statistics from expand_bn_folded.
-      const at::Tensor we = expand_weight[j].reshape({mid, b.Cin}).to(x.scalar_type());
-      const at::Tensor h = at::bmm(we.expand({b.N, mid, b.Cin}), x3);
-      at::Tensor y = at::empty({b.N, mid, b.Ho * b.Wo}, x.options());
-      const auto w = to_vector<T>(dw_weight[j]), gamma = to_vector<T>(dw_bn_weight[j]), beta = to_vector<T>(dw_bn_bias[j]);
-      const scalar_t* hd = h.const_data_ptr<scalar_t>();
-      scalar_t* yd = y.mutable_data_ptr<scalar_t>();
-      for_each_index(mid, [&](int64_t c) {
-        dispatch_kernel_stride(k, stride, [&](auto kk, auto ss) {
-          constexpr int KK = decltype(kk)::value, SS = decltype(ss)::value;
-          const DwPlane<T, KK, SS> plane(b.H, b.W);
-          dispatch_act(act, [&](auto a) {
-            T mean, var;
-            train_forward_channel<scalar_t, KK, SS, decltype(a)::value>(
-                plane, hd + c * b.H * b.W, mid * b.H * b.W, yd + c * b.Ho * b.Wo, mid * b.Ho * b.Wo, b.N,
-                w.data() + c * KK * KK, gamma[c], beta[c], eps, &mean, &var, expand_bn[j].data() + 2 * c);
-          });
+      dispatch_kernel_stride(b.kernel[j], stride, [&](auto k, auto s) {
+        dispatch_act(act, [&](auto a) {
+          const double v = candidate_gate_grad<scalar_t, decltype(k)::value, decltype(s)::value, decltype(a)::value>(
+              x2, g2, b, expand_weight[j], expand_bn[j].first, expand_bn[j].second, dw_weight[j], dw_bn_weight[j],
+              dw_bn_bias[j], project_weight[j], project_bn_weight[j], project_bn_bias[j], eps);
+          res[j] = static_cast<float>(v + (residual ? identity : 0.0));
         });
       });
-      // Project (one batched GEMM), then the batch-norm-and-reduce pass against dL/dO.
-      const at::Tensor wp = project_weight[j].reshape({b.Cout, mid}).to(x.scalar_type());
-      const at::Tensor z = at::bmm(wp.expand({b.N, b.Cout, mid}), y);
-      const double v = bn_dot<scalar_t>(z, g3, to_vector<T>(project_bn_weight[j]), to_vector<T>(project_bn_bias[j]), eps);
-      res[j] = static_cast<float>(v + (residual ? identity : 0.0));
     }
   });
   return result;
