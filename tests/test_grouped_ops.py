@@ -179,6 +179,27 @@ def test_block_gate_grads_equal_the_eager_modules(block, N, H, layout):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("block", ["residual", "stride2", "widen"])
+def test_block_gate_grads_in_chunks_equal_the_eager_modules(block):
+    """Planes large enough that the CPU kernel splits the batch into chunks of samples (2 MiB of expanded
+    activations each: 2 + 2 + 1 samples here) and the depthwise output into chunks of rows, unevenly."""
+    cin, cout, stride, kinds = BLOCKS[block]
+    mods = make_block(cin, cout, stride, kinds, seed=11)
+    x = (torch.randn(5, cin, 64, 61) * 1.5 + 0.2).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        outs = [m(x) for m in mods]
+    grad_out = torch.randn_like(outs[0]).contiguous(memory_format=torch.channels_last)
+    got = OPS.block_gate_grads(*gate_args(mods, x, grad_out))
+    eager = [float((o.double() * grad_out.double()).sum()) for o in outs]
+    ident = float((x.double() * grad_out.double()).sum()) if x.shape == grad_out.shape else 0.0
+    torch.testing.assert_close(got.double(), torch.tensor(eager + [ident], dtype=torch.float64), rtol=1e-4, atol=2e-3)
+    # float64 (chunks of half as many samples) against the reference in float64
+    mods64 = [m.double() for m in mods]
+    args64 = gate_args(mods64, x.double(), grad_out.double())
+    torch.testing.assert_close(OPS.block_gate_grads(*args64).double(), ref.block_gate_grads(*args64).double(),
+                               rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_block_gate_grads_float64_and_bfloat16(layout):
     mods = make_block(8, 8, 1, BLOCKS["residual"][3], seed=3, dtype=torch.float64)
