@@ -43,9 +43,9 @@ def gate_grad_bytes(x: torch.Tensor, candidate: nn.Module) -> int:
       depthwise output y      N x Ce x Ho x Wo
       projection z            N x Cout x Ho x Wo (reduced against dL/dO without writing BN(z))
     plus its parameters and folded BN coefficients in the statistics dtype and the reductions' float64
-    partial sums, a few numbers per channel. The CPU kernel holds one candidate's h, y and z at a time;
-    the CUDA kernel holds every candidate of a call at once (h and y, then y and z), so the sum over a
-    call's candidates bounds its peak. The per-call copies (x and dL/dO made contiguous) do not depend on
+    partial sums, a few numbers per channel. The CUDA kernel holds every candidate of a call at once (h
+    and y, then y and z), so the sum over a call's candidates bounds its peak. (The CPU kernel holds less,
+    whatever the split: one candidate's y at a time, h and z only in chunks of 2 MiB.) The per-call copies (x and dL/dO made contiguous) do not depend on
     how the candidates are split and are not counted. 0 for the identity (sum(x * dL/dO) allocates no
     activation); an MBConv without expand stage (run eagerly) counts y and z only."""
     if isinstance(candidate, nn.Identity):
