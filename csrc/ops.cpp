@@ -20,9 +20,11 @@ TORCH_LIBRARY(betanas, m) {
   // (mean and biased variance, float32) so that the caller can update its running statistics.
   m.def("dw_bn_act_train(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, int stride, int act, "
         "float eps) -> (Tensor out, Tensor mean, Tensor var)");
+  // weight_grad=False: the caller needs no weight gradient (Phase 2's frozen weights); grad_weight is zeros, and
+  // a kernel may skip its pass (the CPU channels_last one does).
   m.def("dw_bn_act_train_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
-        "Tensor mean, Tensor var, int stride, int act, float eps) -> (Tensor grad_x, Tensor grad_weight, "
-        "Tensor grad_bn_weight, Tensor grad_bn_bias)");
+        "Tensor mean, Tensor var, int stride, int act, float eps, bool weight_grad=True) -> (Tensor grad_x, "
+        "Tensor grad_weight, Tensor grad_bn_weight, Tensor grad_bn_bias)");
   // Evaluation mode: batch norm folded into a per-channel scale and shift.
   m.def("dw_bn_act_eval(Tensor x, Tensor weight, Tensor scale, Tensor shift, int stride, int act) -> Tensor");
   m.def("dw_bn_act_eval_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scale, Tensor shift, int stride, "

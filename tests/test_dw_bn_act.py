@@ -152,6 +152,31 @@ def test_gradcheck_float64(k, stride, act_name, layout):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_backward_without_weight_grad(layout, dtype, stride):
+    """weight_grad=False (Phase 2's frozen weights): grad_x, grad_bn_weight and grad_bn_bias bit for bit as with
+    it, grad_weight zeros; autograd asks for it exactly when the weight needs no gradient."""
+    x, weight, gamma, beta = make_inputs((3, 12, 13, 17), 5, "cpu", dtype, LAYOUTS[layout], seed=21 + stride)
+    out, mean, var = OPS.dw_bn_act_train(x, weight, gamma, beta, stride, 1, EPS)
+    grad = torch.randn_like(out)
+    full = OPS.dw_bn_act_train_backward(grad, x, weight, gamma, beta, mean, var, stride, 1, EPS)
+    part = OPS.dw_bn_act_train_backward(grad, x, weight, gamma, beta, mean, var, stride, 1, EPS, False)
+    for i in (0, 2, 3):
+        assert torch.equal(part[i], full[i]), i
+    assert full[1].abs().sum() > 0 and torch.equal(part[1], torch.zeros_like(full[1]))
+    torch.library.opcheck(OPS.dw_bn_act_train_backward.default,
+                          (grad, x, weight, gamma, beta, mean, var, stride, 1, EPS, False))
+    ref = reference.dw_bn_act_train_backward(grad, x, weight, gamma, beta, mean, var, stride, 1, EPS, False)
+    assert torch.equal(ref[1], torch.zeros_like(full[1]))
+    # autograd with the weight frozen: no weight gradient, the same input and BN gradients
+    xg, gg, bg = (t.detach().requires_grad_() for t in (x, gamma, beta))
+    y = betanas_fast.ops.dw_bn_act_train(xg, weight.detach(), gg, bg, stride, "relu6", EPS)[0]
+    dx, dgamma, dbeta = torch.autograd.grad(y, (xg, gg, bg), grad)
+    assert torch.equal(dx, full[0]) and torch.equal(dgamma, full[2]) and torch.equal(dbeta, full[3])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("requires_grad", [True, False])
 def test_opcheck(layout, requires_grad):
     x, weight, gamma, beta = make_inputs((2, 4, 7, 9), 5, "cpu", torch.float32, LAYOUTS[layout], seed=11,

@@ -101,6 +101,28 @@ def _counting_calls(monkeypatch):
     return calls
 
 
+def test_gate_grad_table_freezes_the_weights_only_while_it_runs(monkeypatch):
+    """The sampled path runs with the weights frozen, so that the depthwise kernel is told to skip its weight
+    gradient; afterwards every parameter requires grad again, none has a gradient, and the table is the one
+    the unfrozen weights give (the reference ops: autograd's own formulas, weight gradients or not)."""
+    net, x, y, arch, remaining, _ = _phase2_net(torch.channels_last)
+    asked = []
+    real = torch.ops.betanas.dw_bn_act_train_backward
+
+    def spy(*args):
+        asked.append(args[-1] if len(args) == 11 else True)
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.betanas, "dw_bn_act_train_backward", spy)
+    table, loss, _ = net.gate_grad_table(x, y, arch, remaining)
+    assert asked and not any(asked)  # every call without the weight gradient
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())
+    with ops.reference_ops():
+        want, want_loss, _ = net.gate_grad_table(x, y, arch, remaining)
+    torch.testing.assert_close(table, want, rtol=1e-4, atol=1e-4)
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+
+
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
 def test_chunked_gate_grad_table_equals_unchunked(memory_format, monkeypatch):
     net, x, y, arch, remaining, inputs = _phase2_net(memory_format)

@@ -192,8 +192,11 @@ class Supernet(_Body):
     def forward_with_blocks(self, x: torch.Tensor, arch: Sequence[int]
                             ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
         """Logits plus each choice block's input (detached) and output (in the graph), for the
-        binary-gate gradient."""
-        x = self.first(self.stem(x))
+        binary-gate gradient. The first choice block's input requires grad (when grad is enabled), so that every
+        output is in the graph even with the weights frozen; nothing before it is."""
+        with torch.no_grad():
+            x = self.first(self.stem(x))
+        x.requires_grad_(torch.is_grad_enabled())
         inputs, outputs = [], []
         for block, choice in zip(self.blocks, arch):
             inputs.append(x.detach())
@@ -213,8 +216,8 @@ class Supernet(_Body):
         of it so that each call's extra memory stays within the budget (ChoiceBlock.gate_grads,
         ops.default_phase2_budget). The weights get no gradient, and BatchNorm normalises with batch
         statistics without touching the running ones (held-out data must not leak into the weights'
-        state). Under an fp16
-        `autocast` the loss is scaled so that small gradients survive. `timer` (search.timing) times the two
+        state); they are frozen (requires_grad off) for the sampled path, so that no kernel computes a weight
+        gradient. Under an fp16 `autocast` the loss is scaled so that small gradients survive. `timer` (search.timing) times the two
         parts: the sampled path, and the other candidates."""
         autocast = autocast or contextlib.nullcontext()
         part = timer.part if timer is not None else (lambda name: contextlib.nullcontext())
@@ -222,7 +225,10 @@ class Supernet(_Body):
         was_training = self.training
         self.train()
         set_bn_batch_stats_frozen(self, True)
+        trainable = [p for p in self.parameters() if p.requires_grad]
         try:
+            for p in trainable:
+                p.requires_grad_(False)
             table = torch.zeros(remaining.shape, dtype=torch.float32)
             with part("phase2/sampled path"):
                 with autocast:
@@ -238,6 +244,8 @@ class Supernet(_Body):
                     for m, value in block.gate_grads(inputs[l], out_grads[l], others, memory_budget).items():
                         table[l, m] = value / scale
         finally:
+            for p in trainable:
+                p.requires_grad_(True)
             set_bn_batch_stats_frozen(self, False)
             self.train(was_training)
         return table, float(loss.detach()), float((logits.argmax(1) == y).float().mean())

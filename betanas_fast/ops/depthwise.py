@@ -35,7 +35,7 @@ if KERNELS_LOADED:
         return empty_like_layout(x, _out_shape(x, stride)), empty_stats(x, c), empty_stats(x, c)
 
     @torch.library.register_fake("betanas::dw_bn_act_train_backward")
-    def _train_backward_fake(grad_out, x, weight, bn_weight, bn_bias, mean, var, stride, act, eps):
+    def _train_backward_fake(grad_out, x, weight, bn_weight, bn_bias, mean, var, stride, act, eps, weight_grad=True):
         _check_shapes(x, weight)
         return (empty_like_layout(x, x.shape), torch.empty_like(weight),
                 torch.empty_like(bn_weight), torch.empty_like(bn_bias))
@@ -60,9 +60,11 @@ if KERNELS_LOADED:
 
     def _train_backward(ctx, grad_out, _grad_mean, _grad_var):
         x, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
-        grads = torch.ops.betanas.dw_bn_act_train_backward(
-            grad_out, x, weight, bn_weight, bn_bias, mean, var, ctx.stride, ctx.act, ctx.eps)
-        return (*grads, None, None, None)
+        # frozen weights (Phase 2): the kernel may skip the weight gradient's pass
+        weight_grad = ctx.needs_input_grad[1]
+        gx, gw, gg, gb = torch.ops.betanas.dw_bn_act_train_backward(
+            grad_out, x, weight, bn_weight, bn_bias, mean, var, ctx.stride, ctx.act, ctx.eps, weight_grad)
+        return gx, gw if weight_grad else None, gg, gb, None, None, None
 
     def _eval_setup_context(ctx, inputs, output):
         x, weight, scale, shift, stride, act = inputs

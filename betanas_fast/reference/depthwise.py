@@ -44,12 +44,14 @@ def _vjp(fn, grad_out, tensors):
         return torch.autograd.grad(out, leaves, grad_out)
 
 
-def dw_bn_act_train_backward(grad_out, x, weight, bn_weight, bn_bias, mean, var, stride, act, eps):
-    """(grad_x, grad_weight, grad_bn_weight, grad_bn_bias). mean and var are those the forward returned:
-    autograd recomputes them from x, which gives the same values."""
+def dw_bn_act_train_backward(grad_out, x, weight, bn_weight, bn_bias, mean, var, stride, act, eps,
+                             weight_grad=True):
+    """(grad_x, grad_weight, grad_bn_weight, grad_bn_bias); grad_weight is zeros with weight_grad=False. mean
+    and var are those the forward returned: autograd recomputes them from x, which gives the same values."""
     del mean, var
-    return _vjp(lambda x_, w_, g_, b_: dw_bn_act_train(x_, w_, g_, b_, stride, act, eps), grad_out,
-                (x, weight, bn_weight, bn_bias))
+    gx, gw, gg, gb = _vjp(lambda x_, w_, g_, b_: dw_bn_act_train(x_, w_, g_, b_, stride, act, eps), grad_out,
+                          (x, weight, bn_weight, bn_bias))
+    return gx, gw if weight_grad else torch.zeros_like(gw), gg, gb
 
 
 def dw_bn_act_eval_backward(grad_out, x, weight, scale, shift, stride, act):

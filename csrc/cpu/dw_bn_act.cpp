@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_nhwc(const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_backward_nhwc(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, int64_t stride, int64_t act,
-    double eps) {
+    double eps, bool weight_grad) {
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor grad_out = grad_out_in.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t K = weight.size(3), C = x.size(1);
@@ -98,7 +98,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_backw
       dispatch_act(act, [&](auto a) {
         nhwc_train_backward<scalar_t, decltype(k)::value, decltype(s)::value, decltype(a)::value>(
             grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-            shape, w.data(), g.data(), b.data(), m.data(), v.data(), eps, gw_tap.data(), gg.data(), gb.data());
+            shape, w.data(), g.data(), b.data(), m.data(), v.data(), eps, weight_grad ? gw_tap.data() : nullptr,
+            gg.data(), gb.data());
       });
     });
   });
@@ -160,7 +161,7 @@ void train_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, int64_t stride, int64_t act,
-    double eps) {
+    double eps, bool weight_grad) {
   const char* op = "betanas::dw_bn_act_train_backward";
   check_dw_args(op, c10::kCPU, x_in, weight,
                 {{"bn_weight", bn_weight}, {"bn_bias", bn_bias}, {"mean", mean}, {"var", var}}, stride, act);
@@ -168,7 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_backw
   check_grad_out(op, grad_out_in, x_in, K, stride);
   const auto layout = layout_of(x_in);
   if (layout == at::MemoryFormat::ChannelsLast) {
-    return dw_bn_act_train_backward_nhwc(grad_out_in, x_in, weight, bn_weight, bn_bias, mean, var, stride, act, eps);
+    return dw_bn_act_train_backward_nhwc(grad_out_in, x_in, weight, bn_weight, bn_bias, mean, var, stride, act, eps,
+                                         weight_grad);
   }
   const at::Tensor x = x_in.contiguous(), grad_out = grad_out_in.contiguous();
   at::Tensor grad_x = at::empty_like(x);
@@ -184,6 +186,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_backw
       });
     });
   });
+  // The NCHW kernels compute dx and the weight gradient in the same pass over each plane: nothing to skip.
+  if (!weight_grad) std::fill(gw.begin(), gw.end(), 0.0);
   return {grad_x.contiguous(layout), like_param(gw, weight), like_param(gg, bn_weight), like_param(gb, bn_bias)};
 }
 

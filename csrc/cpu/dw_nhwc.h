@@ -277,8 +277,9 @@ void nhwc_train_forward(const scalar_t* x, scalar_t* y, const NhwcShape& s, cons
   nhwc_affine_act<ACT>(z, y, rows * s.Wo, C, a.data(), b.data());
 }
 
-// Training-mode backward from dL/dy: dx (NHWC), and the weight (w_t's layout, [K * K, C]), gamma and beta
-// gradients, written (not accumulated) in double. The convolution is recomputed, as in the NCHW kernels.
+// Training-mode backward from dL/dy: dx (NHWC), and the weight (w_t's layout, [K * K, C]; grad_w == nullptr:
+// not needed, its pass skipped), gamma and beta gradients, written (not accumulated) in double. The
+// convolution is recomputed, as in the NCHW kernels.
 template <typename scalar_t, int K, int S, int ACT, typename T>
 void nhwc_train_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const NhwcShape& s, const T* w_t,
                          const T* gamma, const T* beta, const T* mean, const T* var, double eps, double* grad_w,
@@ -374,6 +375,7 @@ void nhwc_train_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, co
       }
     });
   }
+  if (grad_w == nullptr) return;
   // dL/dw[tap, c] = sum over output pixels of dz * the input under that tap: per tap and 8 channels, a
   // vector sum along the output row in registers; rows add up in T per thread and in double every 16 rows.
   ThreadSums wsum(K * K * C);

@@ -583,7 +583,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_cuda(const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, int64_t stride, int64_t act,
-    double eps) {
+    double eps, bool weight_grad) {
   const char* op = "betanas::dw_bn_act_train_backward";
   check_dw_args(op, c10::kCUDA, x_in, weight,
                 {{"bn_weight", bn_weight}, {"bn_bias", bn_bias}, {"mean", mean}, {"var", var}}, stride, act);
@@ -646,6 +646,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_bn_act_train_backw
              static_cast<double*>(nullptr), static_cast<double*>(nullptr));
     });
   });
+  // dx and the weight gradient come out of the same fused pass: nothing to skip.
+  if (!weight_grad) gw.zero_();
   return {grad_x, like_param(gw, weight), like_param(gg, bn_weight), like_param(gb, bn_bias)};
 }
 

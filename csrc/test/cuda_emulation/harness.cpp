@@ -45,7 +45,7 @@ static void check(const char* what, const std::string& cs, const Tensor& got, co
 }
 
 using TrainSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, double);
-using TrainBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, double);
+using TrainBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, double, bool);
 using EvalSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t);
 using EvalBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t);
 
@@ -102,8 +102,18 @@ static void run_case(const Case& c, bool train_ok_expected = true) {
   check("train.out", cs, out, half ? rout.to(at::kHalf) : rout, tol * (c.dt == at::kFloat ? 3 : 1));
   check("train.mean", cs, mean, rmean, c.dt == at::kDouble ? 1e-10 : 2e-5);
   check("train.var", cs, var, rvar, c.dt == at::kDouble ? 1e-10 : 2e-5);
-  auto [gx, gw, gg, gb] = betanas::dw_bn_act_train_backward_cuda(dy, x, w, g, b, rmean, rvar, c.S, c.act, eps);
-  auto [rgx, rgw, rgg, rgb] = cpu_op<TrainBwdSig>("betanas::dw_bn_act_train_backward").call(dyr, xr, wr, gr, br, rmean, rvar, c.S, c.act, eps);
+  auto [gx, gw, gg, gb] = betanas::dw_bn_act_train_backward_cuda(dy, x, w, g, b, rmean, rvar, c.S, c.act, eps, true);
+  auto [rgx, rgw, rgg, rgb] = cpu_op<TrainBwdSig>("betanas::dw_bn_act_train_backward").call(dyr, xr, wr, gr, br, rmean, rvar, c.S, c.act, eps, true);
+  // Without the weight gradient: the same dx, gamma and beta gradients, and grad_weight zeros.
+  auto [gx0, gw0, gg0, gb0] = betanas::dw_bn_act_train_backward_cuda(dy, x, w, g, b, rmean, rvar, c.S, c.act, eps, false);
+  check("trainbwd.gx without weight_grad", cs, gx0, gx, 1e-6);
+  check("trainbwd.gg without weight_grad", cs, gg0, gg, 1e-6);
+  check("trainbwd.gb without weight_grad", cs, gb0, gb, 1e-6);
+  ++g_checks;
+  if (gw0.ne(0).any().item<bool>()) {
+    ++g_fail;
+    std::printf("FAIL %s trainbwd weight_grad=false left grad_weight non-zero\n", cs.c_str());
+  }
   const double btol = tol * (c.dt == at::kFloat ? 10 : (c.dt == at::kDouble ? 100 : 2));
   check("trainbwd.gx", cs, gx, rgx, btol, true, c.dt);
   check("trainbwd.gw", cs, gw, rgw, btol * 5, true, w.scalar_type());
