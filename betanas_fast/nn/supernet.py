@@ -192,11 +192,11 @@ class Supernet(_Body):
     def forward_with_blocks(self, x: torch.Tensor, arch: Sequence[int]
                             ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
         """Logits plus each choice block's input (detached) and output (in the graph), for the
-        binary-gate gradient. The first choice block's input requires grad (when grad is enabled), so that every
-        output is in the graph even with the weights frozen; nothing before it is."""
-        with torch.no_grad():
-            x = self.first(self.stem(x))
-        x.requires_grad_(torch.is_grad_enabled())
+        binary-gate gradient. With grad enabled, the first choice block's input requires grad, so that every
+        output is in the graph even with the weights frozen."""
+        x = self.first(self.stem(x))
+        if torch.is_grad_enabled() and not x.requires_grad:
+            x = x.detach().requires_grad_()
         inputs, outputs = [], []
         for block, choice in zip(self.blocks, arch):
             inputs.append(x.detach())
