@@ -129,7 +129,8 @@ def test_phase2_step(record, report_line, impl, device):
         record("Phase-2 step, demo supernet, 7 paths per block", {"device": device}, impl, step)
         peak = peak_bytes(step, device)
     assert peak > 0  # the measurement saw the step's allocations
-    report_line(f"- Phase-2 step peak memory (profiler allocation records), demo, {device}, {impl}: {peak / 2**20:.1f} MiB")
+    report_line(f"- Phase-2 step peak memory (profiler allocation records), demo, {device}, {impl}: "
+                f"{peak / 2**20:.1f} MiB")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

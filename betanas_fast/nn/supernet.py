@@ -45,9 +45,10 @@ def gate_grad_bytes(x: torch.Tensor, candidate: nn.Module) -> int:
     plus its parameters and folded BN coefficients in the statistics dtype and the reductions' float64
     partial sums, a few numbers per channel. The CUDA kernel holds every candidate of a call at once (h
     and y, then y and z), so the sum over a call's candidates bounds its peak. (The CPU kernel holds less,
-    whatever the split: one candidate's y at a time, h and z only in chunks of 2 MiB.) The per-call copies (x and dL/dO made contiguous) do not depend on
-    how the candidates are split and are not counted. 0 for the identity (sum(x * dL/dO) allocates no
-    activation); an MBConv without expand stage (run eagerly) counts y and z only."""
+    whatever the split: one candidate's y at a time, h and z only in chunks of 2 MiB.) The per-call copies
+    (x and dL/dO made contiguous) do not depend on how the candidates are split and are not counted. 0 for
+    the identity (sum(x * dL/dO) allocates no activation); an MBConv without expand stage (run eagerly)
+    counts y and z only."""
     if isinstance(candidate, nn.Identity):
         return 0
     if not isinstance(candidate, MBConv):
@@ -217,8 +218,8 @@ class Supernet(_Body):
         ops.default_phase2_budget). The weights get no gradient, and BatchNorm normalises with batch
         statistics without touching the running ones (held-out data must not leak into the weights'
         state); they are frozen (requires_grad off) for the sampled path, so that no kernel computes a weight
-        gradient. Under an fp16 `autocast` the loss is scaled so that small gradients survive. `timer` (search.timing) times the two
-        parts: the sampled path, and the other candidates."""
+        gradient. Under an fp16 `autocast` the loss is scaled so that small gradients survive. `timer`
+        (search.timing) times the two parts: the sampled path, and the other candidates."""
         autocast = autocast or contextlib.nullcontext()
         part = timer.part if timer is not None else (lambda name: contextlib.nullcontext())
         scale = 1024.0 if getattr(autocast, "fast_dtype", None) == torch.float16 else 1.0

@@ -236,6 +236,20 @@ inline void total_moments(const ThreadSums& moments, int64_t C, std::vector<doub
   for (int64_t c = 0; c < C; ++c) var[c] = n > 0.0 ? var[c] / n : 0.0;
 }
 
+// Batch norm with batch statistics as one affine map per channel: a = gamma / sqrt(var + eps), b = beta - mean a.
+template <typename P, typename T>
+void fold_batch_norm(const std::vector<double>& mean, const std::vector<double>& var, const P* gamma,
+                     const P* beta, double eps, std::vector<T>& a, std::vector<T>& b) {
+  const size_t C = mean.size();
+  a.resize(C);
+  b.resize(C);
+  for (size_t c = 0; c < C; ++c) {
+    const double ac = static_cast<double>(gamma[c]) / std::sqrt(var[c] + eps);
+    a[c] = static_cast<T>(ac);
+    b[c] = static_cast<T>(static_cast<double>(beta[c]) - mean[c] * ac);
+  }
+}
+
 // act(a[c] * src + b[c]) of rows x C values into dst (which may be src), rows in parallel: a batch norm
 // with folded statistics and its activation, applied to a whole tensor.
 template <int ACT, typename src_t, typename dst_t, typename T>
@@ -266,13 +280,11 @@ void nhwc_train_forward(const scalar_t* x, scalar_t* y, const NhwcShape& s, cons
   nhwc_conv_moments<scalar_t, K, S>(x, w_t, z, s, moments);
   std::vector<double> mean_d, var_d;
   total_moments(moments, C, mean_d, var_d);
-  std::vector<T> a(C), b(C);
+  std::vector<T> a, b;
+  fold_batch_norm(mean_d, var_d, gamma, beta, eps, a, b);
   for (int64_t c = 0; c < C; ++c) {
-    const double var = var_d[c];
-    a[c] = static_cast<T>(gamma[c] / std::sqrt(var + eps));
-    b[c] = static_cast<T>(beta[c] - mean_d[c] * a[c]);
     mean_out[c] = static_cast<T>(mean_d[c]);
-    var_out[c] = static_cast<T>(var);
+    var_out[c] = static_cast<T>(var_d[c]);
   }
   nhwc_affine_act<ACT>(z, y, rows * s.Wo, C, a.data(), b.data());
 }

@@ -152,7 +152,7 @@ constexpr int64_t kChunkBytes = int64_t(2) << 20;
 
 // Running sums of BN(z) . g per output channel over parts of the rows of z and g (both [rows, C]): the
 // count, mean(z), M2 = sum (z - mean)^2, the cross term sum (z - mean) g and sum g, in double. Parts merge with
-// Chan et al.'s pairwise update, the cross term moved to the new mean.
+// Chan et al.'s pairwise update (merge_moments), the cross term moved to the new mean first.
 struct GateMoments {
   explicit GateMoments(int64_t C) : mean(C, 0.0), m2(C, 0.0), cross(C, 0.0), sum_g(C, 0.0) {}
   double n = 0.0;
@@ -163,15 +163,12 @@ struct GateMoments {
     if (n_b == 0.0) return;
     const double total = n + n_b;
     for (size_t c = 0; c < mean.size(); ++c) {
-      const double delta = static_cast<double>(mean_b[c]) - mean[c];
-      const double new_mean = mean[c] + delta * n_b / total;
-      m2[c] += static_cast<double>(m2_b[c]) + delta * delta * n * n_b / total;
+      const double new_mean = mean[c] + (static_cast<double>(mean_b[c]) - mean[c]) * n_b / total;
       cross[c] += static_cast<double>(cross_b[c]) + (mean[c] - new_mean) * sum_g[c] +
                   (static_cast<double>(mean_b[c]) - new_mean) * static_cast<double>(sum_g_b[c]);
       sum_g[c] += static_cast<double>(sum_g_b[c]);
-      mean[c] = new_mean;
     }
-    n = total;
+    n = merge_moments(mean.data(), m2.data(), n, mean_b, m2_b, n_b, static_cast<int64_t>(mean.size()));
   }
 
   void merge(const GateMoments& o) { merge(o.n, o.mean.data(), o.m2.data(), o.cross.data(), o.sum_g.data()); }
@@ -250,15 +247,9 @@ double candidate_gate_grad(const at::Tensor& x2, const at::Tensor& g2, const Blo
   }
   std::vector<double> mean, var;
   total_moments(moments, mid, mean, var);
-  std::vector<T> a(mid), bias(mid);
-  {
-    const auto gamma = to_vector<double>(dw_bn_weight), beta = to_vector<double>(dw_bn_bias);
-    for (int64_t c = 0; c < mid; ++c) {
-      const double ac = gamma[c] / std::sqrt(var[c] + eps);
-      a[c] = static_cast<T>(ac);
-      bias[c] = static_cast<T>(beta[c] - mean[c] * ac);
-    }
-  }
+  std::vector<T> a, bias;
+  fold_batch_norm(mean, var, to_vector<double>(dw_bn_weight).data(), to_vector<double>(dw_bn_bias).data(), eps, a,
+                  bias);
 
   // 2. the depthwise stage's BN and activation, projection, and BN(projection) . dL/dO.
   const T* const gd = g2.const_data_ptr<T>();
