@@ -20,6 +20,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..provenance import cpu_model
 from ..space import ChoiceBlockSpec, SearchSpace
 
 FORMAT = "betanas_fast.latency_table/1"
@@ -64,17 +65,6 @@ def space_keys(space: SearchSpace) -> Dict[str, Tuple[int, int]]:
 
 
 # --- the machine -------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _gpu_driver() -> Optional[str]:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
