@@ -72,7 +72,8 @@ def commit(repo: Optional[str] = None) -> str:
 
 def stamp(command: str, repo: Optional[str] = None) -> Dict[str, object]:
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": commit(repo), "command": command, "machine": machine()}
+            "commit": commit(repo), "command": command, "machine": machine(),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def _plain(value):

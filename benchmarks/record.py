@@ -1,0 +1,179 @@
+"""Runs the README's own commands as a new user types them and writes what they measured to results files.
+
+    python benchmarks/record.py install    # `pip install .` in a fresh venv from a fresh clone -> results/install.json
+    python benchmarks/record.py demo       # search, evaluate, train, export on the demo        -> results/demo.json
+    python benchmarks/record.py latency    # latency build, search --cost latency, validate      -> results/latency.json
+    python benchmarks/record.py studies [--dir D]   # the three studies' study.json + timing.json -> results/studies.json
+
+Every command runs in a fresh temporary directory (nothing of an earlier run is reused) with the Python that
+runs this script, i.e. the installed package with its compiled kernels. Wall times are of the whole command as
+typed, start-up included. The files carry a stamp (date, commit, machine and its load average while measuring)
+from `betanas_fast.provenance`; `python benchmarks/render_readme.py` renders them into the README.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List
+
+from betanas_fast.provenance import read_results, write_results
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+
+
+def run(cmd: List[str], cwd: str, env=None, timeout=3600) -> dict:
+    """Runs one command as typed; returns its wall time, load average before it, and output."""
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    seconds = time.perf_counter() - start
+    shown = " ".join(shlex.quote(c) for c in cmd).replace(shlex.quote(sys.executable), "python")
+    print(f"[{seconds:7.1f} s] {shown}", flush=True)
+    if r.returncode != 0:
+        sys.stderr.write(r.stdout[-3000:] + r.stderr[-3000:])
+        raise SystemExit(f"record: `{shown}` failed with exit code {r.returncode}")
+    return {"command": shown, "seconds": round(seconds, 1), "load_before": round(load, 2), "stdout": r.stdout}
+
+
+def py(*args: str) -> List[str]:
+    return [sys.executable, "-m", *args]
+
+
+# --- install -------------------------------------------------------------------------------------------------
+def record_install(args) -> dict:
+    """`pip install .` from a fresh clone of HEAD into a fresh venv, as the README's first command; the
+    torch wheel comes from wherever pip finds it on this machine (recorded)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        clone = os.path.join(tmp, "clone")
+        subprocess.run(["git", "clone", "-q", ROOT, clone], check=True)
+        venv = os.path.join(tmp, "venv")
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        pip = [os.path.join(venv, "bin", "python"), "-m", "pip"]
+        subprocess.run(pip + ["install", "-q", "--upgrade", "pip"], check=True)
+        env = dict(os.environ, PIP_NO_CACHE_DIR="1")
+        env.pop("BETANAS_FORCE_CUDA", None)
+        env.pop("BETANAS_FORCE_CPU", None)
+        step = run(pip + ["install", "."], cwd=clone, env=env, timeout=3600)
+        info = subprocess.run([os.path.join(venv, "bin", "python"), "-c",
+                               "import json, betanas_fast; print(json.dumps(betanas_fast.build_info()))"],
+                              cwd=tmp, capture_output=True, text=True, check=True)
+        build = json.loads(info.stdout.strip().splitlines()[-1])
+    data = {"pip_install": {"command": "pip install .", "seconds": step["seconds"], "load_before": step["load_before"],
+                            "pip_cache": "off", "kernels_loaded": build["kernels_loaded"],
+                            "cuda_kernels_compiled": build["cuda_kernels_compiled"],
+                            "built_with_torch": build["built_with_torch"]}}
+    return write_results(os.path.join(RESULTS, "install.json"), "python benchmarks/record.py install", data)
+
+
+# --- demo ----------------------------------------------------------------------------------------------------
+def _last_json_line(text: str) -> dict:
+    return json.loads([ln for ln in text.strip().splitlines() if ln.startswith("{")][-1])
+
+
+def _logit_diff(text: str):
+    m = re.search(r"max \|logit difference\| from the net: (.+)", text)
+    return ast.literal_eval(m.group(1).strip()) if m else None
+
+
+def record_demo(args) -> dict:
+    """The README's demo, typed in a clean directory: the search (seed 0), evaluate, train, export."""
+    with tempfile.TemporaryDirectory() as tmp:
+        search = run(py("betanas_fast.search", "--amp", "--out", "runs/demo"), cwd=tmp)
+        arch = json.load(open(os.path.join(tmp, "runs", "demo", "arch.json")))
+        amp_line = next((ln for ln in search["stdout"].splitlines() if ln.startswith("--amp")), None)
+        ev = run(py("betanas_fast.evaluate", "runs/demo"), cwd=tmp)
+        evaluation = _last_json_line(ev["stdout"])
+        train = run(py("betanas_fast.train", "--arch", "runs/demo/arch.json", "--out", "runs/demo-train"), cwd=tmp)
+        result = json.load(open(os.path.join(tmp, "runs", "demo-train", "result.json")))
+        history = [json.loads(ln) for ln in open(os.path.join(tmp, "runs", "demo-train", "history.jsonl"))]
+        exports = {}
+        for fmt in ("timm", "onnx"):
+            e = run(py("betanas_fast.export", "runs/demo-train", "--weights", "runs/demo-train/best.pt",
+                       "--format", fmt), cwd=tmp)
+            exports[fmt] = {"command": e["command"], "seconds": e["seconds"],
+                            "max_abs_logit_diff": _logit_diff(e["stdout"])}
+    drops = sorted(({"block": b["block"], "op": d["op"], "step": d["step"]} for b in arch["blocks"]
+                    for d in b["dropped"]), key=lambda d: (d["step"], d["block"]))
+    data = {
+        "search": {"command": search["command"], "seconds": search["seconds"], "load_before": search["load_before"],
+                   "amp": amp_line, "drops": drops, "paths_dropped": len(drops),
+                   "paths": sum(len(b["alpha"]) for b in arch["blocks"]) + len(drops),
+                   "val_acc": arch["val_acc"], "mflops": arch["mflops"], "params": arch["params"],
+                   "arch": arch["arch"]},
+        "evaluate": {"command": ev["command"], "seconds": ev["seconds"], "top1": evaluation["top1"],
+                     "agrees_with_search": evaluation["top1"] == arch["val_acc"]},
+        "train": {"command": train["command"], "seconds": train["seconds"], "epochs": result["epochs"],
+                  "best_val_top1": result["best_val_top1"], "last_val_top1": result["last"]["val_top1"],
+                  "val_top1_per_epoch": [h["val_top1"] for h in history]},
+        "export": exports,
+    }
+    return write_results(os.path.join(RESULTS, "demo.json"), "python benchmarks/record.py demo", data)
+
+
+# --- latency -------------------------------------------------------------------------------------------------
+def record_latency(args) -> dict:
+    """The README's three latency commands, typed in a clean directory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        build = run(py("betanas_fast.latency", "build", "--space", "demo", "--out", "latency-demo.json"), cwd=tmp)
+        search = run(py("betanas_fast.search", "--cost", "latency", "--latency-table", "latency-demo.json",
+                        "--out", "runs/demo-latency"), cwd=tmp)
+        arch = json.load(open(os.path.join(tmp, "runs", "demo-latency", "arch.json")))
+        validate = run(py("betanas_fast.latency", "validate", "--table", "latency-demo.json", "--archs", "30",
+                          "--arch", "runs/demo-latency"), cwd=tmp)
+        table = json.load(open(os.path.join(tmp, "latency-demo.json")))
+        found = [os.path.join(d, f) for d, _, fs in os.walk(tmp) for f in fs if f == "validate.json"]
+        report = json.load(open(found[0]))
+    data = {"build": {"command": build["command"], "seconds": build["seconds"], "entries": len(table["entries"]),
+                      "overhead_ms": table.get("overhead_ms", table.get("network_overhead_ms"))},
+            "search": {"command": search["command"], "seconds": search["seconds"], "mflops": arch["mflops"],
+                       "predicted_ms": arch["latency_ms"], "val_acc": arch["val_acc"]},
+            "validate": {"command": validate["command"], "seconds": validate["seconds"], "report": report}}
+    return write_results(os.path.join(RESULTS, "latency.json"), "python benchmarks/record.py latency", data)
+
+
+# --- studies -------------------------------------------------------------------------------------------------
+STUDIES = ("balance", "sharing", "seeds")
+
+
+def record_studies(args) -> dict:
+    """Runs each study with its defaults (unless its study.json is already in --dir) and collects the results."""
+    base = os.path.abspath(args.dir)
+    data = {}
+    for name in STUDIES:
+        out = os.path.join(base, f"study-{name}")
+        step = run(py("betanas_fast.study", name, "--no-progress", "--out", out), cwd=base, timeout=4 * 3600)
+        data[name] = {"command": f"python -m betanas_fast.study {name}", "seconds": step["seconds"],
+                      "load_before": step["load_before"],
+                      "study": json.load(open(os.path.join(out, "study.json"))),
+                      "timing": json.load(open(os.path.join(out, "timing.json")))
+                      if os.path.exists(os.path.join(out, "timing.json")) else None}
+    return write_results(os.path.join(RESULTS, "studies.json"), "python benchmarks/record.py studies", data)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python benchmarks/record.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    sub.add_parser("install", help=record_install.__doc__)
+    sub.add_parser("demo", help=record_demo.__doc__)
+    sub.add_parser("latency", help=record_latency.__doc__)
+    s = sub.add_parser("studies", help=record_studies.__doc__)
+    s.add_argument("--dir", default="runs", help="where the study directories go (a finished study is reused)")
+    args = p.parse_args(argv)
+    doc = {"install": record_install, "demo": record_demo, "latency": record_latency,
+           "studies": record_studies}[args.what](args)
+    print(json.dumps({k: v for k, v in doc.items() if k != "stamp"}, indent=1)[:4000])
+    read_results(os.path.join(RESULTS, f"{args.what}.json"))
+
+
+if __name__ == "__main__":
+    main()
