@@ -1,6 +1,7 @@
 """The fused depthwise stage against its float64 oracle (betanas_fast.reference) and against PyTorch's
 own composite: forward, backward, every dtype, kernel size, stride, layout, mode and activation."""
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -18,6 +19,12 @@ OPS = torch.ops.betanas
 ACT_CODES = {"relu6": 1, "silu": 2, "none": 0}
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 EPS = 1e-5
+
+
+def case_seed(*case) -> int:
+    """The same seed for the same case in every process (Python's hash() of a string is salted per process),
+    so that a failure replays."""
+    return zlib.crc32(repr(case).encode())
 
 
 def make_inputs(shape, k, device, dtype, layout, seed, requires_grad=False):
@@ -110,7 +117,7 @@ def check_against_oracle(mode, tensors, stride, act_name, dtype):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("act_name", list(ACT_CODES))
 def test_matches_reference(device, dtype, k, stride, layout, mode, act_name):
-    seed = hash((k, stride, layout, mode, act_name, str(dtype))) % 2**31
+    seed = case_seed(k, stride, layout, mode, act_name, dtype)
     # 12 channels and 17 columns: the NHWC kernels' register tiles (8 channels x 8 output pixels) and both tails
     tensors = make_inputs((3, 12, 13, 17), k, device, dtype, LAYOUTS[layout], seed)
     check_against_oracle(mode, tensors, stride, act_name, dtype)

@@ -7,12 +7,26 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+from betanas_fast import ops
 from betanas_fast.evaluate import calibration_indices, recalibrate_bn
-from betanas_fast.nn import DWConvBNAct
+from betanas_fast.nn import DWConvBNAct, Net
 from betanas_fast.search import Search
+from betanas_fast.space import build_space
 
 from common import built, tiny
+
+
+def counted_mflops(space, arch_strings):
+    """MFLOPs (multiply-adds) of one image through the net of `arch_strings`, as torch's FLOP counter counts
+    them (it sees aten convolutions, so the net runs on the reference ops)."""
+    net = Net(space, space.arch_from_strings(arch_strings)).eval()
+    x = torch.randn(1, space.config.in_channels, space.config.resolution, space.config.resolution,
+                    generator=torch.Generator().manual_seed(0))
+    with ops.reference_ops(), FlopCounterMode(display=False) as fc, torch.no_grad():
+        net(x)
+    return fc.get_total_flops() / 2 / 1e6
 
 
 def _population_moments(x):
@@ -74,7 +88,7 @@ def test_supernet_untouched_after_100_subnets_and_accuracy_reproducible(tmp_path
 
 @pytest.mark.slow
 def test_evaluate_command_reproduces_the_search_and_scores_any_arch(tmp_path):
-    cfg = tiny(tmp_path, epochs=1, warmup_epochs=0)
+    cfg = tiny(tmp_path, epochs=1, warmup_epochs=0, threads=1)
     result = Search(cfg).run()
     run = cfg.out
     r = subprocess.run([sys.executable, "-m", "betanas_fast.evaluate", run], capture_output=True, text=True,
@@ -89,7 +103,14 @@ def test_evaluate_command_reproduces_the_search_and_scores_any_arch(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     ev2 = json.loads(r.stdout.strip().splitlines()[-1])
-    assert ev2["arch"] == other and ev2["mflops"] != ev["mflops"] or ev2["arch"] != ev["arch"]
+    assert other != ev["arch"]  # else the case below would not tell the two apart
+    assert ev2["arch"] == other
+    # the MFLOPs the command reports are those torch's own FLOP counter finds in each net (2 FLOPs per MAC)
+    space = build_space(cfg.space, stage_depths=cfg.stage_depths, width_mult=cfg.width_mult,
+                        resolution=cfg.resolution, candidates=cfg.candidates, num_classes=10)  # digits: 10 classes
+    searched, scored = counted_mflops(space, ev["arch"]), counted_mflops(space, other)
+    assert ev["mflops"] == pytest.approx(searched, rel=1e-12) and ev2["mflops"] == pytest.approx(scored, rel=1e-12)
+    assert searched != scored
     bad = subprocess.run([sys.executable, "-m", "betanas_fast.evaluate", run, "--arch", "ir_r1_k4_s2_e6_c16"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "error:" in bad.stderr and "Traceback" not in bad.stderr

@@ -287,16 +287,24 @@ def test_weight_decay_skips_batchnorm_and_biases(tmp_path):
     assert len(everything.sgd.param_groups[0]["params"]) == len(list(everything.model.parameters()))
 
 
-def test_amp_runs_fp32_on_a_cpu_without_native_bf16(monkeypatch, capsys):
+def test_amp_runs_fp32_on_a_cpu_without_native_bf16(tmp_path, capsys):
+    """--amp's choice on this CPU, as the detector finds it (no stand-ins): fp32 without native bf16, the
+    faster of a measurement with it; an explicit --amp-dtype is obeyed; one line says what runs and why."""
     from betanas_fast.search import runtime
     cpu = torch.device("cpu")
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
-    assert runtime.resolve_amp_dtype(True, "auto", cpu) is None
-    assert "no native bf16" in capsys.readouterr().out
-    assert runtime.resolve_amp_dtype(True, "bf16", cpu) == torch.bfloat16   # forced
-    assert runtime.resolve_amp_dtype(False, "bf16", cpu) is None
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    assert runtime.resolve_amp_dtype(True, "auto", cpu) == torch.bfloat16
+    assert runtime.resolve_amp(False, "bf16", cpu).dtype is None
+    assert runtime.resolve_amp(True, "bf16", cpu).dtype == torch.bfloat16  # forced
+    assert runtime.resolve_amp(True, "fp16", cpu).dtype == torch.float16
+    assert capsys.readouterr().out == ""
+    s = Search(tiny(tmp_path, amp=True, threads=1))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [s.amp.reason] and s.amp_dtype == s.amp.dtype
+    if runtime.cpu_has_native_bf16():  # measured: a Phase-1 step of the space in both precisions
+        assert s.amp.fp32_ms > 0 and s.amp.bf16_ms > 0 and "Phase-1 forward+backward" in lines[0]
+        assert s.amp_dtype == (torch.bfloat16 if s.amp.bf16_ms < s.amp.fp32_ms else None)
+    else:
+        assert s.amp_dtype is None and s.amp.fp32_ms is None and s.amp.bf16_ms is None
+        assert "no native bf16" in lines[0] and "running in fp32 (--amp-dtype bf16 forces bf16)" in lines[0]
 
 
 def test_flops_target_adapts_beta_and_is_reported(tmp_path):

@@ -30,7 +30,7 @@ from . import distributed
 from .arch_state import ArchState, masked_list
 from .config import RUN_ONLY_FIELDS, SearchConfig, check_noise_floor, parse_size, validate_config
 from .report import arch_summary, cost_caption, format_table
-from .runtime import autocast, configure_process, resolve_amp_dtype, resolve_device
+from .runtime import autocast, configure_process, resolve_amp, resolve_device, supernet_step
 from .strategies import Selection, make_strategy
 from .timing import NoTimer
 
@@ -60,7 +60,6 @@ class Search:
         self.device = resolve_device(distributed.init(self.ranks, cfg.device))
         self.deterministic = cfg.deterministic if cfg.deterministic is not None else self.device.type == "cpu"
         configure_process(self.device, cfg.threads, self.deterministic)
-        self.amp_dtype = resolve_amp_dtype(cfg.amp, cfg.amp_dtype, self.device, log=self.log)
         self.out = cfg.resume or cfg.out or os.path.join(
             "runs", f"{cfg.strategy}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
         with self.ranks.main_first():  # rank 0 writes the file index cache and the held-out split first
@@ -79,6 +78,13 @@ class Search:
         if len(self.data.train) < cfg.batch_size:
             raise ValueError(f"weight-train split ({len(self.data.train)}) is smaller than one global batch "
                              f"({cfg.batch_size})")
+        # --amp on a CPU with native bf16 times a Phase-1 step in both precisions (in one process: under torchrun the
+        # ranks must agree, so they take bf16 unmeasured)
+        self.amp = resolve_amp(cfg.amp, cfg.amp_dtype, self.device, log=self.log, make_step=None if self.ranks.active
+                               else lambda: supernet_step(self.space, self.data.train, self.local_batch, self.device,
+                                                          torch.channels_last if self.device.type == "cpu" else
+                                                          torch.contiguous_format))
+        self.amp_dtype = self.amp.dtype
         # measured once, before the model exists: the budget for the candidates' activations in Phase 2
         self.phase2_memory = parse_size(cfg.phase2_memory) if cfg.phase2_memory else ops.default_phase2_budget(self.device)
         self.flops = cost_model.flops_cost(self.space, cfg.flops_target)

@@ -3,13 +3,18 @@ dtype that makes this machine faster (or none)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
-from typing import Optional
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, ContextManager, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 import torch.utils.deterministic
 
-from .. import ops
+from .. import ops, provenance
 
 
 def resolve_device(name: str) -> torch.device:
@@ -21,30 +26,197 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# The CPU feature flags (Linux /proc/cpuinfo) of bf16 arithmetic in hardware: x86's AVX512-BF16 dot products and
+# AMX's bf16 tiles, Arm's FEAT_BF16 (BFDOT/BFMMLA).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def native_bf16_features() -> List[str]:
+    """The native-bf16 flags among the CPU's (empty where /proc/cpuinfo is not there to read)."""
+    flags = set(provenance.cpu_flags())
+    return [f for f in NATIVE_BF16_FLAGS if f in flags]
+
+
+def onednn_bf16_supported() -> bool:
+    """oneDNN's (torch's mkldnn backend's) own answer: whether it runs bf16 kernels on this CPU, natively or by
+    emulation."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        probe = torch.ops.mkldnn._is_mkldnn_bf16_supported
+    except (AttributeError, RuntimeError) as e:
+        raise RuntimeError(f"torch {torch.__version__} has no torch.ops.mkldnn._is_mkldnn_bf16_supported, which "
+                           f"--amp asks whether this CPU runs bf16: give --amp-dtype bf16 (or leave --amp off) "
+                           f"instead") from e
+    return bool(probe())
+
+
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Without it, CPU bf16 autocast runs
-    3-4x slower than fp32."""
-    cpu = getattr(torch._C, "_cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return cpu is not None and any(getattr(cpu, c, lambda: False)() for c in checks)
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16 on x86, FEAT_BF16 on Arm). Without it,
+    CPU bf16 autocast runs 3-4x slower than fp32.
+
+    The CPU's own feature flags (Linux /proc/cpuinfo, via provenance.cpu_flags) are authoritative where they can
+    be read: oneDNN's answer (torch.ops.mkldnn._is_mkldnn_bf16_supported) is True on every AVX512BW/VL/DQ CPU,
+    where oneDNN emulates bf16 with fp32 arithmetic and conversions: exactly the slow case (on an AVX2-only CPU
+    it answers False, the flags' answer too). oneDNN's answer is
+    still required (without it torch's convolutions have no bf16 kernels to be fast with), and it is the only
+    answer where the flags cannot be read (another OS): an over-estimate there, which is why `--amp` measures
+    before it picks bf16 on a CPU this function accepts."""
+    if not onednn_bf16_supported():
+        return False
+    return bool(native_bf16_features()) if provenance.cpu_flags() else True
 
 
-def resolve_amp_dtype(amp: bool, amp_dtype: str, device: torch.device, log=print) -> Optional[torch.dtype]:
-    """The autocast dtype of a run, or None for fp32. `--amp` means mixed precision where it makes the
-    run faster; an explicit `amp_dtype` is obeyed."""
-    if not amp:
-        return None
-    if amp_dtype == "fp16":
-        return torch.float16
-    if amp_dtype == "bf16":
-        return torch.bfloat16
+def _cpu_description() -> str:
+    features = native_bf16_features()
+    names = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16", "bf16": "BF16"}
+    if features:
+        return ", ".join(names[f] for f in features)
+    return torch.backends.cpu.get_cpu_capability() + (", oneDNN bf16" if onednn_bf16_supported() else "")
+
+
+@dataclass
+class TimedStep:
+    """A unit of work to time under --amp's measurement: `run(context)` does it with its forward pass inside
+    `context` (an autocast context or a no-op one); `what` names it in the report line."""
+    run: Callable[[ContextManager], None]
+    what: str
+
+
+@dataclass
+class AmpChoice:
+    """The autocast dtype of a run (None: fp32), and for a measured choice the two median times per step."""
+    dtype: Optional[torch.dtype]
+    fp32_ms: Optional[float] = None
+    bf16_ms: Optional[float] = None
+    reason: str = ""
+
+
+def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        torch.cuda.synchronize(device)
+
+
+def time_autocast(step: TimedStep, device: torch.device, dtype: torch.dtype = torch.bfloat16, repeats: int = 7,
+                  warmup: int = 1, budget_s: float = 3.0, min_pairs: int = 3) -> Tuple[float, float]:
+    """(fp32 ms, `dtype` autocast ms): median wall time of `step` in each precision. `warmup` calls of each go
+    first (oneDNN creates its bf16 primitives on the first call); then the two alternate, in turn first, so
+    that a change in the machine's speed reaches both alike: `repeats` pairs, fewer once `budget_s` seconds of
+    pairs are spent (never fewer than `min_pairs`)."""
+    if repeats < 1 or min_pairs < 1 or warmup < 0:
+        raise ValueError(f"time_autocast needs repeats >= 1, min_pairs >= 1 and warmup >= 0, got {repeats}, "
+                         f"{min_pairs} and {warmup}")
+    contexts = (lambda: autocast(device, None), lambda: autocast(device, dtype))
+
+    def once(which: int) -> float:
+        _synchronize(device)
+        start = time.perf_counter()
+        step.run(contexts[which]())
+        _synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+
+    for _ in range(warmup):
+        once(0)
+        once(1)
+    times: Tuple[List[float], List[float]] = ([], [])
+    start = time.perf_counter()
+    for i in range(repeats):
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            times[which].append(once(which))
+        if i + 1 >= min_pairs and time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def choose_cpu_amp(fp32_ms: float, bf16_ms: float, what: str = "step", cpu: Optional[str] = None) -> AmpChoice:
+    """The faster of the two measured precisions (fp32 on a tie: it is the more accurate), with the one line
+    that says which and why."""
+    use_bf16 = bf16_ms < fp32_ms
+    reason = (f"--amp: bf16 autocast {bf16_ms:.3g} ms vs fp32 {fp32_ms:.3g} ms per {what} on this CPU "
+              f"({cpu or _cpu_description()}): running {'bf16' if use_bf16 else 'fp32'}")
+    return AmpChoice(torch.bfloat16 if use_bf16 else None, fp32_ms, bf16_ms, reason)
+
+
+def measure_cpu_amp(make_step: Callable[[], TimedStep], device: torch.device, log=print,
+                    timer: Callable[[TimedStep, torch.device], Tuple[float, float]] = time_autocast) -> AmpChoice:
+    """--amp on a CPU with native bf16: time the step `make_step` builds in fp32 and under bf16 autocast with
+    `timer`, run the faster, and say so in one line."""
+    step = make_step()
+    fp32_ms, bf16_ms = timer(step, device)
+    choice = choose_cpu_amp(fp32_ms, bf16_ms, step.what)
+    log(choice.reason)
+    return choice
+
+
+def resolve_amp(amp: bool, amp_dtype: str, device: torch.device, log=print,
+                make_step: Optional[Callable[[], TimedStep]] = None) -> AmpChoice:
+    """The autocast dtype of a run (None: fp32). `--amp` means mixed precision where it makes the run faster; an
+    explicit `amp_dtype` is obeyed. On a CPU with native bf16, `make_step` (called only then) gives the work to
+    time in both precisions, and the faster one runs; without it, bf16 runs unmeasured."""
+    if not amp:
+        return AmpChoice(None)
+    if amp_dtype == "fp16":
+        return AmpChoice(torch.float16)
+    if amp_dtype == "bf16":
+        return AmpChoice(torch.bfloat16)
+    if device.type == "cuda":
+        return AmpChoice(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     if cpu_has_native_bf16():
-        return torch.bfloat16
-    log(f"--amp: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16, where bf16 autocast is "
-        f"slower than fp32: running in fp32 (--amp-dtype bf16 forces bf16)")
-    return None
+        if make_step is not None:
+            return measure_cpu_amp(make_step, device, log)
+        reason = f"--amp: this CPU has native bf16 ({_cpu_description()}): running bf16 autocast (not measured)"
+        log(reason)
+        return AmpChoice(torch.bfloat16, reason=reason)
+    reason = (f"--amp: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16, where bf16 autocast "
+              f"is slower than fp32: running in fp32 (--amp-dtype bf16 forces bf16)")
+    log(reason)
+    return AmpChoice(None, reason=reason)
+
+
+def resolve_amp_dtype(amp: bool, amp_dtype: str, device: torch.device, log=print,
+                      make_step: Optional[Callable[[], TimedStep]] = None) -> Optional[torch.dtype]:
+    """resolve_amp's dtype alone."""
+    return resolve_amp(amp, amp_dtype, device, log, make_step).dtype
+
+
+def forward_backward_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                          forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor], what: str) -> TimedStep:
+    """A TimedStep of one training-mode forward (`forward(model, x)` -> logits) and the cross-entropy backward on
+    a private copy of `model`: `model` itself (weights, buffers, gradients) is left as it is, and so are torch's
+    random generators."""
+    probe = copy.deepcopy(model).train()
+
+    def run(context: ContextManager) -> None:
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            probe.zero_grad(set_to_none=True)
+            with context:
+                logits = forward(probe, x)
+            F.cross_entropy(logits.float(), y).backward()
+
+    return TimedStep(run, what)
+
+
+def supernet_step(space, split, batch_size: int, device: torch.device, memory_format=torch.preserve_format,
+                  pixels: int = 8 * 224 * 224, seed: int = 0) -> TimedStep:
+    """What --amp times for a search: one Phase-1 forward + backward of a fresh supernet of `space` on one path
+    (drawn from `seed`) and the first images of `split`: as many as hold `pixels` pixels (8 at 224x224), at least
+    2 (BatchNorm's batch statistics), at most `batch_size`. That keeps a call well under a second on a CPU, and
+    the whole measurement to a few seconds. Nothing of the run is touched: the supernet is built under a forked
+    random generator."""
+    from ..nn.supernet import Supernet
+    resolution = space.config.resolution
+    n = min(max(2, pixels // (resolution * resolution)), batch_size, len(split))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = Supernet(space).to(device, memory_format=memory_format)
+    g = torch.Generator().manual_seed(seed)
+    path = [int(torch.multinomial(torch.tensor(row, dtype=torch.float), 1, generator=g))
+            for row in space.allowed_mask()]
+    x, y = split.batch(torch.arange(n), train=False)
+    x, y = x.to(device).contiguous(memory_format=memory_format), y.to(device)
+    return forward_backward_step(model, x, y, lambda m, inputs: m(inputs, path),
+                                 f"Phase-1 forward+backward ({n} images)")
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
