@@ -16,6 +16,13 @@ each block's input channels, as a timm block string's `se`), `--act silu` (swish
   eps 1e-3 inside the square root = torch's 0.0316 outside it), lr 0.045 per 96 images, x0.98 per epoch,
   weight decay 4e-5 on every weight.
 
+The net is scored after every epoch on one split (`--score-split`): `val`, the data's val/ folder or a
+validation carve-out from the training images (on the digits drawn by `--seed` from the images the searches
+split too), or, on the digits only, `test`: their fixed test split, which no search loads (the net then
+trains on every other image). Searched and other nets compared on the digits should be scored on `test`:
+a searched net was chosen on images of the search pool. The history's and the result's keys name the split
+(`val_top1` / `test_top1`, `best_val_top1` / `best_test_top1`), and `best.pt` is the epoch best on it.
+
 Same operation as the search: `--amp`, torchrun (DDP over processes, the global batch split over them),
 atomic checkpoints every epoch and exact resume (`--resume`, or the same command again), progress bar,
 TensorBoard, `history.jsonl` with top-1/top-5 per epoch, `best.pt` / `last.pt` (the state dict, the
@@ -57,6 +64,8 @@ RECIPES = {
                         weight_decay_bn=True, dropout=0.0),
 }
 
+DEFAULT_VAL = 200  # validation images carved from data without a val/ split, when scored on val
+
 
 @dataclass
 class TrainConfig:
@@ -77,7 +86,11 @@ class TrainConfig:
     data: Optional[str] = option(None, "an ImageNet-layout folder (train/<class>/*; val/<class>/* is the validation "
                                        "split when present); default: the embedded digits", type=str)
     loader: str = option("auto", "for --data: dali, torchvision or auto", choices=("auto", "dali", "torchvision"))
-    val: int = option(200, "validation images carved from the data when it has no val/ split")
+    val: Optional[int] = option(None, "validation images carved from the data when it has no val/ split, with "
+                                      "--score-split val (default 200)", type=int)
+    score_split: str = option("val", "the split every epoch is scored on: val (val/ or the --val carve-out) or test "
+                                     "(the digits' fixed test split, which no search loads; the net trains on every "
+                                     "other image)", choices=("val", "test"))
     # schedule and optimiser (None: the recipe's)
     epochs: Optional[int] = option(None, "epochs (default: the recipe's)", type=int)
     batch_size: Optional[int] = option(None, "global batch (default: the recipe's)", type=int)
@@ -121,7 +134,21 @@ class TrainConfig:
         for k, v in recipe.items():
             if values.get(k) is None:
                 values[k] = v
+        if values["val"] is None and values["score_split"] == "val":
+            values["val"] = DEFAULT_VAL
         return TrainConfig(**values)
+
+
+def validate_scoring(cfg: TrainConfig) -> None:
+    """The scored split is one the data have: the test split is the embedded digits'; it needs no --val."""
+    if cfg.score_split != "test":
+        return
+    if cfg.data is not None:
+        raise ValueError("--score-split test: only the embedded digits set a test split apart; with --data the net "
+                         "is scored on val/ (or a --val carve-out): use --score-split val")
+    if cfg.val is not None:
+        raise ValueError(f"--val {cfg.val} with --score-split test: no validation split is carved (the net trains on "
+                         f"every image outside the test split); leave --val out")
 
 
 RUN_ONLY = ("out", "resume", "stop_after", "progress", "tensorboard", "threads", "device", "deterministic")
@@ -190,16 +217,20 @@ class AutoAugmentSplit:
 
 
 def load_data(cfg: TrainConfig, space: SearchSpace, ranks):
-    """(train split, validation split, number of classes, mean, std) of the images the net is retrained on:
-    the whole training data (the search's held-out images included), validated on val/ or a class-balanced
-    carve-out."""
+    """(train split, scored split, number of classes, mean, std) of the images the net is retrained on: the
+    whole training data (the search's held-out images included), scored on val/ or a class-balanced carve-out,
+    or on the digits' test split (`cfg.score_split`; `cfg` resolved)."""
+    validate_scoring(cfg)
     resolution = space.config.resolution
     if cfg.data is None:
-        from .data.digits import load_digits_data
-        d = load_digits_data(seed=cfg.seed, heldout=1, val=cfg.val, resolution=resolution, augment=True)
+        from .data.digits import load_digits_data, load_digits_test
+        test = cfg.score_split == "test"
+        d = load_digits_data(seed=cfg.seed, heldout=1, val=0 if test else cfg.val, resolution=resolution,
+                             augment=True)
         train = TensorSplit(torch.cat([d.train.images, d.heldout.images]), torch.cat([d.train.labels, d.heldout.labels]),
-                            d.train.shift)
-        return train, d.val, d.num_classes, (127.5,) * 3, (127.5,) * 3
+                            d.train.shift, indices=torch.cat([d.train.indices, d.heldout.indices]))
+        scored = load_digits_test(resolution) if test else d.val
+        return train, scored, d.num_classes, (127.5,) * 3, (127.5,) * 3
     from .data import imagenet
     from .data.imagenet.transforms import MEAN, STD
     index = imagenet.build_index(cfg.data)
@@ -230,6 +261,7 @@ class Trainer:
             raise ValueError(f"--schedule must be cosine or exponential, got {cfg.schedule!r}")
         if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
             raise ValueError("epochs and batch size must be >= 1 and the learning rate positive")
+        validate_scoring(cfg)
         if distributed.launched_by_torchrun() and not (cfg.out or cfg.resume):
             raise ValueError("under torchrun, --out is required")
         self.cfg = cfg
@@ -354,7 +386,8 @@ class Trainer:
             ckpt.start_run(self.out, cfg.to_dict())
         self.log("resolved configuration:\n" + json.dumps(cfg.to_dict(), indent=2))
         self.log(f"net: {self.space.arch_strings(self.arch)}; {sum(p.numel() for p in self.net.parameters())} params; "
-                 f"{len(self.train_split)} training images, {len(self.val_split)} validation; device {self.device}; "
+                 f"{len(self.train_split)} training images, {len(self.val_split)} scored ({cfg.score_split} split); "
+                 f"device {self.device}; "
                  f"autocast {self.amp_dtype or 'off (fp32)'}; out {self.out}")
         writer = None
         if main and cfg.tensorboard:
@@ -369,11 +402,13 @@ class Trainer:
                 rec = self._epoch()
                 if main:
                     ckpt.append_history(self.out, rec)
+                    split = cfg.score_split
                     if writer:
-                        for k in ("train_loss", "train_acc", "val_top1", "val_top5", "lr"):
+                        for k in ("train_loss", "train_acc", f"{split}_top1", f"{split}_top5", "lr"):
                             writer.add_scalar(k, rec[k], self.epoch)
-                    print(f"epoch {self.epoch}/{cfg.epochs}: loss {rec['train_loss']:.4f}, val top-1 "
-                          f"{rec['val_top1']:.4f}, top-5 {rec['val_top5']:.4f} ({rec['seconds']:.1f} s)", flush=True)
+                    print(f"epoch {self.epoch}/{cfg.epochs}: loss {rec['train_loss']:.4f}, {split} top-1 "
+                          f"{rec[f'{split}_top1']:.4f}, top-5 {rec[f'{split}_top5']:.4f} ({rec['seconds']:.1f} s)",
+                          flush=True)
                 state = self._state()
                 if main:
                     ckpt.save_checkpoint(self.ckpt_dir, self.epoch, state)
@@ -381,12 +416,12 @@ class Trainer:
             self.stream.close()
             if writer:
                 writer.close()
-        result = {"arch": self.space.arch_strings(self.arch), "epochs": cfg.epochs, "best_val_top1": self.best,
-                  "last": rec}
+        result = {"arch": self.space.arch_strings(self.arch), "epochs": cfg.epochs, "score_split": cfg.score_split,
+                  "scored_images": len(self.val_split), f"best_{cfg.score_split}_top1": self.best, "last": rec}
         if main:
             with open(os.path.join(self.out, "result.json"), "w") as f:
                 json.dump(result, f, indent=2)
-            self.log(f"best validation top-1 {self.best:.4f}; {os.path.join(self.out, 'best.pt')}")
+            self.log(f"best {cfg.score_split} top-1 {self.best:.4f}; {os.path.join(self.out, 'best.pt')}")
         return result
 
     def _epoch(self) -> dict:
@@ -434,8 +469,9 @@ class Trainer:
                 self._save_net("best.pt", evaluated)
         self.best = max(self.best, top1)
         n = float(losses[2])
+        split = cfg.score_split
         return {"epoch": self.epoch, "lr": lr, "train_loss": float(losses[0]) / n, "train_acc": float(losses[1]) / n,
-                "val_top1": top1, "val_top5": top5, "best_val_top1": self.best,
+                f"{split}_top1": top1, f"{split}_top5": top5, f"best_{split}_top1": self.best,
                 "seconds": time.perf_counter() - start}
 
 

@@ -193,8 +193,23 @@ def test_balance_study_end_to_end(tmp_path, monkeypatch, capsys):
             summary, blocks = s[window]["summary"], s[window]["per_block"]
             assert summary["mean_max_over_mean"] == pytest.approx(np.mean([b["max_over_mean"] for b in blocks]))
             assert summary["blocks"] == 5
-        # whole-run counts over the remaining paths sum to the Phase-1 steps of every block
-        assert all(sum(b["counts"]) == s["phase1_steps"] for b in s["whole_run"]["per_block"]) or s["paths_dropped"]
+        # one path per block per Phase-1 step: each block's counts over all its paths (the run's last record) sum
+        # to the Phase-1 steps; the study reports those of the remaining paths, so they sum to the steps in a
+        # block that dropped nothing and to the steps less the dropped paths' (warm-up-trained, > 0) counts in one
+        # that did
+        run_dir = tmp_path / "a" / r["runs"][name]
+        full = np.array(common.read_history(str(run_dir))[-1]["phase1_counts"])
+        searched = json.load(open(run_dir / "arch.json"))
+        names = searched["candidates"]
+        assert s["paths_dropped"] == sum(len(b["dropped"]) for b in searched["blocks"])
+        for l, b in enumerate(s["whole_run"]["per_block"]):
+            remaining = [names.index(n) for n in s["remaining"][l]]
+            dropped = [names.index(d["op"]) for d in searched["blocks"][l]["dropped"]]
+            assert full[l].sum() == s["phase1_steps"] and b["counts"] == full[l, remaining].tolist()
+            assert not set(dropped) & set(remaining) and all(full[l, d] > 0 for d in dropped)
+            assert sum(b["counts"]) == s["phase1_steps"] - sum(full[l, d] for d in dropped)
+            if name == "betanas":  # its cycles train every remaining path
+                assert min(b["counts"]) > 0
     # betanas's shuffled cycles: remaining paths differ by at most one step per block
     assert all(max(b["counts"]) - min(b["counts"]) <= 1 for b in r["strategies"]["betanas"]["whole_run"]["per_block"])
     for png in ("balance.png", "balance_counts.png"):
@@ -220,7 +235,7 @@ def test_balance_study_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_seeds_study_end_to_end_deterministic_and_continued(tmp_path, monkeypatch):
+def test_seeds_study_end_to_end_deterministic_and_continued(tmp_path, monkeypatch, capsys):
     argv = ["seeds", "--seeds", "2", "--threads", "1", "--no-progress", f"--search-flags={TINY_SEARCH}",
             f"--train-flags={TINY_TRAIN}"]
     main(argv + ["--out", str(tmp_path / "a")])
@@ -234,6 +249,23 @@ def test_seeds_study_end_to_end_deterministic_and_continued(tmp_path, monkeypatc
     assert r["tests"]["mann_whitney"]["p_value"] == stats.mann_whitney_greater(a, b).p_value
     assert r["summary"]["searched"]["top1_mean"] == pytest.approx(np.mean(a))
     assert os.path.getsize(tmp_path / "a" / "seeds.png") > 10_000
+    # every retraining is scored on the digits' fixed test split, which none of the searches loaded
+    from betanas_fast.data.digits import load_digits_data, load_digits_test
+    from betanas_fast.search.distributed import ranks_from_env
+    from betanas_fast.train import load_data
+    test = set(load_digits_test().indices.tolist())
+    assert r["scoring"] == {"split": "test", "images": 300} and "test split" in capsys.readouterr().out
+    for x in r["searched"] + r["random"]:
+        run = tmp_path / "a" / x["run"]
+        cfg, res = (json.load(open(run / name)) for name in ("config.json", "result.json"))
+        assert (cfg["score_split"], res["score_split"], res["scored_images"]) == ("test", "test", 300)
+        assert res["last"]["test_top1"] == x["top1"]
+        train, scored, _, _, _ = load_data(TrainConfig(**cfg), build_space("demo"), ranks_from_env())
+        assert set(scored.indices.tolist()) == test and not test & set(train.indices.tolist())
+    for seed in r["search_seeds"]:
+        cfg = json.load(open(tmp_path / "a" / f"search-{seed}" / "config.json"))
+        d = load_digits_data(seed=cfg["seed"], heldout=cfg["heldout"], val=cfg["val"])
+        assert not test & set(torch.cat([d.train.indices, d.heldout.indices, d.val.indices]).tolist())
     # the same command in another directory: identical numbers
     main(argv + ["--out", str(tmp_path / "b")])
     assert numbers(study_json(tmp_path / "b")) == numbers(r)
@@ -264,8 +296,13 @@ def test_sharing_study_end_to_end(tmp_path, capsys):
         expected = stats.kendall_tau_b(acc[g].mean(0), acc["NS"].mean(0))
         assert t["tau"] == pytest.approx(expected) or (t["tau"] is None and math.isnan(expected))
         assert f"Kendall τ-b({g}, NS)" in out
-    # the supernets score exactly the study's architectures, on the images NS is validated on (200)
+    # the supernets score exactly the study's architectures, on the images NS is scored on: the digits' test split
+    # (300), which neither trains on; a supernet holds back one held-out image and no validation images
     with open(tmp_path / "s" / "B2-seed0" / "config.json") as f:
         cfg = json.load(f)
-    assert (cfg["strategy"], cfg["heldout"], cfg["val"], cfg["epochs"]) == ("spos", 1, 200, 2)
+    assert (cfg["strategy"], cfg["heldout"], cfg["val"], cfg["epochs"]) == ("spos", 1, 0, 2)
+    assert r["scoring"] == {"split": "test", "images": 300}
+    with open(tmp_path / "s" / "NS-k3e1-k3e6-seed1" / "config.json") as f:
+        assert json.load(f)["score_split"] == "test"
+    assert set(json.load(open(tmp_path / "s" / "B4-seed1" / "study_scores_test.json"))) == set(r["labels"])
     assert os.path.getsize(tmp_path / "s" / "sharing.png") > 10_000

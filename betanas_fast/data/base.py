@@ -23,10 +23,14 @@ class ImageSplit:
 
 
 class TensorSplit(ImageSplit):
-    """A split held in memory; augmentation is a random translation by up to `shift` pixels."""
+    """A split held in memory; augmentation is a random translation by up to `shift` pixels. `indices`: where
+    its images sit in the data set they were taken from (their identity), when known."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, shift: int = 0):
-        self.images, self.labels, self.shift = images, labels, shift
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, shift: int = 0,
+                 indices: Optional[torch.Tensor] = None):
+        if indices is not None and len(indices) != len(labels):
+            raise ValueError(f"{len(indices)} indices for a split of {len(labels)} images")
+        self.images, self.labels, self.shift, self.indices = images, labels, shift, indices
 
     def __len__(self) -> int:
         return len(self.labels)

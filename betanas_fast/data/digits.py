@@ -1,8 +1,19 @@
 """The embedded demo data: scikit-learn's handwritten digits (1,797 real 8x8 images, 10 classes,
-shipped with the package, no download), upscaled to the space's resolution as 3-channel images."""
+shipped with the package, no download), upscaled to the space's resolution as 3-channel images.
+
+The images are split in two before any seed is used:
+- the test split: 30 images of each class (300 in all, 17 %), drawn once by a fixed permutation
+  (`TEST_SPLIT_SEED`), the same for every run. No search loads it (`load_digits_data` never returns it); a
+  retraining scores on it with `python -m betanas_fast.train --score-split test` (`load_digits_test`), and
+  the studies score every net they compare on it.
+- the search pool: the other 1,497, which each search splits by its own seed into held-out (for α),
+  validation and weight-training images (the search's defaults: 300 / 200 / 997).
+
+Every split keeps the indices of its images in scikit-learn's order (`TensorSplit.indices`), so that
+disjointness can be checked by identity. The 1,797 images hold no two identical ones."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -10,11 +21,16 @@ import torch.nn.functional as F
 
 from .base import SearchData, TensorSplit, register_dataset, validate_labels
 
+TEST_PER_CLASS = 30
+TEST_SPLIT_SEED = 1797  # a constant: the test split does not move with any run's seed
+# What defines the splits; a study records it, so that one continued under another definition is refused.
+SPLITS = {"test": f"{TEST_PER_CLASS} images per class, fixed permutation (seed {TEST_SPLIT_SEED}), removed before "
+                  f"any search split", "search": "the rest, permuted by the run's seed: held-out, validation, "
+                                                 "weight-training", "version": 2}
 
-def load_digits_data(seed: int = 0, heldout: int = 300, val: int = 200, resolution: int = 32,
-                     augment: bool = True, root: Optional[str] = None, images=None, labels=None) -> SearchData:
-    """Deterministic split from `seed`. `images`/`labels` override the embedded set (used to test
-    the checks)."""
+
+def _source(images=None, labels=None):
+    """The images (N x 8 x 8 float in [0, 1]) and labels, the embedded set unless given."""
     if images is None:
         from sklearn.datasets import load_digits
         d = load_digits()
@@ -22,22 +38,72 @@ def load_digits_data(seed: int = 0, heldout: int = 300, val: int = 200, resoluti
     x = torch.as_tensor(np.asarray(images, dtype=np.float32))
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     validate_labels("whole data", y)
-    n = len(y)
+    return (x / 16.0 if x.max() > 1 else x), y
+
+
+def _test_indices(labels: torch.Tensor) -> torch.Tensor:
+    """The first TEST_PER_CLASS images of each class in one fixed permutation (every image of a class that
+    has no more), ascending."""
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(TEST_SPLIT_SEED))
+    picked = [perm[labels[perm] == c][:TEST_PER_CLASS] for c in torch.unique(labels).tolist()]
+    return torch.sort(torch.cat(picked)).values
+
+
+def split_indices(seed: int = 0, heldout: int = 300, val: int = 200, images=None, labels=None
+                  ) -> Dict[str, torch.Tensor]:
+    """The index sets (into the source images) of the test split and of the search splits of `seed`:
+    {"test", "heldout", "val", "train"}."""
+    _, y = _source(images, labels)
+    return _split(y, seed, heldout, val)
+
+
+def _split(y: torch.Tensor, seed: int, heldout: int, val: int) -> Dict[str, torch.Tensor]:
+    test = _test_indices(y)
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[test] = False
+    pool = torch.nonzero(keep).flatten()
+    n = len(pool)
     if heldout < 1 or val < 0:
         raise ValueError(f"held-out size must be >= 1 and validation >= 0 (got {heldout}, {val})")
     if heldout + val >= n:
         raise ValueError(f"held-out ({heldout}) + validation ({val}) splits need {heldout + val} samples but the "
-                         f"data set has only {n}, leaving nothing to train the weights")
-    x = x / 16.0 if x.max() > 1 else x
+                         f"data set has only {n} besides its {len(test)}-image test split, leaving nothing to train "
+                         f"the weights")
+    perm = pool[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+    return {"test": test, "heldout": perm[:heldout], "val": perm[heldout:heldout + val],
+            "train": perm[heldout + val:]}
+
+
+def _prepare(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """8x8 images in [0, 1] -> 3 x resolution x resolution in [-1, 1]."""
     x = F.interpolate(x[:, None], size=(resolution, resolution), mode="bilinear", align_corners=False)
-    x = ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    h_idx, v_idx, t_idx = perm[:heldout], perm[heldout:heldout + val], perm[heldout + val:]
-    shift = max(1, resolution // 16) if augment else 0
-    train = TensorSplit(x[t_idx], y[t_idx], shift)
+    return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+
+
+def load_digits_data(seed: int = 0, heldout: int = 300, val: int = 200, resolution: int = 32,
+                     augment: bool = True, root: Optional[str] = None, images=None, labels=None) -> SearchData:
+    """The search splits of `seed`, from the images outside the test split (which is not loaded).
+    `images`/`labels` override the embedded set (used to test the checks)."""
+    x, y = _source(images, labels)
+    idx = _split(y, seed, heldout, val)
+
+    def part(name: str, shift: int = 0) -> TensorSplit:
+        i = idx[name]
+        return TensorSplit(_prepare(x[i], resolution), y[i], shift, indices=i)
+
+    train = part("train", max(1, resolution // 16) if augment else 0)
     validate_labels("weight-train", train.labels)
-    return SearchData(train=train, heldout=TensorSplit(x[h_idx], y[h_idx]), val=TensorSplit(x[v_idx], y[v_idx]),
-                      num_classes=int(y.max()) + 1, resolution=resolution)
+    return SearchData(train=train, heldout=part("heldout"), val=part("val"), num_classes=int(y.max()) + 1,
+                      resolution=resolution)
+
+
+def load_digits_test(resolution: int = 32, images=None, labels=None) -> TensorSplit:
+    """The fixed test split: images no search loads, for scoring retrained nets."""
+    x, y = _source(images, labels)
+    i = _test_indices(y)
+    test = TensorSplit(_prepare(x[i], resolution), y[i], indices=i)
+    validate_labels("test", test.labels)
+    return test
 
 
 register_dataset("digits", load_digits_data)

@@ -8,6 +8,11 @@ each sub-run is one distributed run over all the processes; with `--jobs N` it r
 a process of its own, N at a time, with its output in `<sub-run>/study_log.txt`. A sub-run that finished
 (arch.json or result.json written) is never redone; one that was killed continues from its last checkpoint,
 as the commands do by themselves when their `--out` holds one.
+
+Every net a study compares is scored on images no search loads: on the embedded digits their fixed test
+split (`python -m betanas_fast.train --score-split test`, and the supernets' architectures likewise). A
+study's saved configuration records the digits' split definition, so that a study continued under another
+one is refused.
 """
 from __future__ import annotations
 
@@ -97,9 +102,30 @@ def search_config(flags: str, set_by_study: Sequence[str]):
 
 
 def train_config(flags: str, set_by_study: Sequence[str]):
-    """The studies' base TrainConfig: `python -m betanas_fast.train`'s defaults, recipe and flags."""
-    from ..train import parse_config
-    return parse_flags(flags, parse_config, "train", set_by_study)
+    """The studies' base TrainConfig: `python -m betanas_fast.train`'s defaults, recipe and flags, scored on
+    `scored_split(...)` (the studies set --score-split)."""
+    from ..train import parse_config, validate_scoring
+    cfg = parse_flags(flags, parse_config, "train", tuple(set_by_study) + ("score_split",))
+    cfg = dataclasses.replace(cfg, score_split=scored_split(cfg))
+    try:
+        validate_scoring(cfg)
+    except ValueError as e:
+        raise ValueError(f"in the train flags: the study scores every net on the {cfg.score_split} split: {e}") from e
+    return cfg
+
+
+def scored_split(train_cfg) -> str:
+    """The split every net of a study is scored on: the digits' test split, which no search loads; with --data
+    (which sets no test split apart) val/ or its carve-out."""
+    return "test" if train_cfg.data is None else "val"
+
+
+def digits_splits(resolved: dict) -> Optional[dict]:
+    """The digits' split definition where a sub-run of the study uses them (a search without --data or
+    another data set, a training without --data), else None."""
+    from ..data.digits import SPLITS
+    uses = any(c.get("data") is None and c.get("dataset", "digits") == "digits" for c in resolved.values())
+    return dict(SPLITS) if uses else None
 
 
 def run_space(run_dir: str):
@@ -218,7 +244,8 @@ class StudyRun:
         if self.ranks.active:
             distributed.init(self.ranks, "auto")  # the barriers between sub-runs need the process group
         saved_path = os.path.join(self.out, STUDY_CONFIG)
-        config = {"study": self.name, **self.cfg.to_dict(), "resolved": resolved}
+        config = {"study": self.name, **self.cfg.to_dict(), "resolved": resolved,
+                  "digits_splits": digits_splits(resolved)}
         if os.path.exists(saved_path):
             saved = read_json(saved_path)
             free = RUN_ONLY + self.cfg.analysis_only

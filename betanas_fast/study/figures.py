@@ -93,8 +93,8 @@ def balance_counts(space: SearchSpace, histories: Dict[str, List[dict]], factor:
     plt.close(fig)
 
 
-def seeds_curves(groups: Dict[str, List[dict]], path: str) -> None:
-    """Left: validation top-1 per epoch of every retrained net (searched solid, random dotted, as the paper
+def seeds_curves(groups: Dict[str, List[dict]], path: str, split: str) -> None:
+    """Left: top-1 on the scored split per epoch of every retrained net (searched solid, random dotted, as the paper
     draws Fig. 6). Right: final top-1 against MFLOPs."""
     fig, (ax, ax_s) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 2]})
     style = {"searched": ("-", "#c44e52", "o"), "random": (":", "#4c72b0", "s")}
@@ -102,19 +102,19 @@ def seeds_curves(groups: Dict[str, List[dict]], path: str) -> None:
         ls, colour, marker = style.get(group, ("--", "#55a868", "^"))
         for i, r in enumerate(runs):
             epochs = [h["epoch"] for h in r["history"]]
-            ax.plot(epochs, [100 * h["val_top1"] for h in r["history"]], ls=ls, color=colour, lw=1.2, alpha=0.8,
+            ax.plot(epochs, [100 * h["top1"] for h in r["history"]], ls=ls, color=colour, lw=1.2, alpha=0.8,
                     label=group if i == 0 else None)
         ax_s.scatter([r["mflops"] for r in runs], [100 * r["top1"] for r in runs], color=colour, marker=marker,
                      label=group, s=22)
     ax.set_xlabel("epoch", fontsize=8)
-    ax.set_ylabel("validation top-1 (%)", fontsize=8)
-    top = max(100 * h["val_top1"] for runs in groups.values() for r in runs for h in r["history"])
-    finals = [100 * h["val_top1"] for runs in groups.values() for r in runs for h in r["history"][len(r["history"]) // 3:]]
+    ax.set_ylabel(f"{split} top-1 (%)", fontsize=8)
+    top = max(100 * h["top1"] for runs in groups.values() for r in runs for h in r["history"])
+    finals = [100 * h["top1"] for runs in groups.values() for r in runs for h in r["history"][len(r["history"]) // 3:]]
     ax.set_ylim(max(0.0, min(finals) - 2), min(100.5, top + 0.5))
     ax.set_title("retrained from scratch: searched (solid) vs random (dotted)", fontsize=9)
     ax.legend(fontsize=7)
     ax_s.set_xlabel("MFLOPs (multiply-adds)", fontsize=8)
-    ax_s.set_ylabel("final validation top-1 (%)", fontsize=8)
+    ax_s.set_ylabel(f"final {split} top-1 (%)", fontsize=8)
     ax_s.set_title("final accuracy vs size", fontsize=9)
     ax_s.legend(fontsize=7)
     for a in (ax, ax_s):
@@ -124,7 +124,8 @@ def seeds_curves(groups: Dict[str, List[dict]], path: str) -> None:
     plt.close(fig)
 
 
-def sharing_plot(labels: Sequence[str], accuracy: Dict[str, np.ndarray], taus: Dict[str, dict], path: str) -> None:
+def sharing_plot(labels: Sequence[str], accuracy: Dict[str, np.ndarray], taus: Dict[str, dict], path: str,
+                 split: str) -> None:
     """Left: each architecture's accuracy per group (points: seeds; line: mean), the architectures ordered by
     their mean NS accuracy. Right: Kendall's τ-b of each shared group's ranking against NS, with its bootstrap
     interval over seeds."""
@@ -141,7 +142,7 @@ def sharing_plot(labels: Sequence[str], accuracy: Dict[str, np.ndarray], taus: D
     ax.set_xticks(x)
     ax.set_xticklabels([labels[i] for i in order], fontsize=7, rotation=20 if len(labels) > 4 else 0, ha="right"
                        if len(labels) > 4 else "center")
-    ax.set_ylabel("validation top-1 (%)", fontsize=8)
+    ax.set_ylabel(f"{split} top-1 (%)", fontsize=8)
     ax.set_title("accuracy per group (points: seeds; line: mean), ordered by NS", fontsize=9)
     ax.legend(fontsize=7)
     for i, (g, t) in enumerate(taus.items()):

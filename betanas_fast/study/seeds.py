@@ -3,8 +3,10 @@
 N searches with seeds seed .. seed+N-1 (one set of search flags), and N distinct random architectures of
 the same space whose MACs lie within ±2 % of the searched ones' median (uniform rejection sampling from a
 seeded generator; the tolerance actually reached is reported). All 2N are retrained from scratch by
-`python -m betanas_fast.train` with the same recipe, flags and seed. Reported: per architecture its MACs,
-params and final validation top-1 (and the best epoch's), per group mean ± std (sample std), and a one-sided
+`python -m betanas_fast.train` with the same recipe, flags and seed, and scored on images no search loaded:
+on the digits their fixed test split (300 images; `--score-split test`), with --data val/ or its carve-out.
+Reported: per architecture its MACs, params and final top-1 on those images (and the best epoch's, an
+optimistic figure: the epoch is chosen on them), per group mean ± std (sample std), and a one-sided
 test of "searched > random": Mann–Whitney U (exact permutation p over every relabelling, mid-ranks for ties)
 and a permutation test on the mean difference.
 """
@@ -33,10 +35,10 @@ class SeedsConfig(StudyOptions):
     seeds: int = option(5, "searches (seeds seed .. seed+N-1) and as many random architectures (the paper: 8)")
     tolerance: float = option(0.02, "the random architectures' MACs lie within this fraction of the searched "
                                     "ones' median")
-    train_flags: str = option("--epochs 20 --val 500", "flags of `python -m betanas_fast.train` for every "
-                                                     "retraining, as one string: the same recipe and seed for all "
-                                                     "2N nets (default: \"--epochs 20 --val 500\", the demo recipe "
-                                                     "cut to 20 epochs, 500 validation digits for a finer accuracy)")
+    train_flags: str = option("--epochs 20", "flags of `python -m betanas_fast.train` for every retraining, as one "
+                                             "string: the same recipe and seed for all 2N nets, each scored on the "
+                                             "digits' test split (default: \"--epochs 20\", the demo recipe cut to "
+                                             "20 epochs)")
 
 
 def sample_matched(space, count: int, median_mflops: float, tolerance: float, seed: int) -> List[List[int]]:
@@ -62,17 +64,19 @@ def sample_matched(space, count: int, median_mflops: float, tolerance: float, se
     return archs
 
 
-def trained(run_dir: str) -> dict:
-    """A finished retraining's final and best validation top-1 and its curve (from its history, which a run
-    continued after its last epoch's checkpoint still holds whole)."""
-    history = [{"epoch": h["epoch"], "val_top1": h["val_top1"]} for h in read_history(run_dir)]
-    return {"top1": history[-1]["val_top1"], "best_top1": max(h["val_top1"] for h in history), "history": history}
+def trained(run_dir: str, split: str) -> dict:
+    """A finished retraining's final and best top-1 on its scored split and its curve (from its history, which
+    a run continued after its last epoch's checkpoint still holds whole)."""
+    history = [{"epoch": h["epoch"], "top1": h[f"{split}_top1"]} for h in read_history(run_dir)]
+    return {"top1": history[-1]["top1"], "best_top1": max(h["top1"] for h in history), "history": history}
 
 
 def format_table(result: dict) -> str:
     names = result["candidates"]
+    scoring = result["scoring"]
     rows = [f"seeds study: {result['seeds']} searched and {result['seeds']} random architectures, all retrained with "
-            f"the same recipe (validation top-1 after the last epoch; best epoch in brackets)",
+            f"the same recipe (top-1 on the {scoring['images']} images of the {scoring['split']} split after the "
+            f"last epoch; best epoch in brackets)",
             f"{'group':<9} {'#':>2} {'seed':>4} {'MFLOPs':>8} {'params':>8} {'top-1':>7} {'(best)':>8}  architecture"]
     for group in ("searched", "random"):
         for i, r in enumerate(result[group]):
@@ -104,6 +108,7 @@ def run(cfg: SeedsConfig) -> dict:
     study = StudyRun(NAME, cfg)
     base_search = search_config(cfg.search_flags, ("seed", "out", "resume"))
     base_train = train_config(cfg.train_flags, ("arch", "out", "resume"))
+    split = base_train.score_split
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     searches = [study.subrun(f"search-{s}", "search", replace(base_search, seed=s)) for s in seeds]
     study.start({"search": base_search.to_dict(), "train": base_train.to_dict()})
@@ -130,12 +135,13 @@ def run(cfg: SeedsConfig) -> dict:
     rows = {"searched": [], "random": []}
     for s, a, t in zip(seeds, searched, trainings[:cfg.seeds]):
         rows["searched"].append({"search_seed": s, "arch": a["arch"], "choices": a["choices"], "mflops": a["mflops"],
-                                 "params": a["params"], "run": os.path.relpath(t.out, study.out), **trained(t.out)})
+                                 "params": a["params"], "run": os.path.relpath(t.out, study.out),
+                                 **trained(t.out, split)})
     for arch, t in zip(randoms, trainings[cfg.seeds:]):
         net = cost_model.arch_cost(space, arch)
         rows["random"].append({"search_seed": None, "arch": space.arch_strings(arch), "choices": arch,
                                "mflops": net.mflops, "params": net.params, "run": os.path.relpath(t.out, study.out),
-                               **trained(t.out)})
+                               **trained(t.out, split)})
     summary = {}
     for group, rs in rows.items():
         top1, best, mflops = ([r[k] for r in rs] for k in ("top1", "best_top1", "mflops"))
@@ -143,9 +149,13 @@ def run(cfg: SeedsConfig) -> dict:
         summary[group] = {"top1_mean": tm, "top1_std": ts, "best_top1_mean": bm, "best_top1_std": bs,
                           "mflops_mean": mm, "mflops_std": ms}
     a, b = [r["top1"] for r in rows["searched"]], [r["top1"] for r in rows["random"]]
+    scored = {read_json(t.done_file)["scored_images"] for t in trainings}
+    if len(scored) != 1:
+        raise RuntimeError(f"the retrainings were scored on different numbers of images: {sorted(scored)}")
     result = {"seeds": cfg.seeds, "search_seeds": seeds, "train_seed": base_train.seed,
               "candidates": space.candidate_names, **rows, "summary": summary,
-              "tests": {"alternative": "searched > random (final validation top-1)",
+              "scoring": {"split": split, "images": scored.pop()},
+              "tests": {"alternative": f"searched > random (final {split} top-1)",
                         "mann_whitney": stats.mann_whitney_greater(a, b, seed=cfg.seed).to_dict(),
                         "permutation": stats.permutation_greater(a, b, seed=cfg.seed).to_dict()},
               "matching": {"tolerance": cfg.tolerance, "median_mflops": median,
@@ -157,7 +167,7 @@ def run(cfg: SeedsConfig) -> dict:
     def figures(out: str) -> List[str]:
         from . import figures as fig
         path = os.path.join(out, "seeds.png")
-        fig.seeds_curves(rows, path)
+        fig.seeds_curves(rows, path, split)
         return [path]
 
     return study.finish(result, format_table(result), figures)

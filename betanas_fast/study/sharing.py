@@ -10,10 +10,12 @@ A supernet is trained by `python -m betanas_fast.search --strategy spos` (unifor
 its blocks' candidates; its evolution is cut to one generation that scores exactly the architectures of the
 study), and each architecture is then scored with the weights it inherits, BatchNorm recalibrated exactly
 (`evaluate`). The epochs scale with the candidates per block (NS E, B<k> k·E, B<k+x> (k+x)·E: the paper's
-30 / 60 / 120), so that each candidate's weights get about E epochs of steps. NS and the supernets score
-the same validation images (on the digits: the same seeded carve-out), and by default train with the same
-SGD settings (the search flags set the training recipe's lr, label smoothing and weight decay; the train
-flags turn off its warm-up and dropout, which the search does not have).
+30 / 60 / 120), so that each candidate's weights get about E epochs of steps. NS and the supernets are
+scored on the same images, which none of them trains on: on the digits their fixed test split (300 images,
+which no search loads; NS trains on all the others, a supernet on all but its one held-out image, with no
+validation split), with --data val/ (or its carve-out). They by default train with the same SGD settings
+(the search flags set the training recipe's lr, label smoothing and weight decay; the train flags turn off
+its warm-up and dropout, which the search does not have).
 
 Reported: every architecture's accuracy per group and seed, Kendall's τ-b of each supernet's ranking (mean
 over seeds) against NS's, with a percentile bootstrap 95 % interval over seeds (the seeds resampled with
@@ -35,7 +37,6 @@ from .common import (StudyOptions, StudyRun, arch_file, read_history, read_json,
                      write_json)
 
 NAME = "sharing"
-SCORES = "study_scores.json"
 
 
 @dataclass
@@ -56,11 +57,10 @@ class SharingConfig(StudyOptions):
                                "flags of `python -m betanas_fast.search` for both supernets, as one string "
                                "(default: \"--lr 0.05 --label-smoothing 0.1 --weight-decay 4e-5\", the NS recipe's "
                                "SGD settings)")
-    train_flags: str = option("--dropout 0 --warmup-epochs 0 --val 500",
-                              "flags of `python -m betanas_fast.train` for the NS trainings, as one string; its --val "
-                              "is the supernets' too (default: \"--dropout 0 --warmup-epochs 0 --val 500\", the demo "
-                              "recipe without the warm-up and dropout that the search has not, and 500 validation "
-                              "digits for a finer accuracy)")
+    train_flags: str = option("--dropout 0 --warmup-epochs 0",
+                              "flags of `python -m betanas_fast.train` for the NS trainings, as one string (default: "
+                              "\"--dropout 0 --warmup-epochs 0\", the demo recipe without the warm-up and dropout that "
+                              "the search has not)")
 
     analysis_only = ("bootstrap",)
 
@@ -75,10 +75,11 @@ def arch_label(names) -> str:
     return "-".join(short(n) for n in names)
 
 
-def score_supernet(run_dir: str, archs: List[List[str]]) -> List[float]:
-    """Validation top-1 of each architecture (block candidate names) with the weights it inherits from the
-    supernet of `run_dir`, BatchNorm recalibrated exactly; cached in the run directory."""
-    cache = os.path.join(run_dir, SCORES)
+def score_supernet(run_dir: str, archs: List[List[str]], split: str) -> List[float]:
+    """Top-1 of each architecture (block candidate names) with the weights it inherits from the supernet of
+    `run_dir`, BatchNorm recalibrated exactly, on `split`: "test", the digits' test split, or "val", the
+    search's validation split (its held-out one if it has none); cached in the run directory."""
+    cache = os.path.join(run_dir, f"study_scores_{split}.json")
     labels = [arch_label(a) for a in archs]
     if os.path.exists(cache):
         saved = read_json(cache)
@@ -86,9 +87,13 @@ def score_supernet(run_dir: str, archs: List[List[str]]) -> List[float]:
             return [saved[label] for label in labels]
     from ..evaluate import load_run
     search = load_run(run_dir)
-    split = search.data.val if len(search.data.val) else search.data.heldout
+    if split == "test":
+        from ..data.digits import load_digits_test
+        images = load_digits_test(resolution=search.space.config.resolution)
+    else:
+        images = search.data.val if len(search.data.val) else search.data.heldout
     names = search.space.candidate_names
-    scores = [search.evaluate([names.index(n) for n in a], split).top1 for a in archs]
+    scores = [search.evaluate([names.index(n) for n in a], images).top1 for a in archs]
     if search.ranks.is_main:
         write_json(cache, dict(zip(labels, scores)))
     search.ranks.barrier()
@@ -106,8 +111,10 @@ def tau_with_interval(group: np.ndarray, reference: np.ndarray, resamples: int, 
 
 def format_table(result: dict) -> str:
     groups, labels = result["groups"], result["labels"]
-    rows = [f"sharing study: {len(labels)} architectures x {result['seeds']} seeds; validation top-1, mean ± std over "
-            f"seeds (NS: alone, {result['epochs']['NS']} epochs; "
+    scoring = result["scoring"]
+    rows = [f"sharing study: {len(labels)} architectures x {result['seeds']} seeds; top-1 on the {scoring['images']} "
+            f"images of the {scoring['split']} split, mean ± std over seeds (NS: alone, {result['epochs']['NS']} "
+            f"epochs; "
             + "; ".join(f"{g}: supernet of {result['candidates'][g]}, {result['epochs'][g]} epochs, inherited weights"
                         for g in groups[1:]) + ")",
             f"{'architecture':<{max(12, max(map(len, labels)))}} " + " ".join(f"{g:>17}" for g in groups)]
@@ -160,15 +167,17 @@ def run(cfg: SharingConfig) -> dict:
     archs = [list(a) for a in itertools.product(cfg.ops, repeat=space.num_blocks)]
     labels = [arch_label(a) for a in archs]
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    val = base_train.resolved().val
-    digits = base_search.data is None  # both carve the same validation images from the same seed
+    digits = base_search.data is None and base_search.dataset == "digits"
+    if digits != (base_train.data is None):
+        raise ValueError("the search flags and the train flags must use the same data (--data in both or in neither)")
+    split = base_train.score_split  # the digits' test split (val/ with --data), which none of them trains on
     supernets, singles = {}, {}
     for s in seeds:
         for g in groups[1:]:
             c = replace(base_search, strategy="spos", seed=s, candidates=candidates[g],
                         stage_depths=list(cfg.stage_depths), epochs=epochs[g], spos_population=len(archs),
                         spos_generations=1, spos_parents=1, flops_target=None, latency_target=None,
-                        **({"heldout": 1, "heldout_batch_size": 1, "val": val} if digits else {}))
+                        **({"heldout": 1, "heldout_batch_size": 1, "val": 0} if digits else {}))
             supernets[g, s] = study.subrun(f"{g}-seed{s}", "search", c)
         for a, label in zip(archs, labels):
             singles[label, s] = study.subrun(f"NS-{label}-seed{s}", "train",
@@ -184,10 +193,13 @@ def run(cfg: SharingConfig) -> dict:
     study.run([r for s in seeds for r in [supernets[g, s] for g in groups[1:]]
                + [singles[label, s] for label in labels]])
 
-    accuracy = {"NS": np.array([[read_history(singles[label, s].out)[-1]["val_top1"] for label in labels]
+    accuracy = {"NS": np.array([[read_history(singles[label, s].out)[-1][f"{split}_top1"] for label in labels]
                                 for s in seeds])}
     for g in groups[1:]:
-        accuracy[g] = np.array([score_supernet(supernets[g, s].out, archs) for s in seeds])
+        accuracy[g] = np.array([score_supernet(supernets[g, s].out, archs, split) for s in seeds])
+    scored = {read_json(r.done_file)["scored_images"] for r in singles.values()}
+    if len(scored) != 1:
+        raise RuntimeError(f"the NS trainings were scored on different numbers of images: {sorted(scored)}")
     taus = {g: tau_with_interval(accuracy[g], accuracy["NS"], cfg.bootstrap, cfg.seed) for g in groups[1:]}
     small, large = groups[1], groups[2]
     claims = [{"claim": f"{small} (fewer candidates) trains the shared weights to higher accuracy than {large}",
@@ -206,12 +218,12 @@ def run(cfg: SharingConfig) -> dict:
               "accuracy": {g: {"per_seed": accuracy[g].tolist(), "mean": accuracy[g].mean(0).tolist(),
                                "std": (accuracy[g].std(0, ddof=1) if cfg.seeds > 1 else 0 * accuracy[g][0]).tolist(),
                                "overall_mean": float(accuracy[g].mean())} for g in groups},
-              "tau": taus, "claims": claims}
+              "tau": taus, "claims": claims, "scoring": {"split": split, "images": scored.pop()}}
 
     def figures(out: str) -> List[str]:
         from . import figures as fig
         path = os.path.join(out, "sharing.png")
-        fig.sharing_plot(labels, accuracy, taus, path)
+        fig.sharing_plot(labels, accuracy, taus, path, split)
         return [path]
 
     return study.finish(result, format_table(result), figures)
