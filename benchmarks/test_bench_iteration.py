@@ -1,15 +1,23 @@
 """One search iteration of the benchmark supernet (space preset `bench`: stem 3x3 stride 1 to 16, the fixed
 MBConv1 to 16, stages (24,2,1) (32,2,2) (64,2,2) (96,2,1) of choice blocks with the seven candidates,
-head 256; 32x32 inputs, 10 classes, batch 64, 2 threads, fp32): one Phase-1 step plus one Phase-2 step,
-every candidate remaining, as the engine runs them. betanas_fast (the kernels) against `reference` (every
-op's pure-PyTorch reference) in the same run.
+head 256; 32x32 inputs, 10 classes, batch 64, 2 threads, fp32, channels_last on the CPU as the search
+runs): one Phase-1 step plus one Phase-2 step, every candidate remaining, as the engine runs them.
 
-Under the ratio table, per implementation, the median time of each part of the step (the engine's own
-timer, search.timing) next to the model of its limit (roofline.py): FLOPs and bytes of the part and the
-time they would take at this machine's measured peak GEMM rate and copy bandwidth.
+- betanas_fast: the engine (Search._iteration: fused depthwise op, all-candidate op, α kernel);
+- plain_torch_supernet (the fair baseline): the same supernet built from nn.Conv2d / nn.BatchNorm2d /
+  nn.ReLU6 with the same weights, the same data, paths and α state, doing the same work in plain torch
+  (plain_supernet.PlainSearch); checked first to compute the engine's numbers (plain_supernet.
+  check_matches_engine, errors reported under the tables);
+- reference_oracle: the engine with every op on its pure-PyTorch reference (the correctness oracle),
+  timed for information only.
+The three run in alternating order in the same process, each on its own Search built from the same
+configuration and seed, so that every round they see the same batches and paths.
+
+Under the ratio table, per implementation, the mean time of each part of the step (search.timing; the
+plain step marks the same parts) next to the model of its limit (roofline.py): FLOPs and bytes of the part
+and the time they would take at this machine's measured peak GEMM rate and copy bandwidth.
 """
 import collections
-import contextlib
 import os
 import statistics
 import tempfile
@@ -22,24 +30,21 @@ from betanas_fast.search import Search, SearchConfig
 from betanas_fast.search.timing import PARTS, StepTimer
 
 import roofline
+from plain_supernet import PlainSearch, check_matches_engine
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SUITE = "search iteration, benchmark supernet (1 Phase-1 + 1 Phase-2 step, every path remaining)"
+LABELS = {"betanas_fast": "betanas_fast", "plain_torch_supernet": "plain_torch_supernet (fair baseline)",
+          "reference_oracle": "reference_oracle (correctness oracle, not a baseline)"}
 
 
-def make_search(tmp, device):
+def make_search(tmp, device, name):
     cfg = SearchConfig(space="bench", epochs=50, warmup_epochs=0, phase_ratio=1, batch_size=64, heldout_batch_size=64,
                        threads=2 if device == "cpu" else None, progress=False, plots=False, tensorboard=False,
-                       device=device, out=os.path.join(tmp, "run"), seed=0)
+                       device=device, out=os.path.join(tmp, name), seed=0)
     s = Search(cfg)
     s._build()
     return s
-
-
-def iteration(s, impl):
-    s.state.remaining.copy_(s.state.allowed)  # the same work in every round: every path remaining
-    with ops.reference_ops() if impl == "reference" else contextlib.nullcontext():
-        s._iteration()
 
 
 def step_model(s, rounds):
@@ -47,35 +52,18 @@ def step_model(s, rounds):
     the reference ops."""
     counter = roofline.WorkCounter()
     s.timer = StepTimer(on_part=counter.set_part)
-    with counter:
+    with counter, ops.reference_ops():
         for _ in range(rounds):
-            iteration(s, "reference")
+            s.state.remaining.copy_(s.state.allowed)
+            s._iteration()
     return {name: (counter.flops.get(name, 0.0) / rounds, counter.bytes.get(name, 0.0) / rounds) for name in PARTS}
 
 
-@pytest.mark.parametrize("impl", ["betanas_fast", "reference"])
-@pytest.mark.parametrize("device", DEVICES)
-def test_search_iteration(record, report_line, impl, device):
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    with tempfile.TemporaryDirectory() as tmp:
-        s = make_search(tmp, device)
-        timer = StepTimer(sync=sync)
-        parts = collections.defaultdict(list)
-
-        def step():
-            timer.reset()
-            iteration(s, impl)
-            sync()
-            for name in PARTS:
-                parts[name].append(timer.seconds.get(name, 0.0))
-
-        s.timer = timer
-        record(SUITE, {"device": device}, impl, step)
-        model = step_model(s, len(parts["data"]))
-    peaks = roofline.machine_peaks(device)
-    report_line(f"\nParts of the iteration, {impl}, {device} (mean ms over the rounds, each with its own sampled "
-                f"paths; FLOPs and bytes: the mean over as many iterations; limit: the roofline at "
-                f"{peaks['flops'] / 1e9:.0f} GFLOP/s GEMM and {peaks['bytes'] / 1e9:.1f} GB/s copy, measured here)\n")
+def report_parts(report_line, impl, device, parts, model, peaks):
+    report_line(f"\nParts of the iteration, {LABELS[impl]}, {device} (mean ms over the rounds, each with its own "
+                f"sampled paths; FLOPs and bytes: the mean over as many iterations, on the reference ops; limit: the "
+                f"roofline at {peaks['flops'] / 1e9:.0f} GFLOP/s GEMM and {peaks['bytes'] / 1e9:.1f} GB/s copy, "
+                f"measured here)\n")
     report_line("| part | ms | GFLOP | MB | limit ms | ms / limit |")
     report_line("|---|---|---|---|---|---|")
     total = total_limit = 0.0
@@ -88,4 +76,48 @@ def test_search_iteration(record, report_line, impl, device):
         report_line(f"| {name} | {ms:.1f} | {flops / 1e9:.2f} | {nbytes / 1e6:.1f} | {limit:.2f} | {ratio} |")
     report_line(f"| sum of parts | {total:.1f} | {sum(f for f, _ in model.values()) / 1e9:.2f} | "
                 f"{sum(b for _, b in model.values()) / 1e6:.1f} | {total_limit:.2f} | {total / total_limit:.1f}x |")
-    assert all(len(v) == len(parts["data"]) > 0 for v in parts.values())  # every round timed every part
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_search_iteration(record_alternating, report_line, device):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine, base, oracle = (make_search(tmp, device, name) for name in ("engine", "plain", "oracle"))
+        plain = PlainSearch(base)
+        errors = check_matches_engine(engine, plain)  # one Phase-1 step and one α step of each: still in step
+        with ops.reference_ops():
+            oracle.phase1_step()  # the same batches from here on
+        report_line(f"- plain_torch_supernet computes the engine's numbers, bench, {device} (max error / largest "
+                    f"value): " + "; ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+        timers = {impl: StepTimer(sync=sync) for impl in LABELS}
+        engine.timer, plain.timer, oracle.timer = (timers[i] for i in LABELS)
+        parts = {impl: collections.defaultdict(list) for impl in LABELS}
+
+        def stepper(impl, search, run):
+            def step():
+                timers[impl].reset()
+                search.state.remaining.copy_(search.state.allowed)  # the same work in every round: every path
+                run()
+                sync()
+                for name in PARTS:
+                    parts[impl][name].append(timers[impl].seconds.get(name, 0.0))
+            return step
+
+        def oracle_iteration():
+            with ops.reference_ops():
+                oracle._iteration()
+
+        samples = record_alternating(SUITE, {"device": device}, {
+            "betanas_fast": stepper("betanas_fast", engine, engine._iteration),
+            "plain_torch_supernet": stepper("plain_torch_supernet", base, plain.iteration),
+            "reference_oracle": stepper("reference_oracle", oracle, oracle_iteration)})
+        rounds = len(samples["betanas_fast"])
+        for impl in LABELS:  # the first call of each was the warm-up
+            parts[impl] = {name: values[1:] for name, values in parts[impl].items()}
+            assert all(len(v) == rounds for v in parts[impl].values())  # every round timed every part
+        model = step_model(oracle, rounds)
+        for s in (engine, base, oracle):
+            s.close()
+    peaks = roofline.machine_peaks(device)
+    for impl in LABELS:
+        report_parts(report_line, impl, device, parts[impl], model, peaks)

@@ -1,13 +1,19 @@
 """The search step of the demo supernet (all 7 paths remaining in every block, as at the start of a
-search; batch 64, 32x32 digits, fp32) with the kernels against the references, in one run:
+search; batch 64, 32x32 digits, fp32, channels_last on the CPU as the search runs), every implementation in
+the same process, in alternating order (conftest.record_alternating), on the same inputs:
 
-- Phase-2 step (`Supernet.gate_grad_table` + the α gradient, in fp32 as the engine runs it): betanas_fast (fused depthwise op and one
-  block_gate_grads call per block) vs `reference` (every op's pure-PyTorch reference: the sampled path
-  with autograd, then an eager no-grad loop over the other candidates) vs `module-loop` (the loop over
-  the candidates' own modules that the engine ran before the all-candidate op, with the fused
-  depthwise kernel);
-- whole search step (`phase_ratio` Phase-1 steps + one Phase-2 step, SGD and Adam included): kernels
-  vs references;
+- Phase-2 step (`Supernet.gate_grad_table` + dL/dα, in fp32 as the engine runs it): betanas_fast (fused
+  depthwise op, one block_gate_grads call per block, the α kernel) vs the fair baseline `torch_modules`
+  (the same supernet from plain nn modules with the same weights, plain_supernet: the sampled path with
+  autograd and frozen weights, every other remaining candidate's forward through its own modules reduced
+  against dL/dO, dL/dα by autograd through the masked softmax); `betanas_fast_module_loop` (a variant: the
+  same loop over the engine's own candidate modules, fused depthwise op included: what the all-candidate
+  op alone gains) and `reference_oracle` (every op on its pure-PyTorch reference, the correctness oracle)
+  are listed, not as speed-ups. The tables are checked to agree before the timing;
+- whole search step (`phase_ratio` Phase-1 steps + one Phase-2 step, SGD and Adam included): betanas_fast
+  vs `plain_torch_supernet` (plain_supernet.PlainSearch, checked by plain_supernet.check_matches_engine to
+  compute the engine's numbers), each on its own Search from the same configuration and seed;
+  `reference_oracle` listed;
 - the cost of Phase 2's precision: the engine's fp32 Phase 2 vs the same step under bf16 autocast
   (`--phase2-amp`), whose α-gradient signs disagree with float64 far more often (tests/test_precision.py);
 - peak memory of the Phase-2 step: the CPU allocation records of torch.profiler (or the CUDA
@@ -15,6 +21,7 @@ search; batch 64, 32x32 digits, fp32) with the kernels against the references, i
 On a GPU the Phase-2 step also runs at ImageNet shapes (mobile space, batch 256, 224x224, fp32 and bf16).
 """
 import contextlib
+import copy
 import os
 import tempfile
 
@@ -27,12 +34,14 @@ from betanas_fast import ops
 from betanas_fast.nn import set_bn_batch_stats_frozen
 from betanas_fast.search import Search, SearchConfig
 
+import plain_supernet as plain
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def make_search(tmp, device="cpu", **kw):
+def make_search(tmp, device="cpu", name="run", **kw):
     cfg = dict(space="demo", epochs=4, warmup_epochs=0, batch_size=64, heldout_batch_size=64, progress=False,
-               plots=False, tensorboard=False, device=device, out=os.path.join(tmp, "run"), seed=0)
+               plots=False, tensorboard=False, device=device, out=os.path.join(tmp, name), seed=0)
     cfg.update(kw)
     s = Search(SearchConfig(**cfg))
     s._build()
@@ -59,35 +68,81 @@ def module_loop_gates(s, x, y, arch):
     return gate
 
 
-PHASE2 = {
-    "betanas_fast": lambda s, x, y, arch, autocast=None: s.model.gate_grad_table(x, y, arch, s.state.remaining,
-                                                                                  autocast=autocast)[0],
-    "module-loop": module_loop_gates,
-}
+BETA = 0.05
 
 
-def phase2_fn(impl, s, x, y, arch, precision="fp32"):
+def phase2_fns(s, plain_model, x, y, arch, precision="fp32"):
+    """{impl: one Phase-2 step (gate-gradient table, then dL/dα)} on the same batch, path and weights."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    gates = PHASE2.get(impl, PHASE2["betanas_fast"])
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
+    st, cost = s.state, s.cost.table
 
-    def step():
-        if impl == "module-loop":
-            with autocast or contextlib.nullcontext():
-                gate = gates(s, x, y, arch)
-        else:
-            with ops.reference_ops() if impl == "reference" else contextlib.nullcontext():
-                gate = gates(s, x, y, arch, autocast)
-        s.state.alpha_grad(gate, s.cost.table, 0.05)
+    def engine():
+        gate = s.model.gate_grad_table(x, y, arch, st.remaining, autocast=autocast)[0]
+        st.alpha_grad(gate, cost, BETA)
         sync()
 
-    return step
+    def torch_modules():
+        gate = plain.gate_grad_table(plain_model, x, y, arch, st.remaining, autocast=autocast)[0]
+        plain.alpha_grad(st.alpha, st.remaining, gate, cost, BETA)
+        sync()
+
+    def module_loop():
+        with autocast or contextlib.nullcontext():
+            gate = module_loop_gates(s, x, y, arch)
+        st.alpha_grad(gate, cost, BETA)
+        sync()
+
+    def oracle():
+        with ops.reference_ops():
+            gate = s.model.gate_grad_table(x, y, arch, st.remaining, autocast=autocast)[0]
+            st.alpha_grad(gate, cost, BETA)
+        sync()
+
+    return {"betanas_fast": engine, "torch_modules": torch_modules, "betanas_fast_module_loop": module_loop,
+            "reference_oracle": oracle}
+
+
+def check_phase2(s, plain_model, x, y, arch, report_line, label, precision="fp32"):
+    """The gate-gradient tables of betanas_fast, torch_modules and the module loop agree (fp32: within 10 % of
+    the largest entry, fp32 rounding alone moving either implementation's table by a few %; bf16: reported
+    only), the loss to rounding, and the α gradients of the kernel and of autograd agree on the same table. On
+    the CPU also in float64 (NCHW copies of the same weights): the same function, within 1e-5."""
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
+    st = s.state
+    want, loss, _ = s.model.gate_grad_table(x, y, arch, st.remaining, autocast=autocast)
+    got, loss_p, _ = plain.gate_grad_table(plain_model, x, y, arch, st.remaining, autocast=autocast)
+    with autocast or contextlib.nullcontext():
+        loop = module_loop_gates(s, x, y, arch)
+    scale = float(want.abs().max())
+    err, err_loop = float((got - want).abs().max()) / scale, float((loop - want).abs().max()) / scale
+    if precision == "fp32":
+        assert abs(loss - loss_p) <= 1e-5 * abs(loss), (loss, loss_p)
+        assert err < 0.1 and err_loop < 0.1, (err, err_loop)
+    torch.testing.assert_close(plain.alpha_grad(st.alpha, st.remaining, want, s.cost.table, BETA),
+                               st.alpha_grad(want, s.cost.table, BETA), rtol=1e-5, atol=1e-7)
+    line = (f"- Phase-2 step, {label}, {precision}: gate-gradient table, max |difference| / largest entry vs "
+            f"betanas_fast: torch_modules {err:.1e}, betanas_fast_module_loop {err_loop:.1e}; loss {loss:.6f} vs "
+            f"{loss_p:.6f}; dL/dα from the same table: autograd = the kernel")
+    if x.device.type == "cpu":
+        model64 = copy.deepcopy(s.model).double().to(memory_format=torch.contiguous_format)
+        x64 = x.double().contiguous()
+        want64 = model64.gate_grad_table(x64, y, arch, st.remaining)[0]
+        got64 = plain.gate_grad_table(plain.PlainSupernet.like(model64), x64, y, arch, st.remaining)[0]
+        scale64 = float(want64.abs().max())
+        err64 = float((got64 - want64).abs().max()) / scale64
+        assert err64 < 1e-5, err64
+        line += (f"; in float64 torch_modules vs betanas_fast {err64:.1e}; fp32 vs float64: betanas_fast "
+                 f"{float((want - want64).abs().max()) / scale64:.1e}, torch_modules "
+                 f"{float((got - want64).abs().max()) / scale64:.1e}")
+    report_line(line)
 
 
 def heldout_batch(s, device):
+    """A held-out batch as the engine's Phase 2 gets it (on the device, in the model's memory format) and a path."""
     x, y = s.data.heldout.batch(torch.arange(64), train=False)
     arch = s.state.sample_from_p(torch.Generator().manual_seed(1))
-    return x.to(device), y.to(device), arch
+    return s._on_device(x), y.to(device), arch
 
 
 def peak_bytes(fn, device):
@@ -119,62 +174,81 @@ def peak_bytes(fn, device):
     return float(peak)
 
 
-@pytest.mark.parametrize("impl", ["betanas_fast", "reference", "module-loop"])
+PHASE2_SUITE = "Phase-2 step, demo supernet, 7 paths per block"
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_phase2_step(record, report_line, impl, device):
+def test_phase2_step(record_alternating, report_line, device):
     with tempfile.TemporaryDirectory() as tmp:
         s = make_search(tmp, device)
         x, y, arch = heldout_batch(s, device)
-        step = phase2_fn(impl, s, x, y, arch)
-        record("Phase-2 step, demo supernet, 7 paths per block", {"device": device}, impl, step)
-        peak = peak_bytes(step, device)
-    assert peak > 0  # the measurement saw the step's allocations
-    report_line(f"- Phase-2 step peak memory (profiler allocation records), demo, {device}, {impl}: "
-                f"{peak / 2**20:.1f} MiB")
+        plain_model = plain.PlainSupernet.like(s.model, s.memory_format)
+        check_phase2(s, plain_model, x, y, arch, report_line, f"demo, {device}")
+        fns = phase2_fns(s, plain_model, x, y, arch)
+        record_alternating(PHASE2_SUITE, {"device": device}, fns)
+        peaks = {impl: peak_bytes(fn, device) for impl, fn in fns.items()}
+    assert all(peak > 0 for peak in peaks.values())  # the measurement saw the step's allocations
+    for impl, peak in peaks.items():
+        report_line(f"- Phase-2 step peak memory (profiler allocation records), demo, {device}, {impl}: "
+                    f"{peak / 2**20:.1f} MiB")
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_phase2_precision(record, precision, device):
-    """What the fp32 Phase 2 costs against bf16 autocast (ratio > 1: fp32 is faster)."""
+def test_phase2_precision(record_alternating, device):
+    """What the fp32 Phase 2 costs against bf16 autocast (time ratio < 1: fp32 is slower)."""
     with tempfile.TemporaryDirectory() as tmp:
         s = make_search(tmp, device)
         x, y, arch = heldout_batch(s, device)
-        impl = "betanas_fast" if precision == "fp32" else "bf16 autocast"
-        record("Phase-2 step precision: fp32 (engine default) vs bf16 autocast, demo", {"device": device}, impl,
-               phase2_fn("betanas_fast", s, x, y, arch, precision))
+        plain_model = plain.PlainSupernet.like(s.model, s.memory_format)
+        fp32, bf16 = (phase2_fns(s, plain_model, x, y, arch, p)["betanas_fast"] for p in ("fp32", "bf16"))
+        record_alternating("Phase-2 step precision: fp32 (engine default) vs bf16 autocast, demo", {"device": device},
+                           {"betanas_fast": fp32, "betanas_fast_bf16_autocast": bf16})
 
 
-@pytest.mark.parametrize("impl", ["betanas_fast", "reference"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_search_step(record, impl, device):
+def test_search_step(record_alternating, report_line, device):
+    """The whole step, each implementation on its own Search from the same configuration and seed (the same
+    batches and paths every round), the plain one checked first to compute the engine's numbers."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
-        s = make_search(tmp, device)
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        engine, base, oracle = (make_search(tmp, device, name) for name in ("engine", "plain", "oracle"))
+        plain_search = plain.PlainSearch(base)
+        errors = plain.check_matches_engine(engine, plain_search)
+        with ops.reference_ops():
+            oracle.phase1_step()  # the same batches from here on
+        report_line(f"- plain_torch_supernet computes the engine's numbers, demo, {device} (max error / largest "
+                    f"value): " + "; ".join(f"{k} {v:.1e}" for k, v in errors.items()))
 
-        def step():
-            s.state.remaining.copy_(s.state.allowed)  # keep every path: the same work in every round
-            if impl == "reference":
-                with ops.reference_ops():
-                    s._iteration()
-            else:
-                s._iteration()
-            sync()
+        def stepper(search, run, reference=False):
+            def step():
+                search.state.remaining.copy_(search.state.allowed)  # keep every path: the same work in every round
+                with ops.reference_ops() if reference else contextlib.nullcontext():
+                    run()
+                sync()
+            return step
 
-        record(f"whole search step ({s.cfg.phase_ratio} Phase-1 + 1 Phase-2), demo", {"device": device}, impl, step)
+        record_alternating(f"whole search step ({engine.cfg.phase_ratio} Phase-1 + 1 Phase-2), demo",
+                           {"device": device},
+                           {"betanas_fast": stepper(engine, engine._iteration),
+                            "plain_torch_supernet": stepper(base, plain_search.iteration),
+                            "reference_oracle": stepper(oracle, oracle._iteration, reference=True)})
+        for s in (engine, base, oracle):
+            s.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="ImageNet shapes only on a GPU")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("impl", ["betanas_fast", "reference", "module-loop"])
-def test_phase2_step_imagenet_shapes(record, report_line, impl, precision):
+def test_phase2_step_imagenet_shapes(record_alternating, report_line, precision):
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         s = make_search(tmp, "cuda", space="mobile", heldout_batch_size=256, amp=True, amp_dtype="bf16")
         x = torch.randn(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, s.space.config.num_classes, (256,), device="cuda")
         arch = s.state.sample_from_p(torch.Generator().manual_seed(1))
-        fn = phase2_fn(impl, s, x, y, arch, precision)
-        record(f"Phase-2 step, mobile space, batch 256, 224x224, {precision}", {"device": "cuda"}, impl, fn)
-        report_line(f"- Phase-2 peak memory at ImageNet shapes, {impl}, {precision}: "
-                    f"{peak_bytes(fn, 'cuda') / 2**30:.2f} GiB")
+        plain_model = plain.PlainSupernet.like(s.model, s.memory_format)
+        check_phase2(s, plain_model, x, y, arch, report_line, "mobile, batch 256, 224x224, cuda", precision)
+        fns = phase2_fns(s, plain_model, x, y, arch, precision)
+        record_alternating(f"Phase-2 step, mobile space, batch 256, 224x224, {precision}", {"device": "cuda"}, fns)
+        for impl, fn in fns.items():
+            report_line(f"- Phase-2 peak memory at ImageNet shapes, {impl}, {precision}: "
+                        f"{peak_bytes(fn, 'cuda') / 2**30:.2f} GiB")
