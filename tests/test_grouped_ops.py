@@ -311,7 +311,10 @@ def test_alpha_trajectory_with_kernels_equals_references(tmp_path):
         trajectories[name] = torch.stack(steps)
     moved = trajectories["reference"].abs().max().item()
     assert moved > 1e-3  # α did move: not a comparison of two untouched zeros
-    torch.testing.assert_close(trajectories["kernels"], trajectories["reference"], rtol=1e-3, atol=1e-3 * moved)
+    # fp32 itself moves the gate-gradient table by up to about 1 % of its largest entry on this supernet (measured
+    # against a float64 oracle by benchmarks/precision.py, in the engine and in plain-torch fp32 code alike), so
+    # the trajectories may differ by a fraction of a percent of how far α moved; a wrong op differs by far more
+    torch.testing.assert_close(trajectories["kernels"], trajectories["reference"], rtol=1e-3, atol=5e-3 * moved)
 
 
 # --- CUDA: the single-launch ragged kernels ----------------------------------------------------------------------

@@ -57,8 +57,9 @@ def test_dwconvbnact_matches_torch_modules(k, stride, act, momentum, channels_la
     for mine, theirs in ((layer.conv.weight.grad, ref[0].weight.grad), (layer.bn.weight.grad, ref[1].weight.grad),
                          (layer.bn.bias.grad, ref[1].bias.grad), (layer.bn.running_mean, ref[1].running_mean),
                          (layer.bn.running_var, ref[1].running_var)):
-        # sums of thousands of float32 terms over three steps, which ATen adds in float32 (we in double)
-        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+        # sums of thousands of float32 terms over three steps, which ATen adds in float32 (we in double): their
+        # rounding scales with the largest entry (measured: at most 9e-7 of it), not with each element
+        torch.testing.assert_close(mine, theirs, atol=1e-5 * float(theirs.abs().max()), rtol=1e-4)
     assert layer.bn.num_batches_tracked.item() == ref[1].num_batches_tracked.item() == 3
 
 

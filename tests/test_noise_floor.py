@@ -83,7 +83,9 @@ def test_demo_alpha_steps_are_what_the_noise_check_sees(tmp_path):
     s = demo_search(tmp_path)
     cfg = s.cfg
     bpe = len(s.data.train) // cfg.batch_size
-    assert s.alpha_steps == (cfg.epochs - cfg.warmup_epochs) * bpe // cfg.phase_ratio
+    iterations = -(-cfg.epochs * bpe // cfg.phase_ratio)           # each iteration: phase_ratio weight steps
+    warmup_iterations = cfg.warmup_epochs * bpe // cfg.phase_ratio  # those whose last weight step is in the warm-up
+    assert s.alpha_steps == iterations - warmup_iterations
     assert alpha_walk(cfg, s.alpha_steps) == pytest.approx(cfg.arch_lr * math.sqrt(s.alpha_steps))
     assert alpha_walk(cfg, s.alpha_steps) <= abs(cfg.drop_threshold) / 2
     edge = abs(cfg.drop_threshold) / 2 / math.sqrt(s.alpha_steps)   # the arch lr at which walk = |th| / 2
