@@ -3,7 +3,7 @@
     python benchmarks/record.py install    # `pip install .` in a fresh venv from a fresh clone -> results/install.json
     python benchmarks/record.py demo       # search, evaluate, train, export on the demo        -> results/demo.json
     python benchmarks/record.py latency    # latency build, search --cost latency, validate      -> results/latency.json
-    python benchmarks/record.py studies [--dir D]   # the three studies' study.json + timing.json -> results/studies.json
+    python benchmarks/record.py studies [--dir D]   # each study's study.json + timing.json -> results/study_<name>.json
 
 Every command runs in a fresh temporary directory (nothing of an earlier run is reused) with the Python that
 runs this script, i.e. the installed package with its compiled kernels. Wall times are of the whole command as
@@ -24,7 +24,7 @@ import tempfile
 import time
 from typing import List
 
-from betanas_fast.provenance import read_results, write_results
+from betanas_fast.provenance import write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -133,8 +133,12 @@ def record_latency(args) -> dict:
         table = json.load(open(os.path.join(tmp, "latency-demo.json")))
         found = [os.path.join(d, f) for d, _, fs in os.walk(tmp) for f in fs if f == "validate.json"]
         report = json.load(open(found[0]))
+    searched = [r for r in report["rows"][report["archs"]:]]
+    report = {k: v for k, v in report.items() if k not in ("rows", "table_meta", "table")}
+    report["searched"] = [{k: r[k] for k in ("arch", "predicted_ms", "measured_ms", "error_pct",
+                                             "within_table_mape", "random_nets_predicted_better")} for r in searched]
     data = {"build": {"command": build["command"], "seconds": build["seconds"], "entries": len(table["entries"]),
-                      "overhead_ms": table.get("overhead_ms", table.get("network_overhead_ms"))},
+                      "overhead_ms": table["network"]["overhead_ms"]},
             "search": {"command": search["command"], "seconds": search["seconds"], "mflops": arch["mflops"],
                        "predicted_ms": arch["latency_ms"], "val_acc": arch["val_acc"]},
             "validate": {"command": validate["command"], "seconds": validate["seconds"], "report": report}}
@@ -146,18 +150,21 @@ STUDIES = ("balance", "sharing", "seeds")
 
 
 def record_studies(args) -> dict:
-    """Runs each study with its defaults (unless its study.json is already in --dir) and collects the results."""
+    """Runs each study with its defaults (a finished study in --dir is reused, a killed one continued) and writes
+    its study.json and timing.json to results/study_<name>.json as soon as it ends."""
     base = os.path.abspath(args.dir)
-    data = {}
-    for name in STUDIES:
+    os.makedirs(base, exist_ok=True)
+    doc = None
+    for name in args.studies:
         out = os.path.join(base, f"study-{name}")
         step = run(py("betanas_fast.study", name, "--no-progress", "--out", out), cwd=base, timeout=4 * 3600)
-        data[name] = {"command": f"python -m betanas_fast.study {name}", "seconds": step["seconds"],
-                      "load_before": step["load_before"],
-                      "study": json.load(open(os.path.join(out, "study.json"))),
-                      "timing": json.load(open(os.path.join(out, "timing.json")))
-                      if os.path.exists(os.path.join(out, "timing.json")) else None}
-    return write_results(os.path.join(RESULTS, "studies.json"), "python benchmarks/record.py studies", data)
+        timing = os.path.join(out, "timing.json")
+        data = {"command": f"python -m betanas_fast.study {name}", "seconds": step["seconds"],
+                "load_before": step["load_before"], "study": json.load(open(os.path.join(out, "study.json"))),
+                "timing": json.load(open(timing)) if os.path.exists(timing) else None}
+        doc = write_results(os.path.join(RESULTS, f"study_{name}.json"),
+                            f"python benchmarks/record.py studies --studies {name}", data)
+    return doc
 
 
 def main(argv=None) -> None:
@@ -168,11 +175,11 @@ def main(argv=None) -> None:
     sub.add_parser("latency", help=record_latency.__doc__)
     s = sub.add_parser("studies", help=record_studies.__doc__)
     s.add_argument("--dir", default="runs", help="where the study directories go (a finished study is reused)")
+    s.add_argument("--studies", nargs="+", choices=STUDIES, default=list(STUDIES), help="which studies")
     args = p.parse_args(argv)
     doc = {"install": record_install, "demo": record_demo, "latency": record_latency,
            "studies": record_studies}[args.what](args)
     print(json.dumps({k: v for k, v in doc.items() if k != "stamp"}, indent=1)[:4000])
-    read_results(os.path.join(RESULTS, f"{args.what}.json"))
 
 
 if __name__ == "__main__":

@@ -25,16 +25,23 @@ RESULTS = os.path.join(HERE, "results")
 BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 
 RENDERERS: Dict[str, Callable[[], str]] = {}
+# Rows of the README's summary table from the results files of the suites: (what, file, figure(doc)), added
+# beside their renderers.
+EXTRA_SUMMARY: List[tuple] = []
 
 # Which command writes which results file.
 WRITERS = {
     "install.json": "python benchmarks/record.py install",
     "demo.json": "python benchmarks/record.py demo",
     "latency.json": "python benchmarks/record.py latency",
-    "studies.json": "python benchmarks/record.py studies",
+    "study_balance.json": "python benchmarks/record.py studies --studies balance",
+    "study_sharing.json": "python benchmarks/record.py studies --studies sharing",
+    "study_seeds.json": "python benchmarks/record.py studies --studies seeds",
     "precision.json": "python benchmarks/precision.py",
     "null_tests.json": "python benchmarks/null_tests.py",
-    "cpu.json": "pytest benchmarks/ --benchmark-only --results-json benchmarks/results/cpu.json",
+    "cpu.json": "pytest benchmarks/test_bench_iteration.py benchmarks/test_bench_search_step.py "
+                "benchmarks/test_bench_phase1.py benchmarks/test_bench_alpha_grad.py benchmarks/test_bench_dw_bn_act.py "
+                "--benchmark-only --results-json benchmarks/results/cpu.json --results-md benchmarks/results/cpu.md",
 }
 
 
@@ -92,9 +99,17 @@ def render_install() -> str:
         return missing("install.json")
     p = doc["pip_install"]
     kernels = "CPU and CUDA kernels" if p["cuda_kernels_compiled"] else "CPU kernels only (no GPU visible)"
+    busy = (f" Other jobs shared the machine while it ran (load average {p['load_before']:.1f} at its start), so "
+            f"this is slower than on an idle machine." if p["load_before"] > 1.5 else "")
     return (f"`pip install .` from a fresh clone into a fresh virtual environment, pip's cache off: "
-            f"**{minsec(p['seconds'])}**, building the {kernels} against torch {p['built_with_torch']}.\n\n"
+            f"**{minsec(p['seconds'])}**, building the {kernels} against torch {p['built_with_torch']}.{busy}\n\n"
             + source("install.json", doc))
+
+
+def _busy(step: dict) -> str:
+    """A note where other jobs shared the machine while a command was timed (its load average at the start)."""
+    load_avg = step.get("load_before", 0.0)
+    return f" (load average {load_avg:.1f}: other jobs shared the cores)" if load_avg > 1.5 else ""
 
 
 def _drops_text(drops: List[dict], limit: int = 12) -> str:
@@ -110,7 +125,7 @@ def render_demo() -> str:
         return missing("demo.json")
     s, ev, tr, ex = doc["search"], doc["evaluate"], doc["train"], doc["export"]
     lines = ["| command | wall time | result |", "|---|---|---|",
-             f"| `{s['command']}` | {minsec(s['seconds'])} | {s['paths_dropped']} of {s['paths']} paths dropped; "
+             f"| `{s['command']}` | {minsec(s['seconds'])}{_busy(s)} | {s['paths_dropped']} of {s['paths']} paths dropped; "
              f"searched net {s['mflops']:.3f} MFLOPs, {s['params']:,} params, {pct(s['val_acc'])} validation top-1 "
              f"with inherited weights |",
              f"| `{ev['command']}` | {minsec(ev['seconds'])} | top-1 {pct(ev['top1'])} "
@@ -147,49 +162,156 @@ def render_latency() -> str:
 
 def _validate_text(r: dict) -> str:
     """The validate report's headline: the table's error and rank agreement against MFLOPs'."""
-    parts = []
-    t, f = r.get("table", {}), r.get("mflops", {})
-    if "mape" in t:
-        parts.append(f"table MAPE {t['mape'] * 100 if t['mape'] < 1 else t['mape']:.2f} %")
-    if "kendall_tau" in t:
-        parts.append(f"τ-b {t['kendall_tau']:.3f}")
-    if "kendall_tau" in f:
-        parts.append(f"MFLOPs τ-b {f['kendall_tau']:.3f}")
-    return ", ".join(parts) or json.dumps(r)[:200]
+    text = (f"{r['archs']} random nets of {r['measured_range_ms'][0]:.3f}–{r['measured_range_ms'][1]:.3f} ms: "
+            f"table MAPE {r['table_mape']:.2f} % (sum of parts alone {r['sum_only_mape']:.2f} %), Kendall τ-b "
+            f"{r['table_tau']:.3f}; MFLOPs τ-b {r['mflops_tau']:.3f} (least-squares fit MAPE "
+            f"{r['mflops_fit_mape']:.2f} %)")
+    for s in r.get("searched", []):
+        text += (f"; the searched net: predicted {s['predicted_ms']:.3f} ms, measured {s['measured_ms']:.3f} ms "
+                 f"({s['error_pct']:+.1f} %, {100 * s['random_nets_predicted_better']:.0f} % of the random nets "
+                 f"predicted better)")
+    return text
+
+
+def _conftest():
+    """The benchmarks' conftest, whose ratio_tables turns a --results-json file into its Markdown tables."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_conftest", os.path.join(HERE, "conftest.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@renderer("performance")
+def render_performance() -> str:
+    doc = load("cpu.json")
+    if doc is None:
+        return missing("cpu.json")
+    lines = _conftest().ratio_tables(doc) + doc["report_lines"]
+    text = "\n".join(ln.replace("### ", "#### ") for ln in lines)
+    return text + "\n\n" + source("cpu.json", doc)
+
+
+def _headline(doc: dict, prefix: str, baseline: str) -> Optional[dict]:
+    """The first CPU case of the first suite whose name starts with `prefix`: its medians and speed-up."""
+    for suite, d in doc["suites"].items():
+        if suite.startswith(prefix):
+            for row in d["cases"]:
+                if row["case"].get("device", "cpu") == "cpu" and baseline in row["speedup"]:
+                    return {"ms": 1e3 * row["median_s"]["betanas_fast"], "base_ms": 1e3 * row["median_s"][baseline],
+                            "speedup": row["speedup"][baseline],
+                            "paired": row.get("paired_speedup", {}).get(baseline)}
+    return None
+
+
+def _speed_text(doc: dict, prefix: str, baseline: str, label: str) -> str:
+    h = _headline(doc, prefix, baseline)
+    if h is None:
+        return f"not in this run ({prefix}…)"
+    paired = f", paired {h['paired']:.2f}×" if h["paired"] is not None else ""
+    return f"{h['ms']:.0f} ms vs {h['base_ms']:.0f} ms for {label}: **{h['speedup']:.2f}×**{paired}"
+
+
+for _what, _prefix, _base, _label in (
+        ("search iteration (bench supernet, CPU)", "search iteration", "plain_torch_supernet",
+         "the same supernet in plain torch modules"),
+        ("Phase-2 step (demo supernet, CPU)", "Phase-2 step, demo", "torch_modules", "the candidates' modules looped"),
+        ("whole search step (demo supernet, CPU)", "whole search step", "plain_torch_supernet",
+         "the same supernet in plain torch modules")):
+    EXTRA_SUMMARY.append((_what, "cpu.json",
+                          lambda d, p=_prefix, b=_base, lab=_label: _speed_text(d, p, b, lab)))
+
+
+def _per_seed(d: dict) -> str:
+    return ", ".join(str(v) for v in (d.values() if isinstance(d, dict) else d))
+
+
+@renderer("null_tests")
+def render_null_tests() -> str:
+    doc = load("null_tests.json")
+    if doc is None:
+        return missing("null_tests.json")
+    w, a, s = doc["noise_walk"], doc["alpha_pipeline"], doc["whole_search"]
+    caught = sum(a["planted_all_caught"])
+    return (f"- **The noise walk.** The demo makes {w['alpha_steps']} α steps at lr {w['arch_lr']:g}: "
+            f"lr·√steps = {w['walk_lr_sqrt_steps']:.3f}, {w['walk_over_abs_threshold']:.2f} of the threshold's "
+            f"magnitude {abs(w['drop_threshold']):g} (the run warns above {w['check_warns_above']:g}).\n"
+            f"- **The α pipeline** (Eq. 4 → Adam → re-centring → drop, the demo's defaults, {a['paths']} paths, "
+            f"{len(a['seeds'])} seeds): zero-mean gate gradients dropped {_per_seed(a['null_drops_per_seed'])} "
+            f"paths; with a mean shift of {a['planted_shift_in_noise_std']:g} noise std planted on "
+            f"{len(a['planted_paths'])} paths (the positive control), all planted paths were dropped in {caught} "
+            f"of {len(a['seeds'])} seeds, with {sum(a['planted_extra_drops'])} other drops in all.\n"
+            f"- **Whole searches** ({s['what']}): permuted labels dropped {_per_seed(s['null_drops_per_seed'])} paths "
+            f"(seeds {', '.join(s['null_drops_per_seed'])}); true labels dropped "
+            f"{_per_seed(s['true_drops_per_seed'])}. The tests require at most {s['test_bounds']['null_max_drops']} "
+            f"drops on permuted labels and at least {s['test_bounds']['true_min_drops']} on the true ones.\n\n"
+            + source("null_tests.json", doc))
+
+
+EXTRA_SUMMARY.append(("null tests: demo search with β = 0", "null_tests.json",
+                      lambda d: f"permuted labels drop {_per_seed(d['whole_search']['null_drops_per_seed'])} paths "
+                                f"(seeds {', '.join(d['whole_search']['null_drops_per_seed'])}), true labels "
+                                f"{_per_seed(d['whole_search']['true_drops_per_seed'])}"))
+
+
+@renderer("precision")
+def render_precision() -> str:
+    doc = load("precision.json")
+    if doc is None:
+        return missing("precision.json")
+    s = doc["settings"]
+    return (f"Over {doc['entries_that_matter']} α-gradient entries larger than {s['matters_fraction']:.0%} of their "
+            f"batch's largest ({s['batches']} held-out batches of {s['heldout_batch_size']}, the {s['space']} "
+            f"supernet after {s['phase1_steps']} Phase-1 steps in {s['phase1_amp_dtype']}), the sign of the "
+            f"engine's fp32 Phase 2 agrees with the float64 oracle on **{pct(doc['engine_agreement'])}**, a bf16 "
+            f"Phase 2 on **{pct(doc['bf16_agreement'])}**. Largest error of the dL/dg table against the oracle's "
+            f"(relative to its largest entry): engine {pct(doc['engine_table_max_rel_error'], 2)}, the oracle's own "
+            f"code in float32 {pct(doc['plain_fp32_table_max_rel_error'], 2)}, bf16 "
+            f"{pct(doc['bf16_table_max_rel_error'], 1)}.\n\n" + source("precision.json", doc))
+
+
+EXTRA_SUMMARY.append(("Phase 2's α-gradient signs vs a float64 oracle", "precision.json",
+                      lambda d: f"engine (fp32) {pct(d['engine_agreement'])}, bf16 Phase 2 "
+                                f"{pct(d['bf16_agreement'])} of {d['entries_that_matter']} entries"))
 
 
 @renderer("studies_summary")
 def render_studies_summary() -> str:
-    doc = load("studies.json")
-    if doc is None:
-        return missing("studies.json")
-    rows = ["| study | wall time | what came out |", "|---|---|---|"]
-    for name, st in doc.items():
-        if name == "stamp":
+    rows = ["| study | what came out |", "|---|---|"]
+    sources = []
+    for name in ("balance", "sharing", "seeds"):
+        file = f"study_{name}.json"
+        doc = load(file)
+        if doc is None:
+            rows.append(f"| `python -m betanas_fast.study {name}` | not recorded yet (`{WRITERS[file]}`) |")
             continue
-        claims = st["study"].get("claims", [])
+        r = doc["study"]
         said = "; ".join(f"{c['claim']}: **{'holds' if c['holds'] else 'does not hold'}** ({c['evidence']})"
-                         for c in claims)
+                         for c in r.get("claims", []))
         if name == "seeds":
-            r = st["study"]
-            a, b = r["summary"]["searched"], r["summary"]["random"]
-            said = (f"searched {pct(a['top1_mean'], 2)} ± {100 * a['top1_std']:.2f} against random "
-                    f"{pct(b['top1_mean'], 2)} ± {100 * b['top1_std']:.2f} (final top-1 on the test images); "
-                    f"one-sided Mann–Whitney p = {r['tests']['mann_whitney']['p_value']:.3f}, permutation "
-                    f"p = {r['tests']['permutation']['p_value']:.3f}")
-        rows.append(f"| `{st['command']}` | {minsec(st['seconds'])} | {said} |")
-    return "\n".join(rows) + "\n\n" + source("studies.json", doc)
+            said = _seeds_text(r)
+        rows.append(f"| `{doc['command']}` | {said} |")
+        sources.append(source(file, doc))
+    return "\n".join(rows) + "\n\n" + "".join(sources)
+
+
+def _seeds_text(r: dict) -> str:
+    a, b = r["summary"]["searched"], r["summary"]["random"]
+    return (f"searched {pct(a['top1_mean'], 2)} ± {100 * a['top1_std']:.2f} against MACs-matched random "
+            f"{pct(b['top1_mean'], 2)} ± {100 * b['top1_std']:.2f} ({r['seeds']} + {r['seeds']} nets retrained, "
+            f"final top-1 on the {r['scoring']['images']} {r['scoring']['split']} images); one-sided Mann–Whitney "
+            f"p = {r['tests']['mann_whitney']['p_value']:.3f}, permutation p = {r['tests']['permutation']['p_value']:.3f}")
 
 
 def _study_table(name: str) -> str:
-    doc = load("studies.json")
-    if doc is None or name not in doc:
-        return missing("studies.json")
+    file = f"study_{name}.json"
+    doc = load(file)
+    if doc is None:
+        return missing(file)
     from betanas_fast.study import balance, seeds, sharing
     fmt = {"balance": balance.format_table, "seeds": seeds.format_table, "sharing": sharing.format_table}[name]
-    st = doc[name]
-    return (f"`{st['command']}` ({minsec(st['seconds'])}) printed:\n\n```\n{fmt(st['study'])}\n```\n\n"
-            + source("studies.json", doc))
+    # no wall time: studies are continued after a kill, and this session's ran beside other jobs
+    return (f"`{doc['command']}` printed:\n\n```\n{fmt(doc['study'])}\n```\n\n" + source(file, doc))
 
 
 for _name in ("balance", "seeds", "sharing"):
@@ -205,9 +327,12 @@ def _summary_rows() -> List[tuple]:
         rows.append((what, figure(doc) if doc else f"not recorded yet (`{WRITERS[name]}`)", name, doc))
 
     row("install", "install.json",
-        lambda d: f"`pip install .` in a fresh venv: {minsec(d['pip_install']['seconds'])}")
+        lambda d: f"`pip install .` in a fresh venv: {minsec(d['pip_install']['seconds'])}"
+                  + (f" (load average {d['pip_install']['load_before']:.1f}: other jobs ran)"
+                     if d["pip_install"]["load_before"] > 1.5 else ""))
     row("demo search, seed 0", "demo.json",
-        lambda d: f"{minsec(d['search']['seconds'])}; {d['search']['paths_dropped']} of {d['search']['paths']} "
+        lambda d: f"{minsec(d['search']['seconds'])}{_busy(d['search'])}; {d['search']['paths_dropped']} of "
+                  f"{d['search']['paths']} "
                   f"paths dropped; {d['search']['mflops']:.3f} MFLOPs; {pct(d['search']['val_acc'])} with "
                   f"inherited weights")
     row("demo net retrained", "demo.json",
@@ -218,7 +343,7 @@ def _summary_rows() -> List[tuple]:
         row(what, name, fig)
     row("latency table (demo space, batch 1)", "latency.json",
         lambda d: _validate_text(d["validate"]["report"]))
-    row("seeds study (Fig. 6)", "studies.json", _seeds_summary)
+    row("seeds study (Fig. 6)", "study_seeds.json", lambda d: _seeds_text(d["study"]))
     return rows
 
 
@@ -228,18 +353,6 @@ def _diffs(exports: dict) -> List[float]:
         v = e["max_abs_logit_diff"]
         out += list(v.values()) if isinstance(v, dict) else [v]
     return out
-
-
-def _seeds_summary(d: dict) -> str:
-    r = d["seeds"]["study"]
-    a, b = r["summary"]["searched"], r["summary"]["random"]
-    return (f"searched {pct(a['top1_mean'], 2)} ± {100 * a['top1_std']:.2f} vs MACs-matched random "
-            f"{pct(b['top1_mean'], 2)} ± {100 * b['top1_std']:.2f} ({r['seeds']} + {r['seeds']} nets, retrained); "
-            f"one-sided Mann–Whitney p = {r['tests']['mann_whitney']['p_value']:.3f}")
-
-
-# Rows from the results files of the other suites: (what, file, figure(doc)); filled in below their renderers.
-EXTRA_SUMMARY: List[tuple] = []
 
 
 @renderer("summary")
