@@ -113,7 +113,7 @@ def _busy(step: dict) -> str:
 
 
 def _drops_text(drops: List[dict], limit: int = 12) -> str:
-    shown = [f"block {d['block']} `{d['op']}` at α step {d['step']}" for d in drops[:limit]]
+    shown = [f"block {d['block']} `{d['op']}` at step {d['step']}" for d in drops[:limit]]
     more = f", and {len(drops) - limit} more" if len(drops) > limit else ""
     return "; ".join(shown) + more if drops else "none"
 
@@ -128,9 +128,9 @@ def render_demo() -> str:
              f"| `{s['command']}` | {minsec(s['seconds'])}{_busy(s)} | {s['paths_dropped']} of {s['paths']} paths dropped; "
              f"searched net {s['mflops']:.3f} MFLOPs, {s['params']:,} params, {pct(s['val_acc'])} validation top-1 "
              f"with inherited weights |",
-             f"| `{ev['command']}` | {minsec(ev['seconds'])} | top-1 {pct(ev['top1'])} "
+             f"| `{ev['command']}` | {minsec(ev['seconds'])}{_busy(ev)} | top-1 {pct(ev['top1'])} "
              f"({'the same number as the search' if ev['agrees_with_search'] else 'DIFFERS from the search'}) |",
-             f"| `{tr['command']}` | {minsec(tr['seconds'])} | {tr['epochs']} epochs: best validation top-1 "
+             f"| `{tr['command']}` | {minsec(tr['seconds'])}{_busy(tr)} | {tr['epochs']} epochs: best validation top-1 "
              f"{pct(tr['best_val_top1'])}, last {pct(tr['last_val_top1'])} |"]
     for fmt, e in ex.items():
         diff = e["max_abs_logit_diff"]
@@ -141,7 +141,7 @@ def render_demo() -> str:
     text = "\n".join(lines) + "\n\n"
     if amp:
         text += f"The search printed: `{amp}`\n\n"
-    text += f"Drops in order: {_drops_text(s['drops'])}.\n\n" + source("demo.json", doc)
+    text += f"Drops in order (step: the search's iteration): {_drops_text(s['drops'])}.\n\n" + source("demo.json", doc)
     return text
 
 
@@ -324,7 +324,7 @@ def _summary_rows() -> List[tuple]:
 
     def row(what: str, name: str, figure: Callable[[dict], str]):
         doc = load(name)
-        rows.append((what, figure(doc) if doc else f"not recorded yet (`{WRITERS[name]}`)", name, doc))
+        rows.append((what, figure(doc) if doc else "not recorded yet", name, doc))
 
     row("install", "install.json",
         lambda d: f"`pip install .` in a fresh venv: {minsec(d['pip_install']['seconds'])}"
