@@ -106,9 +106,10 @@ def render_install() -> str:
             + source("install.json", doc))
 
 
-def _busy(step: dict) -> str:
-    """A note where other jobs shared the machine while a command was timed (its load average at the start)."""
-    load_avg = step.get("load_before", 0.0)
+def _busy(step: dict, doc: Optional[dict] = None) -> str:
+    """A note where other jobs shared the machine while a command was timed: its load average at the start (or,
+    where the file did not record that, when the file was written)."""
+    load_avg = step.get("load_before", doc["stamp"]["load_average"][0] if doc else 0.0)
     return f" (load average {load_avg:.1f}: other jobs shared the cores)" if load_avg > 1.5 else ""
 
 
@@ -128,9 +129,9 @@ def render_demo() -> str:
              f"| `{s['command']}` | {minsec(s['seconds'])}{_busy(s)} | {s['paths_dropped']} of {s['paths']} paths dropped; "
              f"searched net {s['mflops']:.3f} MFLOPs, {s['params']:,} params, {pct(s['val_acc'])} validation top-1 "
              f"with inherited weights |",
-             f"| `{ev['command']}` | {minsec(ev['seconds'])}{_busy(ev)} | top-1 {pct(ev['top1'])} "
+             f"| `{ev['command']}` | {minsec(ev['seconds'])}{_busy(ev, doc)} | top-1 {pct(ev['top1'])} "
              f"({'the same number as the search' if ev['agrees_with_search'] else 'DIFFERS from the search'}) |",
-             f"| `{tr['command']}` | {minsec(tr['seconds'])}{_busy(tr)} | {tr['epochs']} epochs: best validation top-1 "
+             f"| `{tr['command']}` | {minsec(tr['seconds'])}{_busy(tr, doc)} | {tr['epochs']} epochs: best validation top-1 "
              f"{pct(tr['best_val_top1'])}, last {pct(tr['last_val_top1'])} |"]
     for fmt, e in ex.items():
         diff = e["max_abs_logit_diff"]
@@ -336,13 +337,17 @@ def _summary_rows() -> List[tuple]:
                   f"paths dropped; {d['search']['mflops']:.3f} MFLOPs; {pct(d['search']['val_acc'])} with "
                   f"inherited weights")
     row("demo net retrained", "demo.json",
-        lambda d: f"{minsec(d['train']['seconds'])} for {d['train']['epochs']} epochs; best validation top-1 "
+        lambda d: f"{minsec(d['train']['seconds'])}{_busy(d['train'], d)} for {d['train']['epochs']} epochs; "
+                  f"best validation top-1 "
                   f"{pct(d['train']['best_val_top1'])}; export to timm and ONNX: logits within "
                   f"{max(_diffs(d['export'])):.0e}")
     for what, name, fig in EXTRA_SUMMARY:
         row(what, name, fig)
     row("latency table (demo space, batch 1)", "latency.json",
         lambda d: _validate_text(d["validate"]["report"]))
+    row("balance study (Fig. 5)", "study_balance.json",
+        lambda d: "; ".join(f"{c['claim']}: **{'holds' if c['holds'] else 'does not hold'}** ({c['evidence']})"
+                            for c in d["study"]["claims"]))
     row("seeds study (Fig. 6)", "study_seeds.json", lambda d: _seeds_text(d["study"]))
     return rows
 
