@@ -45,9 +45,17 @@ WRITERS = {
 }
 
 
-def renderer(name: str):
+def renderer(name: str, results_file: Optional[str] = None):
+    """Registers a renderer of blocks NAME. With `results_file` it is called with that file's contents, and a
+    file not written yet renders as the line naming its command."""
     def add(fn):
-        RENDERERS[name] = fn
+        if results_file is None:
+            RENDERERS[name] = fn
+        else:
+            def from_file():
+                doc = load(results_file)
+                return missing(results_file) if doc is None else fn(doc)
+            RENDERERS[name] = from_file
         return fn
     return add
 
@@ -92,11 +100,8 @@ def pct(x: Optional[float], digits: int = 1) -> str:
 
 
 # --- renderers -------------------------------------------------------------------------------------------------
-@renderer("install")
-def render_install() -> str:
-    doc = load("install.json")
-    if doc is None:
-        return missing("install.json")
+@renderer("install", "install.json")
+def render_install(doc: dict) -> str:
     p = doc["pip_install"]
     kernels = "CPU and CUDA kernels" if p["cuda_kernels_compiled"] else "CPU kernels only (no GPU visible)"
     busy = (f" Other jobs shared the machine while it ran (load average {p['load_before']:.1f} at its start), so "
@@ -119,11 +124,8 @@ def _drops_text(drops: List[dict], limit: int = 12) -> str:
     return "; ".join(shown) + more if drops else "none"
 
 
-@renderer("demo")
-def render_demo() -> str:
-    doc = load("demo.json")
-    if doc is None:
-        return missing("demo.json")
+@renderer("demo", "demo.json")
+def render_demo(doc: dict) -> str:
     s, ev, tr, ex = doc["search"], doc["evaluate"], doc["train"], doc["export"]
     lines = ["| command | wall time | result |", "|---|---|---|",
              f"| `{s['command']}` | {minsec(s['seconds'])}{_busy(s)} | {s['paths_dropped']} of {s['paths']} paths dropped; "
@@ -146,11 +148,8 @@ def render_demo() -> str:
     return text
 
 
-@renderer("latency")
-def render_latency() -> str:
-    doc = load("latency.json")
-    if doc is None:
-        return missing("latency.json")
+@renderer("latency", "latency.json")
+def render_latency(doc: dict) -> str:
     b, s, v = doc["build"], doc["search"], doc["validate"]
     r = v["report"]
     lines = ["| command | wall time | result |", "|---|---|---|",
@@ -183,11 +182,8 @@ def _conftest():
     return mod
 
 
-@renderer("performance")
-def render_performance() -> str:
-    doc = load("cpu.json")
-    if doc is None:
-        return missing("cpu.json")
+@renderer("performance", "cpu.json")
+def render_performance(doc: dict) -> str:
     lines = _conftest().ratio_tables(doc) + doc["report_lines"]
     text = "\n".join(ln.replace("### ", "#### ") for ln in lines)
     return text + "\n\n" + source("cpu.json", doc)
@@ -227,11 +223,8 @@ def _per_seed(d: dict) -> str:
     return ", ".join(str(v) for v in (d.values() if isinstance(d, dict) else d))
 
 
-@renderer("null_tests")
-def render_null_tests() -> str:
-    doc = load("null_tests.json")
-    if doc is None:
-        return missing("null_tests.json")
+@renderer("null_tests", "null_tests.json")
+def render_null_tests(doc: dict) -> str:
     w, a, s = doc["noise_walk"], doc["alpha_pipeline"], doc["whole_search"]
     caught = sum(a["planted_all_caught"])
     return (f"- **The noise walk.** The demo makes {w['alpha_steps']} α steps at lr {w['arch_lr']:g}: "
@@ -255,11 +248,8 @@ EXTRA_SUMMARY.append(("null tests: demo search with β = 0", "null_tests.json",
                                 f"{_per_seed(d['whole_search']['true_drops_per_seed'])}"))
 
 
-@renderer("precision")
-def render_precision() -> str:
-    doc = load("precision.json")
-    if doc is None:
-        return missing("precision.json")
+@renderer("precision", "precision.json")
+def render_precision(doc: dict) -> str:
     s = doc["settings"]
     return (f"Over {doc['entries_that_matter']} α-gradient entries larger than {s['matters_fraction']:.0%} of their "
             f"batch's largest ({s['batches']} held-out batches of {s['heldout_batch_size']}, the {s['space']} "
