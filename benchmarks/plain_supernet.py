@@ -270,9 +270,7 @@ class PlainSearch:
         gate, loss, acc = self.gate_grad_table(x, y, arch, st.remaining, autocast=s._phase2_autocast())
         with self.timer.part("phase2/alpha update"):
             self.alpha_step(gate, s.cost.table, s.beta)
-        if s.cost.target is not None and cfg.beta_adapt > 0:
-            above = s.cost.expected(st.probs()) > s.cost.target
-            s.beta = s.beta * (1 + cfg.beta_adapt) if above else s.beta / (1 + cfg.beta_adapt)
+        s.beta = s.cost.adapted_beta(s.beta, st.probs(), cfg.beta_adapt)
         return loss, acc
 
     def iteration(self) -> dict:

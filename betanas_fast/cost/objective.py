@@ -31,6 +31,13 @@ class SearchCost:
         """The whole net's expected cost under the sampling probabilities p (L x M)."""
         return self.fixed + float((probs * self.table).sum())
 
+    def adapted_beta(self, beta: float, probs: torch.Tensor, rate: float) -> float:
+        """β after one α step aiming at the target: multiplied by 1 + rate while the expected cost under p is
+        above it, divided by 1 + rate otherwise; unchanged without a target or with rate 0."""
+        if self.target is None or rate <= 0:
+            return beta
+        return beta * (1 + rate) if self.expected(probs) > self.target else beta / (1 + rate)
+
     def of_arch(self, arch: Sequence[int]) -> float:
         self.space.check_arch(arch)
         return self.fixed + float(sum(self.table[l, m] for l, m in enumerate(arch)))

@@ -312,9 +312,7 @@ class Search:
                 gate, (loss, acc) = packed[:-2].view_as(gate), packed[-2:].tolist()
         with self.timer.part("phase2/alpha update"):
             st.step(gate, self.cost.table, self.beta)
-        if self.cost.target is not None and cfg.beta_adapt > 0:
-            above = self.cost.expected(st.probs()) > self.cost.target
-            self.beta = self.beta * (1 + cfg.beta_adapt) if above else self.beta / (1 + cfg.beta_adapt)
+        self.beta = self.cost.adapted_beta(self.beta, st.probs(), cfg.beta_adapt)
         return loss, acc
 
     def expected_costs(self) -> dict:

@@ -28,6 +28,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from .. import cost as cost_model
+from ..provenance import write_json  # noqa: F401  (the studies' atomic JSON writer, re-exported)
 from ..search import distributed
 from ..search.config import option
 
@@ -186,24 +187,6 @@ def read_history(run_dir: str) -> List[dict]:
     """A search's or a training's history.jsonl, one record per line."""
     with open(os.path.join(run_dir, "history.jsonl")) as f:
         return [json.loads(ln) for ln in f if ln.strip()]
-
-
-def _plain(value):
-    """JSON without NaN (null instead: an undefined τ, a ratio over zero)."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def write_json(path: str, data) -> None:
-    """Atomically (a killed study never leaves half a file)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(_plain(data), f, indent=2, allow_nan=False)
-    os.replace(path + ".tmp", path)
 
 
 def versions() -> dict:
