@@ -235,6 +235,12 @@ def load_run(run: str, device: Optional[str] = None):
     return search
 
 
+def test_images(search):
+    """The fixed test split of the embedded data set a search ran on (ValueError for one that sets none apart)."""
+    from .data import load_test_split
+    return load_test_split(search.dataset_name, search.space.config.resolution)
+
+
 def main(argv: Optional[List[str]] = None) -> Evaluation:
     p = argparse.ArgumentParser(prog="python -m betanas_fast.evaluate",
                                 description="Accuracy, MFLOPs and params of an architecture of a run's space, with "
@@ -243,7 +249,9 @@ def main(argv: Optional[List[str]] = None) -> Evaluation:
     p.add_argument("run", help="a search run directory (config.json, checkpoints/)")
     p.add_argument("--arch", nargs="+", default=None,
                    help="block strings (one per choice block), or an arch.json; default: the run's searched one")
-    p.add_argument("--split", choices=("val", "heldout"), default="val", help="the images to score")
+    p.add_argument("--split", choices=("val", "heldout", "test"), default="val",
+                   help="the images to score: the run's validation or held-out split, or the fixed test split of an "
+                        "embedded data set (digits, mnist-cluttered), which no search loads")
     p.add_argument("--seed", type=int, default=None, help="calibration subset seed (default: the run's seed + 5)")
     p.add_argument("--calibration-batches", type=int, default=None,
                    help="calibration batches (default: the run's --bn-recalib-batches)")
@@ -255,7 +263,11 @@ def main(argv: Optional[List[str]] = None) -> Evaluation:
         search.space.check_arch(arch)
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         raise SystemExit(f"error: {e}")
-    split = search.data.val if args.split == "val" and len(search.data.val) else search.data.heldout
+    try:
+        split = test_images(search) if args.split == "test" else \
+            search.data.val if args.split == "val" and len(search.data.val) else search.data.heldout
+    except ValueError as e:
+        raise SystemExit(f"error: --split test: {e}")
     result = search.evaluate(arch, split, seed=args.seed, calibration_batches=args.calibration_batches)
     print(json.dumps(asdict(result)))
     return result

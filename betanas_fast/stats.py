@@ -1,4 +1,4 @@
-"""The statistics of the studies and of latency validation, in numpy: Kendall's τ-b, a percentile bootstrap over seeds, and the
+"""The statistics of the studies and of latency validation, in numpy: Kendall's τ-b, Spearman's ρ, a percentile bootstrap over seeds, and the
 one-sided two-sample tests (Mann–Whitney U and a permutation test on the mean difference), exact where
 the number of label assignments allows, seeded Monte Carlo otherwise."""
 from __future__ import annotations
@@ -28,6 +28,17 @@ def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
     return float("nan") if denominator == 0 else float((dx * dy).sum() / denominator)
 
 
+def spearman_rho(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's ρ: Pearson's correlation of the mid-ranks (ties share their mean rank); NaN when either
+    ranking is all ties."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"ρ needs two rankings of the same items, got shapes {x.shape} and {y.shape}")
+    rx, ry = _midranks(x) - (len(x) + 1) / 2, _midranks(y) - (len(y) + 1) / 2
+    denominator = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+    return float("nan") if denominator == 0 else float((rx * ry).sum() / denominator)
+
+
 @dataclass
 class Interval:
     low: float
@@ -42,7 +53,7 @@ class Interval:
 
 def bootstrap_interval(statistic: Callable[[np.ndarray], float], units: int, resamples: int = 10_000,
                        level: float = 0.95, seed: int = 0) -> Interval:
-    """Percentile bootstrap: `statistic(indices)` of `resamples` draws of `units` unit indices (seeds) with
+    """Percentile bootstrap: `statistic(indices)` of `resamples` draws of `units` unit indices (seeds, nets) with
     replacement, from a seeded generator; the central `level` interval of the defined values."""
     if units < 1:
         raise ValueError("the bootstrap needs at least one unit")

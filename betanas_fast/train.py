@@ -43,7 +43,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .data import BatchOrder, TensorSplit
+from .data import BatchOrder, TensorSplit, build_data, load_test_split
 from .data.stream import BatchStream
 from .evaluate import score
 from .nn.supernet import Net
@@ -83,14 +83,17 @@ class TrainConfig:
     autoaugment: bool = option(False, "torchvision's AutoAugment ImageNet policy on the training images")
     dropout: Optional[float] = option(None, "dropout before the classifier (default: the recipe's)", type=float)
     # data
+    dataset: str = option("auto", "an embedded data set: digits or mnist-cluttered (the [bench] extra); auto: the one "
+                                  "the search of --arch ran on (its arch.json says), else digits",
+                          choices=("auto", "digits", "mnist-cluttered"))
     data: Optional[str] = option(None, "an ImageNet-layout folder (train/<class>/*; val/<class>/* is the validation "
-                                       "split when present); default: the embedded digits", type=str)
+                                       "split when present); default: the embedded --dataset", type=str)
     loader: str = option("auto", "for --data: dali, torchvision or auto", choices=("auto", "dali", "torchvision"))
     val: Optional[int] = option(None, "validation images carved from the data when it has no val/ split, with "
                                       "--score-split val (default 200)", type=int)
     score_split: str = option("val", "the split every epoch is scored on: val (val/ or the --val carve-out) or test "
-                                     "(the digits' fixed test split, which no search loads; the net trains on every "
-                                     "other image)", choices=("val", "test"))
+                                     "(the embedded data set's fixed test split, which no search loads; the net trains "
+                                     "on every other image)", choices=("val", "test"))
     # schedule and optimiser (None: the recipe's)
     epochs: Optional[int] = option(None, "epochs (default: the recipe's)", type=int)
     batch_size: Optional[int] = option(None, "global batch (default: the recipe's)", type=int)
@@ -136,15 +139,30 @@ class TrainConfig:
                 values[k] = v
         if values["val"] is None and values["score_split"] == "val":
             values["val"] = DEFAULT_VAL
+        if values["dataset"] == "auto":
+            values["dataset"] = searched_dataset(self.arch) or "digits"
         return TrainConfig(**values)
 
 
+def searched_dataset(arch: List[str]) -> Optional[str]:
+    """The embedded data set the search behind --arch (a run directory or its arch.json) ran on, if it says."""
+    if len(arch) != 1 or not (os.path.isdir(arch[0]) or arch[0].endswith(".json")):
+        return None
+    path = os.path.join(arch[0], "arch.json") if os.path.isdir(arch[0]) else arch[0]
+    try:
+        with open(path) as f:
+            name = json.load(f).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return None  # resolve_arch says what is wrong with it
+    return name if name in ("digits", "mnist-cluttered") else None
+
+
 def validate_scoring(cfg: TrainConfig) -> None:
-    """The scored split is one the data have: the test split is the embedded digits'; it needs no --val."""
+    """The scored split is one the data have: the test split is the embedded data sets'; it needs no --val."""
     if cfg.score_split != "test":
         return
     if cfg.data is not None:
-        raise ValueError("--score-split test: only the embedded digits set a test split apart; with --data the net "
+        raise ValueError("--score-split test: only the embedded data sets set a test split apart; with --data the net "
                          "is scored on val/ (or a --val carve-out): use --score-split val")
     if cfg.val is not None:
         raise ValueError(f"--val {cfg.val} with --score-split test: no validation split is carved (the net trains on "
@@ -223,13 +241,12 @@ def load_data(cfg: TrainConfig, space: SearchSpace, ranks):
     validate_scoring(cfg)
     resolution = space.config.resolution
     if cfg.data is None:
-        from .data.digits import load_digits_data, load_digits_test
         test = cfg.score_split == "test"
-        d = load_digits_data(seed=cfg.seed, heldout=1, val=0 if test else cfg.val, resolution=resolution,
-                             augment=True)
+        d = build_data(cfg.dataset, seed=cfg.seed, heldout=1, val=0 if test else cfg.val, resolution=resolution,
+                       augment=True, root=None)
         train = TensorSplit(torch.cat([d.train.images, d.heldout.images]), torch.cat([d.train.labels, d.heldout.labels]),
                             d.train.shift, indices=torch.cat([d.train.indices, d.heldout.indices]))
-        scored = load_digits_test(resolution) if test else d.val
+        scored = load_test_split(cfg.dataset, resolution) if test else d.val
         return train, scored, d.num_classes, (127.5,) * 3, (127.5,) * 3
     from .data import imagenet
     from .data.imagenet.transforms import MEAN, STD

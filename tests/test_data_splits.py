@@ -1,5 +1,6 @@
 """The digits' test split: fixed whatever the seed, never among the images a search loads (checked by the
 images' indices in scikit-learn's set and by their pixels), and the split the studies' retrainings score on."""
+import dataclasses
 import json
 import os
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from betanas_fast.data import digits
+from betanas_fast.data import base as data_base, digits
 from betanas_fast.data.digits import TEST_PER_CLASS, load_digits_data, load_digits_test, split_indices
 from betanas_fast.search.distributed import ranks_from_env
 from betanas_fast.space import build_space
@@ -114,7 +115,7 @@ def test_a_retraining_scored_on_test_trains_on_every_other_image():
 def test_scoring_on_test_is_refused_where_it_cannot_mean_the_test_split(tmp_path):
     with pytest.raises(ValueError, match="--val 100 with --score-split test"):
         Trainer(TrainConfig(arch=["x"], score_split="test", val=100, out=str(tmp_path / "a")))
-    with pytest.raises(ValueError, match="only the embedded digits set a test split apart"):
+    with pytest.raises(ValueError, match="only the embedded data sets set a test split apart"):
         Trainer(TrainConfig(arch=["x"], score_split="test", data=str(tmp_path), out=str(tmp_path / "b")))
 
 
@@ -138,16 +139,18 @@ def test_a_study_under_another_split_definition_is_refused(tmp_path, monkeypatch
     resolved = {"search": {"data": None, "dataset": "digits"}, "train": {"data": None}}
     common.StudyRun("seeds", cfg).start(resolved)
     with open(tmp_path / "study" / common.STUDY_CONFIG) as f:
-        assert json.load(f)["digits_splits"] == digits.SPLITS
+        assert json.load(f)["data_splits"] == {"digits": digits.SPLITS}
     common.StudyRun("seeds", cfg).start(resolved)  # the same definition: continued
-    monkeypatch.setattr(digits, "SPLITS", dict(digits.SPLITS, version=digits.SPLITS["version"] + 1))
-    with pytest.raises(ValueError, match="other settings \\(digits_splits: saved"):
+    registered = data_base._REGISTRY["digits"]
+    monkeypatch.setitem(data_base._REGISTRY, "digits", dataclasses.replace(
+        registered, splits=dict(digits.SPLITS, version=digits.SPLITS["version"] + 1)))
+    with pytest.raises(ValueError, match="other settings \\(data_splits: saved"):
         common.StudyRun("seeds", cfg).start(resolved)
     # a study on other data records no digits split definition
     other = SeedsConfig(out=str(tmp_path / "other"))
     common.StudyRun("seeds", other).start({"search": {"data": "/data/imagenet", "dataset": "digits"},
                                            "train": {"data": "/data/imagenet"}})
-    assert json.load(open(os.path.join(other.out, common.STUDY_CONFIG)))["digits_splits"] is None
+    assert json.load(open(os.path.join(other.out, common.STUDY_CONFIG)))["data_splits"] is None
 
 
 def test_search_splits_too_large_for_the_images_outside_the_test_split_are_refused():

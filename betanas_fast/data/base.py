@@ -101,15 +101,47 @@ def validate_labels(name: str, labels: torch.Tensor) -> None:
         raise ValueError(f"the {name} split has a single class; classification needs at least two")
 
 
-_REGISTRY: Dict[str, Callable[..., SearchData]] = {}
+@dataclass(frozen=True)
+class Dataset:
+    """A registered data source. `load(seed=, heldout=, val=, resolution=, augment=, root=)` -> SearchData;
+    `test(resolution)` -> the fixed test split no search loads, for the embedded sets that set one apart;
+    `splits`: what defines the splits (a study records it and refuses to continue under another)."""
+    name: str
+    load: Callable[..., SearchData]
+    test: Optional[Callable[[int], TensorSplit]] = None
+    splits: Optional[dict] = None
 
 
-def register_dataset(name: str, loader: Callable[..., SearchData]) -> None:
-    """`loader(seed=, heldout=, val=, resolution=, augment=, root=)` -> SearchData."""
-    _REGISTRY[name] = loader
+_REGISTRY: Dict[str, Dataset] = {}
+# Data sets whose module is imported only when named (its dependencies are optional).
+_LAZY = {"mnist-cluttered": "betanas_fast.data.cluttered", "imagenet": "betanas_fast.data.imagenet"}
+
+
+def register_dataset(name: str, loader: Callable[..., SearchData], test: Optional[Callable[[int], TensorSplit]] = None,
+                     splits: Optional[dict] = None) -> None:
+    _REGISTRY[name] = Dataset(name, loader, test, splits)
+
+
+def dataset_names() -> Tuple[str, ...]:
+    return tuple(sorted(set(_REGISTRY) | set(_LAZY)))
+
+
+def get_dataset(name: str) -> Dataset:
+    if name not in _REGISTRY and name in _LAZY:
+        import importlib
+        importlib.import_module(_LAZY[name])  # registers it
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {list(dataset_names())}")
+    return _REGISTRY[name]
 
 
 def build_data(name: str, **kwargs) -> SearchData:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**kwargs)
+    return get_dataset(name).load(**kwargs)
+
+
+def load_test_split(name: str, resolution: int) -> TensorSplit:
+    """The fixed test split of an embedded data set."""
+    d = get_dataset(name)
+    if d.test is None:
+        raise ValueError(f"the {name} data set sets no test split apart")
+    return d.test(resolution)

@@ -106,4 +106,4 @@ def load_digits_test(resolution: int = 32, images=None, labels=None) -> TensorSp
     return test
 
 
-register_dataset("digits", load_digits_data)
+register_dataset("digits", load_digits_data, test=load_digits_test, splits=SPLITS)

@@ -15,6 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import List, Optional
 
 from ..cost.objective import COSTS
+from ..data.base import dataset_names
 from ..space import PRESETS as SPACES
 from .strategies import STRATEGIES
 
@@ -49,7 +50,9 @@ class SearchConfig:
     candidates: Optional[List[str]] = option(None, "candidate names, e.g. mb_k3_e3 mb_k5_e6 skip "
                                                  "(default: the space's seven)", type=str, nargs="+")
     # data
-    dataset: str = option("digits", "a registered data source; --data switches it to imagenet")
+    dataset: str = option("digits", "a registered data source: digits (embedded), mnist-cluttered (MNIST digits among "
+                                    "clutter, from the [bench] extra; use --preset mnist_cluttered) or imagenet; --data "
+                                    "switches digits to imagenet", choices=dataset_names())
     data: Optional[str] = option(None, "an ImageNet-layout folder (train/<class>/*, optional val/<class>/*)", type=str)
     loader: str = option("auto", "for --data: dali, torchvision (PIL + DataLoader) or auto (DALI if installed)",
                        choices=("auto", "dali", "torchvision"))
@@ -212,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "Every default is set for the embedded digits demo.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # each help says its default
     p.add_argument("--preset", default=None, help="JSON preset (name in betanas_fast/presets or a path), "
-                                                  "applied before the other flags: imagenet, spos_demo")
+                                                  "applied before the other flags: imagenet, spos_demo, mnist_cluttered")
     add_config_arguments(p, SearchConfig)
     return p
 

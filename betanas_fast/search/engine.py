@@ -62,6 +62,7 @@ class Search:
         configure_process(self.device, cfg.threads, self.deterministic)
         self.out = cfg.resume or cfg.out or os.path.join(
             "runs", f"{cfg.strategy}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        self.dataset_name = "imagenet" if cfg.data is not None and cfg.dataset == "digits" else cfg.dataset
         with self.ranks.main_first():  # rank 0 writes the file index cache and the held-out split first
             self.data = self._load_data(cfg, cfg.resolution or SPACES[cfg.space].resolution)
         self.space = build_space(cfg.space, stage_depths=cfg.stage_depths, width_mult=cfg.width_mult,
@@ -130,7 +131,7 @@ class Search:
             print(*args, flush=True)
 
     def _load_data(self, cfg: SearchConfig, resolution: int):
-        dataset = "imagenet" if cfg.data is not None and cfg.dataset == "digits" else cfg.dataset
+        dataset = self.dataset_name
         kwargs = dict(seed=cfg.seed, heldout=cfg.heldout, val=cfg.val, resolution=resolution, augment=cfg.augment,
                       root=cfg.data)
         if dataset == "imagenet":
@@ -473,6 +474,7 @@ class Search:
         val_split = self.data.val if len(self.data.val) else self.data.heldout
         val_acc = self.evaluate(arch, val_split).top1 if self.total_phase1 else None
         summary = arch_summary(self.space, self.state, arch, cfg.strategy, val_acc, self.cost, extra)
+        summary["dataset"] = self.dataset_name
         if not self.ranks.is_main:  # every rank chose the same (the digest agreed); rank 0 writes
             return summary
         with open(os.path.join(self.out, "arch.json"), "w") as f:

@@ -5,6 +5,11 @@ statistics that make its claim checkable:
     python -m betanas_fast.study seeds       # Fig. 6: N searched vs N MACs-matched random nets, retrained
     python -m betanas_fast.study sharing     # Fig. 7: NS / B2 / B4 accuracies and Kendall τ-b against NS
 
+and the two that measure a task and a supernet against stand-alone training:
+
+    python -m betanas_fast.study groundtruth # N architectures trained alone, >= 2 seeds each: the ground truth
+    python -m betanas_fast.study ranking     # Kendall τ-b / Spearman ρ of supernets' inherited accuracies against it
+
 Each writes study.json (every number, the configuration, the seeds, the versions) and its figures into
 `--out`, prints its table, and continues a killed study when the same command is typed again. Every flag
 of a study has a default for the embedded digits demo; `--search-flags` / `--train-flags` pass the
@@ -15,10 +20,11 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from . import balance, seeds, sharing
+from . import balance, groundtruth, ranking, seeds, sharing
 
-STUDIES = {m.NAME: m for m in (balance, seeds, sharing)}
-CONFIGS = {balance.NAME: balance.BalanceConfig, seeds.NAME: seeds.SeedsConfig, sharing.NAME: sharing.SharingConfig}
+STUDIES = {m.NAME: m for m in (balance, seeds, sharing, groundtruth, ranking)}
+CONFIGS = {balance.NAME: balance.BalanceConfig, seeds.NAME: seeds.SeedsConfig, sharing.NAME: sharing.SharingConfig,
+           groundtruth.NAME: groundtruth.GroundtruthConfig, ranking.NAME: ranking.RankingConfig}
 
 
 def build_parser() -> argparse.ArgumentParser:

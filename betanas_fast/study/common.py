@@ -9,10 +9,10 @@ a process of its own, N at a time, with its output in `<sub-run>/study_log.txt`.
 (arch.json or result.json written) is never redone; one that was killed continues from its last checkpoint,
 as the commands do by themselves when their `--out` holds one.
 
-Every net a study compares is scored on images no search loads: on the embedded digits their fixed test
-split (`python -m betanas_fast.train --score-split test`, and the supernets' architectures likewise). A
-study's saved configuration records the digits' split definition, so that a study continued under another
-one is refused.
+Every net a study compares is scored on images no search loads: on an embedded data set (digits,
+mnist-cluttered) its fixed test split (`python -m betanas_fast.train --score-split test`, and the supernets'
+architectures likewise). A study's saved configuration records the data sets' split definitions, so that a
+study continued under another one is refused.
 """
 from __future__ import annotations
 
@@ -116,17 +116,32 @@ def train_config(flags: str, set_by_study: Sequence[str]):
 
 
 def scored_split(train_cfg) -> str:
-    """The split every net of a study is scored on: the digits' test split, which no search loads; with --data
-    (which sets no test split apart) val/ or its carve-out."""
+    """The split every net of a study is scored on: the embedded data set's test split, which no search loads;
+    with --data (which sets no test split apart) val/ or its carve-out."""
     return "test" if train_cfg.data is None else "val"
 
 
-def digits_splits(resolved: dict) -> Optional[dict]:
-    """The digits' split definition where a sub-run of the study uses them (a search without --data or
-    another data set, a training without --data), else None."""
-    from ..data.digits import SPLITS
-    uses = any(c.get("data") is None and c.get("dataset", "digits") == "digits" for c in resolved.values())
-    return dict(SPLITS) if uses else None
+def same_data(base_search, base_train):
+    """The retrainings' configuration on the searches' data: the same embedded data set (the train flags' auto
+    resolved to the searches'), or --data in both."""
+    if (base_search.data is None) != (base_train.data is None):
+        raise ValueError("the search flags and the train flags must use the same data (--data in both or in neither)")
+    if base_train.data is None:
+        if base_train.dataset == "auto":
+            return dataclasses.replace(base_train, dataset=base_search.dataset)
+        if base_train.dataset != base_search.dataset:
+            raise ValueError(f"the searches run on {base_search.dataset} but the retrainings on {base_train.dataset}")
+    return base_train
+
+
+def data_splits(resolved: dict) -> Optional[dict]:
+    """The split definitions of the embedded data sets the study's sub-runs use (searches or trainings without
+    --data), else None."""
+    from ..data import get_dataset
+    names = sorted({c.get("dataset", "digits") for c in resolved.values() if isinstance(c, dict)
+                    and c.get("data") is None and c.get("dataset", "digits") not in ("auto", "imagenet")})
+    splits = {n: get_dataset(n).splits for n in names if get_dataset(n).splits}
+    return splits or None
 
 
 def run_space(run_dir: str):
@@ -228,7 +243,7 @@ class StudyRun:
             distributed.init(self.ranks, "auto")  # the barriers between sub-runs need the process group
         saved_path = os.path.join(self.out, STUDY_CONFIG)
         config = {"study": self.name, **self.cfg.to_dict(), "resolved": resolved,
-                  "digits_splits": digits_splits(resolved)}
+                  "data_splits": data_splits(resolved)}
         if os.path.exists(saved_path):
             saved = read_json(saved_path)
             free = RUN_ONLY + self.cfg.analysis_only

@@ -1,5 +1,5 @@
 """The studies' figures (matplotlib, Agg): balance (Fig. 5), searched vs random (Fig. 6), rank agreement
-under weight sharing (Fig. 7)."""
+under weight sharing (Fig. 7), the ground-truth table and the supernets' ranking quality against it."""
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -157,6 +157,46 @@ def sharing_plot(labels: Sequence[str], accuracy: Dict[str, np.ndarray], taus: D
     ax_t.set_title("Kendall τ-b, bootstrap 95 % over seeds", fontsize=9)
     for a in (ax, ax_t):
         a.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def groundtruth_scatter(rows: List[dict], path: str, split: str) -> None:
+    """Each architecture's top-1 against its MFLOPs: every training (points) and the mean (marker), sampled
+    architectures and searched ones apart."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    colours = {"sample": "tab:blue", "searched": "tab:red"}
+    for source, colour in colours.items():
+        rs = [r for r in rows if r["source"] == source]
+        if not rs:
+            continue
+        for r in rs:
+            ax.scatter([r["mflops"]] * len(r["top1"]), 100 * np.array(r["top1"]), color=colour, s=8, alpha=0.4)
+        ax.scatter([r["mflops"] for r in rs], [100 * r["top1_mean"] for r in rs], color=colour, s=28, marker="D",
+                   label=f"{source} (mean; points: train seeds)")
+    ax.set_xlabel("MFLOPs (multiply-adds)", fontsize=8)
+    ax.set_ylabel(f"{split} top-1 (%), trained alone", fontsize=8)
+    ax.set_title("ground truth: stand-alone accuracy against cost", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def ranking_plot(truth: np.ndarray, inherited: Dict[str, np.ndarray], taus: Dict[str, dict], path: str,
+                 split: str) -> None:
+    """Per supernet (columns): each architecture's inherited-weight top-1 against its stand-alone top-1, with
+    Kendall τ-b and Spearman ρ in the title."""
+    fig, axes = plt.subplots(1, len(inherited), figsize=(3.4 * len(inherited), 3.2), squeeze=False)
+    for ax, (name, acc) in zip(axes[0], inherited.items()):
+        ax.scatter(100 * truth, 100 * acc, s=14)
+        t = taus[name]
+        ax.set_title(f"{name}: τ-b {t['kendall_tau_b']:+.2f}, ρ {t['spearman_rho']:+.2f}", fontsize=9)
+        ax.set_xlabel(f"trained alone: {split} top-1 (%)", fontsize=8)
+        ax.set_ylabel(f"inherited weights: {split} top-1 (%)", fontsize=8)
+        ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

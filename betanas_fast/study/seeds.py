@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -23,8 +23,8 @@ from .. import cost as cost_model
 from ..search.config import option
 from ..search.evolution import sample_within_budget
 from .. import stats
-from .common import (StudyOptions, StudyRun, arch_file, read_history, read_json, run_space, search_config, short,
-                     train_config, write_json)
+from .common import (StudyOptions, StudyRun, arch_file, read_history, read_json, run_space, same_data, search_config,
+                     short, train_config, write_json)
 
 NAME = "seeds"
 SAMPLER_SEED_OFFSET = 7919  # the random architectures' generator: seed + this, apart from every run's own
@@ -39,6 +39,11 @@ class SeedsConfig(StudyOptions):
                                              "string: the same recipe and seed for all 2N nets, each scored on the "
                                              "digits' test split (default: \"--epochs 20\", the demo recipe cut to "
                                              "20 epochs)")
+    groundtruth: Optional[str] = option(None, "a ground-truth table of the same space and recipe (`study "
+                                              "groundtruth`): each net's percentile among the table's architectures "
+                                              "within ±20 % of its MFLOPs is reported", type=str)
+
+    analysis_only = ("groundtruth",)
 
 
 def sample_matched(space, count: int, median_mflops: float, tolerance: float, seed: int) -> List[List[int]]:
@@ -71,6 +76,15 @@ def trained(run_dir: str, split: str) -> dict:
     return {"top1": history[-1]["top1"], "best_top1": max(h["top1"] for h in history), "history": history}
 
 
+def _percentile(row: dict) -> str:
+    g = row.get("groundtruth_percentile")
+    if g is None:
+        return ""
+    if g["percentile"] is None:
+        return f"  (no table architecture within ±{g['band']:.0%} MFLOPs)"
+    return f"  ({g['percentile']:.0f}th percentile of {g['neighbours']} table nets at ±{g['band']:.0%} MFLOPs)"
+
+
 def format_table(result: dict) -> str:
     names = result["candidates"]
     scoring = result["scoring"]
@@ -83,7 +97,7 @@ def format_table(result: dict) -> str:
             seed = "-" if r.get("search_seed") is None else str(r["search_seed"])
             rows.append(f"{group:<9} {i:>2} {seed:>4} {r['mflops']:>8.4f} {r['params']:>8d} {r['top1']:>7.4f} "
                         f"{'(' + format(r['best_top1'], '.4f') + ')':>8}  "
-                        f"{' '.join(short(names[m]) for m in r['choices'])}")
+                        f"{' '.join(short(names[m]) for m in r['choices'])}" + _percentile(r))
     for group in ("searched", "random"):
         s = result["summary"][group]
         rows.append(f"{group:<9} mean ± std: top-1 {s['top1_mean']:.4f} ± {s['top1_std']:.4f} (best epoch "
@@ -108,6 +122,11 @@ def run(cfg: SeedsConfig) -> dict:
     study = StudyRun(NAME, cfg)
     base_search = search_config(cfg.search_flags, ("seed", "out", "resume"))
     base_train = train_config(cfg.train_flags, ("arch", "out", "resume"))
+    base_train = same_data(base_search, base_train)
+    table = None
+    if cfg.groundtruth:
+        from .groundtruth import load_table
+        table = load_table(cfg.groundtruth)
     split = base_train.score_split
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     searches = [study.subrun(f"search-{s}", "search", replace(base_search, seed=s)) for s in seeds]
@@ -152,6 +171,13 @@ def run(cfg: SeedsConfig) -> dict:
     scored = {read_json(t.done_file)["scored_images"] for t in trainings}
     if len(scored) != 1:
         raise RuntimeError(f"the retrainings were scored on different numbers of images: {sorted(scored)}")
+    if table is not None:
+        from .groundtruth import percentile_at_flops
+        for r in rows["searched"] + rows["random"]:
+            r["groundtruth_percentile"] = percentile_at_flops(table, r["mflops"], r["top1"])
+        recipe = ("recipe", "epochs", "batch_size", "lr", "lr_batch", "dataset", "score_split", "seed")
+        groundtruth = {"table": os.path.abspath(cfg.groundtruth), "same_recipe": all(
+            table["train"].get(k) == base_train.to_dict().get(k) for k in recipe)}
     result = {"seeds": cfg.seeds, "search_seeds": seeds, "train_seed": base_train.seed,
               "candidates": space.candidate_names, **rows, "summary": summary,
               "scoring": {"split": split, "images": scored.pop()},
@@ -163,6 +189,8 @@ def run(cfg: SeedsConfig) -> dict:
                            "searched_min_mflops": min(r["mflops"] for r in rows["searched"]),
                            "searched_max_mflops": max(r["mflops"] for r in rows["searched"]),
                            "sampler_seed": cfg.seed + SAMPLER_SEED_OFFSET}}
+    if table is not None:
+        result["groundtruth"] = groundtruth
 
     def figures(out: str) -> List[str]:
         from . import figures as fig

