@@ -76,6 +76,10 @@ def trained(run_dir: str, split: str) -> dict:
     return {"top1": history[-1]["top1"], "best_top1": max(h["top1"] for h in history), "history": history}
 
 
+def _without_classes(space_config: dict) -> dict:
+    return {k: v for k, v in space_config.items() if k != "num_classes"}
+
+
 def _percentile(row: dict) -> str:
     g = row.get("groundtruth_percentile")
     if g is None:
@@ -135,6 +139,8 @@ def run(cfg: SeedsConfig) -> dict:
 
     # the random architectures, matched to the searched ones' median MACs
     space = run_space(searches[0].out)
+    if table is not None and _without_classes(table["space_config"]) != _without_classes(space.config.to_dict()):
+        raise ValueError(f"the ground-truth table is of another space ({table['space']}) than the searches'")
     searched = [read_json(s.done_file) for s in searches]
     median = float(np.median([a["mflops"] for a in searched]))
     randoms = sample_matched(space, cfg.seeds, median, cfg.tolerance, cfg.seed + SAMPLER_SEED_OFFSET)
