@@ -3,7 +3,8 @@
     python benchmarks/record.py install    # `pip install .` in a fresh venv from a fresh clone -> results/install.json
     python benchmarks/record.py demo       # search, evaluate, train, export on the demo        -> results/demo.json
     python benchmarks/record.py latency    # latency build, search --cost latency, validate      -> results/latency.json
-    python benchmarks/record.py studies [--dir D]   # each study's study.json + timing.json -> results/study_<name>.json
+    python benchmarks/record.py studies [--dir D] [--studies ...]   # each study's study.json + timing.json
+                                           # -> results/study_<name>.json, groundtruth_/ranking_mnist_cluttered.json
 
 Every command runs in a fresh temporary directory (nothing of an earlier run is reused) with the Python that
 runs this script, i.e. the installed package with its compiled kernels. Wall times are of the whole command as
@@ -148,23 +149,36 @@ def record_latency(args) -> dict:
 
 
 # --- studies -------------------------------------------------------------------------------------------------
-STUDIES = ("balance", "sharing", "seeds")
+# name -> (results file, the study's command line after `python -m betanas_fast.study`; {dir} is --dir)
+CLUTTERED = ("--search-flags=--preset mnist_cluttered", "--train-flags=--recipe cluttered")
+STUDIES = {
+    "balance": ("study_balance.json", ["balance"]),
+    "sharing": ("study_sharing.json", ["sharing"]),
+    "seeds": ("study_seeds.json", ["seeds"]),
+    "groundtruth": ("groundtruth_mnist_cluttered.json", ["groundtruth", "--jobs", "2"]),
+    "ranking": ("ranking_mnist_cluttered.json", ["ranking", "--jobs", "2", "--groundtruth", "{dir}/study-groundtruth"]),
+    "seeds-cluttered": ("study_seeds_mnist_cluttered.json",
+                        ["seeds", "--jobs", "2", *CLUTTERED, "--groundtruth", "{dir}/study-groundtruth"]),
+}
 
 
 def record_studies(args) -> dict:
-    """Runs each study with its defaults (a finished study in --dir is reused, a killed one continued) and writes
-    its study.json and timing.json to results/study_<name>.json as soon as it ends."""
+    """Runs each study with the README's command (a finished study in --dir is reused, a killed one continued)
+    and writes its study.json and timing.json to its results file as soon as it ends."""
     base = os.path.abspath(args.dir)
     os.makedirs(base, exist_ok=True)
     doc = None
     for name in args.studies:
+        filename, argv = STUDIES[name]
+        argv = [a.replace("{dir}", base) for a in argv]
         out = os.path.join(base, f"study-{name}")
-        step = run(py("betanas_fast.study", name, "--no-progress", "--out", out), cwd=base, timeout=4 * 3600)
+        step = run(py("betanas_fast.study", *argv, "--no-progress", "--out", out), cwd=base, timeout=4 * 3600)
         timing = os.path.join(out, "timing.json")
-        data = {"command": f"python -m betanas_fast.study {name}", "seconds": step["seconds"],
+        shown = [a.replace(base + "/", "runs/") for a in argv]
+        data = {"command": "python -m betanas_fast.study " + shlex.join(shown), "seconds": step["seconds"],
                 "load_before": step["load_before"], "study": json.load(open(os.path.join(out, "study.json"))),
                 "timing": json.load(open(timing)) if os.path.exists(timing) else None}
-        doc = write_results(os.path.join(RESULTS, f"study_{name}.json"),
+        doc = write_results(os.path.join(RESULTS, filename),
                             f"python benchmarks/record.py studies --studies {name}", data)
     return doc
 

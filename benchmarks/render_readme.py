@@ -37,6 +37,9 @@ WRITERS = {
     "study_balance.json": "python benchmarks/record.py studies --studies balance",
     "study_sharing.json": "python benchmarks/record.py studies --studies sharing",
     "study_seeds.json": "python benchmarks/record.py studies --studies seeds",
+    "groundtruth_mnist_cluttered.json": "python benchmarks/record.py studies --studies groundtruth",
+    "ranking_mnist_cluttered.json": "python benchmarks/record.py studies --studies ranking",
+    "study_seeds_mnist_cluttered.json": "python benchmarks/record.py studies --studies seeds-cluttered",
     "precision.json": "python benchmarks/precision.py",
     "null_tests.json": "python benchmarks/null_tests.py",
     "cpu.json": "pytest benchmarks/test_bench_iteration.py benchmarks/test_bench_search_step.py "
@@ -309,6 +312,67 @@ for _name in ("balance", "seeds", "sharing"):
     renderer(f"study_{_name}")(lambda _name=_name: _study_table(_name))
 
 
+# --- the task where the architecture matters (mnist-cluttered) --------------------------------------------------
+def _calibration_text(d: dict) -> str:
+    c = d["study"]["calibration"]
+    text = (f"{c['architectures']} architectures × {d['study']['train_seeds']} train seeds: top {c['decile_size']} "
+            f"mean {pct(c['top_decile_mean'])} − bottom {c['decile_size']} mean {pct(c['bottom_decile_mean'])} = "
+            f"**{100 * c['decile_spread']:.1f} points**; best mean {pct(c['best_mean'])}")
+    if "noise_std" in c:
+        r = c["seed_rank_agreement"]
+        text += (f"; one architecture's std over train seeds **{100 * c['noise_std']:.2f} points** (spread / noise "
+                 f"{c['spread_over_noise']:.1f}); two train seeds rank the architectures alike with τ-b "
+                 f"{r['kendall_tau_b']:+.2f}")
+    return text
+
+
+def _ranking_text(d: dict) -> str:
+    return "; ".join(f"{name} τ-b {r['kendall_tau_b']:+.2f} [{r['kendall_tau_b_interval']['low']:+.2f}, "
+                     f"{r['kendall_tau_b_interval']['high']:+.2f}], ρ {r['spearman_rho']:+.2f}"
+                     for name, r in d["study"]["supernets"].items())
+
+
+@renderer("groundtruth", "groundtruth_mnist_cluttered.json")
+def render_groundtruth(doc: dict) -> str:
+    from betanas_fast.study import groundtruth
+    return (f"{_calibration_text(doc)}.
+
+`{doc['command']}` printed:
+
+```
+"
+            f"{groundtruth.format_table(doc['study'])}
+```
+
+" + source("groundtruth_mnist_cluttered.json", doc))
+
+
+@renderer("ranking", "ranking_mnist_cluttered.json")
+def render_ranking(doc: dict) -> str:
+    from betanas_fast.study import ranking
+    return (f"`{doc['command']}` printed:
+
+```
+{ranking.format_table(doc['study'])}
+```
+
+"
+            + source("ranking_mnist_cluttered.json", doc))
+
+
+@renderer("study_seeds_cluttered", "study_seeds_mnist_cluttered.json")
+def render_seeds_cluttered(doc: dict) -> str:
+    from betanas_fast.study import seeds
+    return (f"`{doc['command']}` printed:
+
+```
+{seeds.format_table(doc['study'])}
+```
+
+"
+            + source("study_seeds_mnist_cluttered.json", doc))
+
+
 def _summary_rows() -> List[tuple]:
     """(what, figure, results file) for the README's table; a file not yet written gives its command."""
     rows = []
@@ -339,6 +403,9 @@ def _summary_rows() -> List[tuple]:
         lambda d: "; ".join(f"{c['claim']}: **{'holds' if c['holds'] else 'does not hold'}** ({c['evidence']})"
                             for c in d["study"]["claims"]))
     row("seeds study (Fig. 6)", "study_seeds.json", lambda d: _seeds_text(d["study"]))
+    row("mnist-cluttered: ground truth", "groundtruth_mnist_cluttered.json", _calibration_text)
+    row("mnist-cluttered: supernet ranking", "ranking_mnist_cluttered.json", _ranking_text)
+    row("mnist-cluttered: seeds study (Fig. 6)", "study_seeds_mnist_cluttered.json", lambda d: _seeds_text(d["study"]))
     return rows
 
 

@@ -43,7 +43,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .data import BatchOrder, TensorSplit, build_data, load_test_split
+from .data import BatchOrder, build_data, load_test_split
 from .data.stream import BatchStream
 from .evaluate import score
 from .nn.supernet import Net
@@ -244,8 +244,7 @@ def load_data(cfg: TrainConfig, space: SearchSpace, ranks):
         test = cfg.score_split == "test"
         d = build_data(cfg.dataset, seed=cfg.seed, heldout=1, val=0 if test else cfg.val, resolution=resolution,
                        augment=True, root=None)
-        train = TensorSplit(torch.cat([d.train.images, d.heldout.images]), torch.cat([d.train.labels, d.heldout.labels]),
-                            d.train.shift, indices=torch.cat([d.train.indices, d.heldout.indices]))
+        train = d.train.joined(d.heldout)
         scored = load_test_split(cfg.dataset, resolution) if test else d.val
         return train, scored, d.num_classes, (127.5,) * 3, (127.5,) * 3
     from .data import imagenet

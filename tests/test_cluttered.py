@@ -78,8 +78,30 @@ def test_splits_are_by_source_digit_and_each_split_is_rendered_from_its_own(monk
     # the test split does not move with the seed; the search splits do
     other = split_indices(load_source()["labels"], 4, 300, 200)
     assert torch.equal(other["test"], test.indices) and not torch.equal(other["heldout"], d.heldout.indices)
-    assert d.train.images.shape == (3500, 3, 40, 40) and d.train.shift > 0
+    assert d.train.images.shape == (3500, 3, 40, 40)
     assert float(d.train.images.min()) == -1.0 and float(d.train.images.max()) == 1.0
+
+
+def test_training_batches_are_rendered_anew_from_the_batch_generator():
+    d = build_data("mnist-cluttered", seed=0, heldout=300, val=200, resolution=40, augment=True, root=None)
+    idx = torch.tensor([5, 17, 3000, 17])
+    x1, y1 = d.train.batch(idx, True, torch.Generator().manual_seed(1))
+    x1b, _ = d.train.batch(idx, True, torch.Generator().manual_seed(1))
+    x2, _ = d.train.batch(idx, True, torch.Generator().manual_seed(2))
+    static, ys = d.train.batch(idx, False)
+    assert torch.equal(y1, d.train.labels[idx]) and torch.equal(ys, y1) and torch.equal(x1, x1b)
+    assert not torch.equal(x1, x2) and not torch.equal(x1, static) and not torch.equal(x1[1], x1[3])
+    assert torch.equal(static, d.train.images[idx]) and x1.shape == static.shape == (4, 3, 40, 40)
+    # each fresh image holds its own digit: the digit's ink lies in the canvas at some offset, unchanged or clipped
+    digits = load_source()["images"][d.train.indices[idx]]
+    canvas = (x1[:, 0] + 1) / 2
+    for k in range(4):
+        windows = canvas[k].unfold(0, 28, 1).unfold(1, 28, 1)  # every 28x28 window
+        assert bool(((windows >= digits[k] - 1e-6).all(-1).all(-1)).any())
+    # the search's other splits and a split without augmentation are the fixed renders
+    assert torch.equal(d.heldout.batch(torch.arange(3), True, torch.Generator())[0], d.heldout.images[:3])
+    plain = build_data("mnist-cluttered", seed=0, heldout=300, val=200, resolution=40, augment=False, root=None)
+    assert torch.equal(plain.train.batch(idx, True, torch.Generator())[0], static)
 
 
 def test_a_one_digit_heldout_split_is_rendered_with_the_training_digits():

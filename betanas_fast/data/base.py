@@ -44,6 +44,12 @@ class TensorSplit(ImageSplit):
             x = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(off)])
         return x, y
 
+    def joined(self, other: "TensorSplit") -> "TensorSplit":
+        """This split and `other` as one (the retraining's weight-training images: the search's weight-training
+        and held-out splits)."""
+        return TensorSplit(torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]), self.shift,
+                           indices=torch.cat([self.indices, other.indices]))
+
 
 @dataclass
 class SearchData:

@@ -19,7 +19,9 @@ Splits are made by source digit before anything is drawn, so that no digit, and 
 Each split is rendered from its own digits only (its clutter is cut from other digits of the same split),
 by a generator seeded from the run's seed and the split's name: the same command renders the same images.
 Renders are cached (`BETANAS_CACHE`, default ~/.cache/betanas_fast) under a key of the construction, the
-digits drawn and the source file's hash; a cache file that cannot be read is rendered again.
+digits drawn and the source file's hash; a cache file that cannot be read is rendered again. With
+augmentation (the default of search and train) each training batch is rendered anew from its digits, with
+clutter from the same split (`ClutteredSplit`): 3,500 digits give new images every epoch.
 """
 from __future__ import annotations
 
@@ -147,20 +149,23 @@ def split_indices(labels: torch.Tensor, seed: int, heldout: int, val: int) -> Di
     return {"test": test, "heldout": perm[:heldout], "val": perm[heldout:heldout + val], "train": perm[heldout + val:]}
 
 
-def render(digits: np.ndarray, seed: int, clutter: Clutter = CLUTTER) -> np.ndarray:
-    """Cluttered canvases (N x canvas x canvas float32 in [0, 1]) of `digits` (N x 28 x 28): each digit at a
-    uniform random position, plus crops cut from the *other* digits of the same array (inside the 20x20 box
-    where MNIST digits are drawn, so that crops hold strokes), each at a uniform random position; the sum is
-    clipped to [0, 1]."""
+def render(digits: np.ndarray, seed: int, clutter: Optional[Clutter] = None,
+           which: Optional[np.ndarray] = None) -> np.ndarray:
+    """Cluttered canvases (len(which) x canvas x canvas float32 in [0, 1]) of the digits `which` (default: all)
+    of `digits` (N x 28 x 28): each digit at a uniform random position, plus crops cut from the *other* digits
+    of the same array (inside the 20x20 box where MNIST digits are drawn, so that crops hold strokes), each at
+    a uniform random position; the sum is clipped to [0, 1]."""
+    clutter = clutter or CLUTTER
     n, c = len(digits), clutter.canvas
     if n < 2:
         raise ValueError("a split needs at least 2 digits to cut clutter from another one")
     if not (DIGIT <= c and 1 <= clutter.crop_min <= clutter.crop_max <= 20 and 0 <= clutter.crops_min <= clutter.crops_max):
         raise ValueError(f"bad clutter settings {clutter}")
+    which = np.arange(n) if which is None else np.asarray(which)
     rng = np.random.default_rng(seed)
-    out = np.zeros((n, c, c), dtype=np.float32)
-    for i in range(n):
-        canvas = out[i]
+    out = np.zeros((len(which), c, c), dtype=np.float32)
+    for k, i in enumerate(which):
+        canvas = out[k]
         for _ in range(int(rng.integers(clutter.crops_min, clutter.crops_max + 1))):
             j = int(rng.integers(0, n - 1))
             j += j >= i  # another digit
@@ -171,6 +176,32 @@ def render(digits: np.ndarray, seed: int, clutter: Clutter = CLUTTER) -> np.ndar
         ty, tx = rng.integers(0, c - DIGIT + 1, size=2)
         canvas[ty:ty + DIGIT, tx:tx + DIGIT] += digits[i]
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+class ClutteredSplit(TensorSplit):
+    """A split of cluttered digits. `images` is its fixed render (scored, recalibrated on, and what a batch
+    without augmentation returns). With `fresh`, a training batch is rendered anew from the batch's digits,
+    with new positions and new clutter cut from the split's other digits, drawn from the batch generator:
+    every epoch sees new images of the same digits (the cluttered set's training augmentation, in place of
+    a translation)."""
+    decodes = True  # rendering is real work: done ahead of the model by the batch stream's thread
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, digits: torch.Tensor,
+                 clutter: Clutter, resolution: int, fresh: bool):
+        super().__init__(images, labels, 0, indices=indices)
+        self.digits, self.clutter, self.resolution, self.fresh = digits, clutter, resolution, fresh
+
+    def batch(self, indices, train, generator=None):
+        if not (train and self.fresh):
+            return super().batch(indices, train, generator)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        x = render(self.digits.numpy(), seed, self.clutter, which=np.asarray(indices))
+        return _prepare(torch.from_numpy(x), self.resolution), self.labels[indices]
+
+    def joined(self, other: "ClutteredSplit") -> "ClutteredSplit":
+        return ClutteredSplit(torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]),
+                              torch.cat([self.indices, other.indices]), torch.cat([self.digits, other.digits]),
+                              self.clutter, self.resolution, self.fresh)
 
 
 def _split_seed(seed: int, name: str) -> int:
@@ -193,9 +224,12 @@ def _prepare(x: torch.Tensor, resolution: int) -> torch.Tensor:
     return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
 
 
-def load_cluttered_data(seed: int = 0, heldout: int = 500, val: int = 500, resolution: int = CLUTTER.canvas,
-                        augment: bool = True, root: Optional[str] = None, clutter: Clutter = CLUTTER) -> SearchData:
-    """The search splits of `seed` (the test split is not loaded)."""
+def load_cluttered_data(seed: int = 0, heldout: int = 300, val: int = 200, resolution: Optional[int] = None,
+                        augment: bool = True, root: Optional[str] = None, clutter: Optional[Clutter] = None) -> SearchData:
+    """The search splits of `seed` (the test split is not loaded); `clutter` defaults to CLUTTER, `resolution` to
+    its canvas."""
+    clutter = clutter or CLUTTER
+    resolution = resolution or clutter.canvas
     src = load_source()
     idx = split_indices(src["labels"], seed, heldout, val)
 
@@ -207,21 +241,24 @@ def load_cluttered_data(seed: int = 0, heldout: int = 500, val: int = 500, resol
         x = _rendered(src, both, seed, "train+heldout", clutter)
         rendered = {"train": x[:len(idx["train"])], "heldout": x[len(idx["train"]):]}
 
-    def part(name: str, shift: int = 0) -> TensorSplit:
+    def part(name: str, fresh: bool = False) -> ClutteredSplit:
         i = idx[name]
         if name in rendered:
             x = rendered[name]
         else:
             x = _rendered(src, i, seed, name, clutter) if len(i) else torch.zeros(0, clutter.canvas, clutter.canvas)
-        return TensorSplit(_prepare(x, resolution), src["labels"][i], shift, indices=i)
+        return ClutteredSplit(_prepare(x, resolution), src["labels"][i], i, src["images"][i], clutter, resolution,
+                              fresh)
 
-    train = part("train", max(1, resolution // 16) if augment else 0)
+    train = part("train", fresh=augment)
     validate_labels("weight-train", train.labels)
     return SearchData(train=train, heldout=part("heldout"), val=part("val"), num_classes=10, resolution=resolution)
 
 
-def load_cluttered_test(resolution: int = CLUTTER.canvas, clutter: Clutter = CLUTTER) -> TensorSplit:
+def load_cluttered_test(resolution: Optional[int] = None, clutter: Optional[Clutter] = None) -> TensorSplit:
     """The fixed test split: digits no search loads, rendered once with a fixed seed."""
+    clutter = clutter or CLUTTER
+    resolution = resolution or clutter.canvas
     src = load_source()
     i = _test_indices(src["labels"])
     test = TensorSplit(_prepare(_rendered(src, i, TEST_SPLIT_SEED, "test", clutter), resolution), src["labels"][i],
