@@ -112,8 +112,8 @@ PRESETS = {
     "demo": SpaceConfig(resolution=32, num_classes=10, stem_channels=16, stem_stride=2,
                         first_block_channels=8, stages=[(16, 2, 2), (24, 3, 2), (32, 2, 2), (40, 1, 1)],
                         head_channels=128, channel_divisor=4),
-    # The demo's shape at the 40x40 canvas of the cluttered digits (--dataset mnist-cluttered).
-    "cluttered": SpaceConfig(resolution=40, num_classes=10, stem_channels=16, stem_stride=2,
+    # The demo's shape at the 48x48 canvas of the cluttered digits (--dataset mnist-cluttered).
+    "cluttered": SpaceConfig(resolution=48, num_classes=10, stem_channels=16, stem_stride=2,
                              first_block_channels=8, stages=[(16, 2, 2), (24, 3, 2), (32, 2, 2), (40, 1, 1)],
                              head_channels=128, channel_divisor=4),
     # The speed benchmark's supernet: the shape of the usual CPU one-shot NAS example (stem stride 1, four

@@ -9,6 +9,8 @@ each block's input channels, as a timm block string's `se`), `--act silu` (swish
 (torchvision's ImageNet policy). Recipes are presets whose every field a flag overrides:
 
 - `demo`: the proxyless recipe sized for the embedded digits (60 epochs, batch 64, lr 0.05 per 64);
+- `cluttered`: the same for `--dataset mnist-cluttered`, 25 epochs (chosen from pilot trainings: see
+  docs/cluttered.md);
 - `proxyless`: SGD Nesterov 0.9, lr 0.05 per 256 images (scaled linearly with the batch), cosine with 5
   warm-up epochs, 300 epochs, label smoothing 0.1, weight decay 4e-5 not on BatchNorm or biases, dropout
   0.2 before the classifier (ProxylessNAS's);
@@ -56,6 +58,9 @@ from .space import PRESETS as SPACES, SearchSpace, build_space
 RECIPES = {
     "demo": dict(optimizer="sgd", lr=0.05, lr_batch=64, nesterov=True, schedule="cosine", warmup_epochs=2, epochs=60,
                  batch_size=64, label_smoothing=0.1, weight_decay=4e-5, weight_decay_bn=False, dropout=0.2),
+    "cluttered": dict(optimizer="sgd", lr=0.05, lr_batch=64, nesterov=True, schedule="cosine", warmup_epochs=2,
+                      epochs=25, batch_size=64, label_smoothing=0.1, weight_decay=4e-5, weight_decay_bn=False,
+                      dropout=0.2),
     "proxyless": dict(optimizer="sgd", lr=0.05, lr_batch=256, nesterov=True, schedule="cosine", warmup_epochs=5,
                       epochs=300, batch_size=1024, label_smoothing=0.1, weight_decay=4e-5, weight_decay_bn=False,
                       dropout=0.2),
@@ -73,8 +78,8 @@ class TrainConfig:
                                  "(then --space names the space)", type=str, nargs="+")
     space: str = option("demo", "the space of bare block strings (a run or arch.json carries its own)",
                         choices=tuple(SPACES))
-    recipe: str = option("demo", "demo, proxyless or mobilenetv2 (the module's help says what each sets); flags "
-                                 "override its fields", choices=tuple(RECIPES))
+    recipe: str = option("demo", "demo, cluttered, proxyless or mobilenetv2 (the module's help says what each "
+                                 "sets); flags override its fields", choices=tuple(RECIPES))
     # the network's variants
     width_mult: Optional[float] = option(None, "channel width multiplier (e.g. 1.4; default: the space's)", type=float)
     se_ratio: float = option(0.0, "squeeze-excitation in every MBConv, reduced to this ratio of the block's input "

@@ -49,12 +49,12 @@ DIGIT = 28
 @dataclass(frozen=True)
 class Clutter:
     """How a cluttered image is made."""
-    canvas: int = 40          # side of the square canvas
-    crops_min: int = 4        # crops of other digits per image, drawn uniformly in [crops_min, crops_max]
-    crops_max: int = 8
+    canvas: int = 48          # side of the square canvas
+    crops_min: int = 8        # crops of other digits per image, drawn uniformly in [crops_min, crops_max]
+    crops_max: int = 16
     crop_min: int = 6         # side of each crop, drawn uniformly in [crop_min, crop_max]
     crop_max: int = 8
-    version: int = 1          # of the rendering code: a change invalidates the cache
+    version: int = 2          # of the rendering code: a change invalidates the cache
 
 
 CLUTTER = Clutter()
@@ -162,19 +162,24 @@ def render(digits: np.ndarray, seed: int, clutter: Optional[Clutter] = None,
     if not (DIGIT <= c and 1 <= clutter.crop_min <= clutter.crop_max <= 20 and 0 <= clutter.crops_min <= clutter.crops_max):
         raise ValueError(f"bad clutter settings {clutter}")
     which = np.arange(n) if which is None else np.asarray(which)
+    m = len(which)
     rng = np.random.default_rng(seed)
-    out = np.zeros((len(which), c, c), dtype=np.float32)
-    for k, i in enumerate(which):
-        canvas = out[k]
-        for _ in range(int(rng.integers(clutter.crops_min, clutter.crops_max + 1))):
-            j = int(rng.integers(0, n - 1))
-            j += j >= i  # another digit
-            s = int(rng.integers(clutter.crop_min, clutter.crop_max + 1))
-            sy, sx = rng.integers(4, 24 - s + 1, size=2)
-            ty, tx = rng.integers(0, c - s + 1, size=2)
-            canvas[ty:ty + s, tx:tx + s] += digits[j, sy:sy + s, sx:sx + s]
-        ty, tx = rng.integers(0, c - DIGIT + 1, size=2)
-        canvas[ty:ty + DIGIT, tx:tx + DIGIT] += digits[i]
+    # every draw at once (the loops below only add slices)
+    counts = rng.integers(clutter.crops_min, clutter.crops_max + 1, size=m)
+    owner = np.repeat(np.arange(m), counts)
+    source = rng.integers(0, n - 1, size=len(owner))
+    source += source >= which[owner]  # another digit than the canvas's own
+    size = rng.integers(clutter.crop_min, clutter.crop_max + 1, size=len(owner))
+    u = rng.random((len(owner), 4))
+    sy, sx = (4 + (u[:, :2] * (21 - size)[:, None]).astype(np.int64)).T  # inside the 20x20 box: [4, 24 - size]
+    ty, tx = (u[:, 2:] * (c - size + 1)[:, None]).astype(np.int64).T
+    place = rng.integers(0, c - DIGIT + 1, size=(m, 2))
+    out = np.zeros((m, c, c), dtype=np.float32)
+    for k, a, b, y, x, s, t in zip(owner.tolist(), sy.tolist(), sx.tolist(), ty.tolist(), tx.tolist(), size.tolist(),
+                                   source.tolist()):
+        out[k, y:y + s, x:x + s] += digits[t, a:a + s, b:b + s]
+    for k, (i, (y, x)) in enumerate(zip(which.tolist(), place.tolist())):
+        out[k, y:y + DIGIT, x:x + DIGIT] += digits[i]
     return np.clip(out, 0.0, 1.0, out=out)
 
 
