@@ -297,6 +297,10 @@ def _seeds_text(r: dict) -> str:
             f"p = {r['tests']['mann_whitney']['p_value']:.3f}, permutation p = {r['tests']['permutation']['p_value']:.3f}")
 
 
+def _printed(doc: dict, fmt: Callable[[dict], str]) -> str:
+    return f"`{doc['command']}` printed:\n\n```\n{fmt(doc['study'])}\n```\n\n"
+
+
 def _study_table(name: str) -> str:
     file = f"study_{name}.json"
     doc = load(file)
@@ -305,7 +309,7 @@ def _study_table(name: str) -> str:
     from betanas_fast.study import balance, seeds, sharing
     fmt = {"balance": balance.format_table, "seeds": seeds.format_table, "sharing": sharing.format_table}[name]
     # no wall time: studies are continued after a kill, and this session's ran beside other jobs
-    return (f"`{doc['command']}` printed:\n\n```\n{fmt(doc['study'])}\n```\n\n" + source(file, doc))
+    return _printed(doc, fmt) + source(file, doc)
 
 
 for _name in ("balance", "seeds", "sharing"):
@@ -335,42 +339,20 @@ def _ranking_text(d: dict) -> str:
 @renderer("groundtruth", "groundtruth_mnist_cluttered.json")
 def render_groundtruth(doc: dict) -> str:
     from betanas_fast.study import groundtruth
-    return (f"{_calibration_text(doc)}.
-
-`{doc['command']}` printed:
-
-```
-"
-            f"{groundtruth.format_table(doc['study'])}
-```
-
-" + source("groundtruth_mnist_cluttered.json", doc))
+    return (f"{_calibration_text(doc)}.\n\n" + _printed(doc, groundtruth.format_table)
+            + source("groundtruth_mnist_cluttered.json", doc))
 
 
 @renderer("ranking", "ranking_mnist_cluttered.json")
 def render_ranking(doc: dict) -> str:
     from betanas_fast.study import ranking
-    return (f"`{doc['command']}` printed:
-
-```
-{ranking.format_table(doc['study'])}
-```
-
-"
-            + source("ranking_mnist_cluttered.json", doc))
+    return _printed(doc, ranking.format_table) + source("ranking_mnist_cluttered.json", doc)
 
 
 @renderer("study_seeds_cluttered", "study_seeds_mnist_cluttered.json")
 def render_seeds_cluttered(doc: dict) -> str:
     from betanas_fast.study import seeds
-    return (f"`{doc['command']}` printed:
-
-```
-{seeds.format_table(doc['study'])}
-```
-
-"
-            + source("study_seeds_mnist_cluttered.json", doc))
+    return _printed(doc, seeds.format_table) + source("study_seeds_mnist_cluttered.json", doc)
 
 
 def _summary_rows() -> List[tuple]:
