@@ -162,6 +162,18 @@ STUDIES = {
 }
 
 
+def _under_runs(value, base: str):
+    """`value` with every path under this machine's study folder written as runs/...: a results file names no
+    local path."""
+    if isinstance(value, dict):
+        return {k: _under_runs(v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_under_runs(v, base) for v in value]
+    if isinstance(value, str) and value.startswith(base + "/"):
+        return "runs/" + value[len(base) + 1:]
+    return value
+
+
 def record_studies(args) -> dict:
     """Runs each study with the README's command (a finished study in --dir is reused, a killed one continued)
     and writes its study.json and timing.json to its results file as soon as it ends."""
@@ -176,7 +188,8 @@ def record_studies(args) -> dict:
         timing = os.path.join(out, "timing.json")
         shown = [a.replace(base + "/", "runs/") for a in argv]
         data = {"command": "python -m betanas_fast.study " + shlex.join(shown), "seconds": step["seconds"],
-                "load_before": step["load_before"], "study": json.load(open(os.path.join(out, "study.json"))),
+                "load_before": step["load_before"],
+                "study": _under_runs(json.load(open(os.path.join(out, "study.json"))), base),
                 "timing": json.load(open(timing)) if os.path.exists(timing) else None}
         doc = write_results(os.path.join(RESULTS, filename),
                             f"python benchmarks/record.py studies --studies {name}", data)

@@ -55,12 +55,11 @@ from .search.config import add_config_arguments, option, validate_choices
 from .search.runtime import autocast, configure_process, resolve_amp_dtype, resolve_device
 from .space import PRESETS as SPACES, SearchSpace, build_space
 
+_DEMO = dict(optimizer="sgd", lr=0.05, lr_batch=64, nesterov=True, schedule="cosine", warmup_epochs=2, epochs=60,
+             batch_size=64, label_smoothing=0.1, weight_decay=4e-5, weight_decay_bn=False, dropout=0.2)
 RECIPES = {
-    "demo": dict(optimizer="sgd", lr=0.05, lr_batch=64, nesterov=True, schedule="cosine", warmup_epochs=2, epochs=60,
-                 batch_size=64, label_smoothing=0.1, weight_decay=4e-5, weight_decay_bn=False, dropout=0.2),
-    "cluttered": dict(optimizer="sgd", lr=0.05, lr_batch=64, nesterov=True, schedule="cosine", warmup_epochs=2,
-                      epochs=25, batch_size=64, label_smoothing=0.1, weight_decay=4e-5, weight_decay_bn=False,
-                      dropout=0.2),
+    "demo": _DEMO,
+    "cluttered": dict(_DEMO, epochs=25),
     "proxyless": dict(optimizer="sgd", lr=0.05, lr_batch=256, nesterov=True, schedule="cosine", warmup_epochs=5,
                       epochs=300, batch_size=1024, label_smoothing=0.1, weight_decay=4e-5, weight_decay_bn=False,
                       dropout=0.2),
