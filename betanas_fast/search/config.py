@@ -52,7 +52,7 @@ class SearchConfig:
     # data
     dataset: str = option("digits", "a registered data source: digits (embedded), mnist-cluttered (MNIST digits among "
                                     "clutter, from the [bench] extra; use --preset mnist_cluttered) or imagenet; --data "
-                                    "switches digits to imagenet", choices=dataset_names())
+                                    "switches digits to imagenet", choices=dataset_names)
     data: Optional[str] = option(None, "an ImageNet-layout folder (train/<class>/*, optional val/<class>/*)", type=str)
     loader: str = option("auto", "for --data: dali, torchvision (PIL + DataLoader) or auto (DALI if installed)",
                        choices=("auto", "dali", "torchvision"))
