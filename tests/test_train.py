@@ -36,7 +36,8 @@ def test_recipes_resolve_and_flags_override():
     m = TrainConfig(arch=list(ARCH), recipe="mobilenetv2").resolved()
     assert (m.optimizer, m.lr, m.lr_batch, m.schedule, m.decay, m.weight_decay) == \
         ("rmsprop", 0.045, 96, "exponential", 0.98, 4e-5)
-    assert set(RECIPES) == {"demo", "proxyless", "mobilenetv2"}
+    assert set(RECIPES) == {"demo", "cluttered", "proxyless", "mobilenetv2"}
+    assert RECIPES["cluttered"] == dict(RECIPES["demo"], epochs=25)
 
 
 # What each recipe must build: optimizer class and hyper-parameters, lr per images, schedule, decay of the 1-D
@@ -44,6 +45,8 @@ def test_recipes_resolve_and_flags_override():
 RECIPE_OBJECTS = {
     "demo": dict(optimizer=torch.optim.SGD, hyper=dict(momentum=0.9, nesterov=True), lr=0.05, per=64,
                  schedule="cosine", warmup_epochs=2, weight_decay=4e-5, decay_1d=False, label_smoothing=0.1),
+    "cluttered": dict(optimizer=torch.optim.SGD, hyper=dict(momentum=0.9, nesterov=True), lr=0.05, per=64,
+                      schedule="cosine", warmup_epochs=2, weight_decay=4e-5, decay_1d=False, label_smoothing=0.1),
     "proxyless": dict(optimizer=torch.optim.SGD, hyper=dict(momentum=0.9, nesterov=True), lr=0.05, per=256,
                       schedule="cosine", warmup_epochs=5, weight_decay=4e-5, decay_1d=False, label_smoothing=0.1),
     "mobilenetv2": dict(optimizer=torch.optim.RMSprop, hyper=dict(alpha=0.9, momentum=0.9, eps=math.sqrt(1e-3)),
