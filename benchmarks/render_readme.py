@@ -331,9 +331,14 @@ def _calibration_text(d: dict) -> str:
 
 
 def _ranking_text(d: dict) -> str:
-    return "; ".join(f"{name} τ-b {r['kendall_tau_b']:+.2f} [{r['kendall_tau_b_interval']['low']:+.2f}, "
-                     f"{r['kendall_tau_b_interval']['high']:+.2f}], ρ {r['spearman_rho']:+.2f}"
-                     for name, r in d["study"]["supernets"].items())
+    def one(name, r):
+        return (f"{name} τ-b {r['kendall_tau_b']:+.2f} [{r['kendall_tau_b_interval']['low']:+.2f}, "
+                f"{r['kendall_tau_b_interval']['high']:+.2f}], ρ {r['spearman_rho']:+.2f}")
+    study = d["study"]
+    text = "; ".join(one(name, r) for name, r in study["supernets"].items())
+    if "baselines" in study:
+        text += f"; against ranking by MFLOPs alone: {one('MFLOPs', study['baselines']['mflops'])}"
+    return text
 
 
 @renderer("groundtruth", "groundtruth_mnist_cluttered.json")

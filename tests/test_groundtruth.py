@@ -148,6 +148,8 @@ def test_groundtruth_ranking_and_seeds_percentiles_end_to_end(tmp_path, capsys):
         acc = np.array(s["inherited_top1"])
         assert len(acc) == 3 and ((0 <= acc) & (acc <= 1)).all()
         assert s["kendall_tau_b"] == stats.kendall_tau_b(acc, truth) or np.isnan(s["kendall_tau_b"])
+    mflops = np.array([a["mflops"] for a in rows])
+    assert r["baselines"]["mflops"]["kendall_tau_b"] == stats.kendall_tau_b(mflops, truth)
     # one inherited score by hand, with the evaluate command on the test split
     from betanas_fast.evaluate import main as evaluate
     e = evaluate([str(rk / "search-spos"), "--split", "test", "--arch", *rows[1]["arch"]])

@@ -5,7 +5,9 @@ from each supernet (BatchNorm recalibrated exactly, as `python -m betanas_fast.e
 the table scored its stand-alone trainings on (the embedded data set's test split, which no search loads).
 Reported per supernet: Kendall τ-b and Spearman ρ between its inherited-weight accuracies and the
 architectures' mean stand-alone accuracies, each with a percentile bootstrap interval over the
-architectures, and the table's own ceiling (how well two train seeds of the table agree with each other).
+architectures; against it, the baseline that needs no supernet (ranking the architectures by their MFLOPs) and
+the table's own ceiling (how well two train seeds of the table agree with each other). A supernet earns its
+training only where it ranks better than the baseline.
 
 The supernets are either given (`--supernet RUN ...`, search run directories of the table's space and data)
 or trained by the study itself: one search per `--strategies` (betanas, proxyless, spos by default) with the
@@ -67,6 +69,11 @@ def format_table(result: dict) -> str:
         rows.append(f"{name:<12} τ-b {t:+.3f} [{ti['low']:+.3f}, {ti['high']:+.3f}]  ρ {rho:+.3f} [{ri['low']:+.3f}, "
                     f"{ri['high']:+.3f}]  inherited top-1 mean {r['inherited_mean']:.4f} (range "
                     f"{r['inherited_min']:.4f}-{r['inherited_max']:.4f}); {r['run']}")
+    b = result["baselines"]["mflops"]
+    rows.append(f"{'MFLOPs':<12} τ-b {b['kendall_tau_b']:+.3f} [{b['kendall_tau_b_interval']['low']:+.3f}, "
+                f"{b['kendall_tau_b_interval']['high']:+.3f}]  ρ {b['spearman_rho']:+.3f} "
+                f"[{b['spearman_rho_interval']['low']:+.3f}, {b['spearman_rho_interval']['high']:+.3f}]  (the "
+                f"baseline: ranking by cost alone, no training)")
     c = result.get("ceiling")
     if c:
         rows.append(f"ceiling: two train seeds of the table agree with τ-b {c['kendall_tau_b']:+.3f}, ρ "
@@ -115,9 +122,11 @@ def run(cfg: RankingConfig) -> dict:
                            "inherited_min": float(acc.min()), "inherited_max": float(acc.max()),
                            **rank_quality(acc, truth, cfg.bootstrap, cfg.seed)}
     ceiling = table["calibration"].get("seed_rank_agreement")
+    mflops = np.array([a["mflops"] for a in table["architectures"]])
     result = {"groundtruth": os.path.abspath(cfg.groundtruth), "architectures": len(archs),
               "train_seeds": table["train_seeds"], "truth_top1_mean": truth.tolist(),
-              "scoring": table["scoring"], "supernets": supernets, "ceiling": ceiling}
+              "scoring": table["scoring"], "supernets": supernets, "ceiling": ceiling,
+              "baselines": {"mflops": rank_quality(mflops, truth, cfg.bootstrap, cfg.seed)}}
 
     def figures(out: str) -> List[str]:
         from . import figures as fig
