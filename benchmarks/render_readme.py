@@ -40,6 +40,7 @@ WRITERS = {
     "groundtruth_mnist_cluttered.json": "python benchmarks/record.py studies --studies groundtruth",
     "ranking_mnist_cluttered.json": "python benchmarks/record.py studies --studies ranking",
     "study_seeds_mnist_cluttered.json": "python benchmarks/record.py studies --studies seeds-cluttered",
+    "supernet_learning_mnist_cluttered.json": "python benchmarks/supernet_learning.py",
     "precision.json": "python benchmarks/precision.py",
     "null_tests.json": "python benchmarks/null_tests.py",
     "cpu.json": "pytest benchmarks/test_bench_iteration.py benchmarks/test_bench_search_step.py "
@@ -358,6 +359,14 @@ def render_ranking(doc: dict) -> str:
 def render_seeds_cluttered(doc: dict) -> str:
     from betanas_fast.study import seeds
     return _printed(doc, seeds.format_table) + source("study_seeds_mnist_cluttered.json", doc)
+
+
+@renderer("supernet_learning", "supernet_learning_mnist_cluttered.json")
+def render_supernet_learning(doc: dict) -> str:
+    rows = ["| candidates per block | Phase-1 training accuracy, epochs 1 to " + str(doc["epochs"]) + " |", "|---|---|"]
+    for name, accs in doc["phase1_accuracy_per_epoch"].items():
+        rows.append(f"| {name} | {', '.join(pct(a) for a in accs)} |")
+    return "\n".join(rows) + "\n\n" + source("supernet_learning_mnist_cluttered.json", doc)
 
 
 def _summary_rows() -> List[tuple]:
