@@ -45,7 +45,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .data import BatchOrder, build_data, load_test_split
+from .data import EMBEDDED, BatchOrder, build_data, load_test_split
 from .data.stream import BatchStream
 from .evaluate import score
 from .nn.supernet import Net
@@ -89,7 +89,7 @@ class TrainConfig:
     # data
     dataset: str = option("auto", "an embedded data set: digits or mnist-cluttered (the [bench] extra); auto: the one "
                                   "the search of --arch ran on (its arch.json says), else digits",
-                          choices=("auto", "digits", "mnist-cluttered"))
+                          choices=("auto",) + EMBEDDED)
     data: Optional[str] = option(None, "an ImageNet-layout folder (train/<class>/*; val/<class>/* is the validation "
                                        "split when present); default: the embedded --dataset", type=str)
     loader: str = option("auto", "for --data: dali, torchvision or auto", choices=("auto", "dali", "torchvision"))
@@ -158,7 +158,7 @@ def searched_dataset(arch: List[str]) -> Optional[str]:
             name = json.load(f).get("dataset")
     except (OSError, ValueError, AttributeError):
         return None  # resolve_arch says what is wrong with it
-    return name if name in ("digits", "mnist-cluttered") else None
+    return name if name in EMBEDDED else None
 
 
 def validate_scoring(cfg: TrainConfig) -> None:

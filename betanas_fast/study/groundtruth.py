@@ -78,6 +78,12 @@ def spread_sample(space, count: int, seed: int) -> List[List[int]]:
     return archs
 
 
+def same_space(a: dict, b: dict) -> bool:
+    """Whether two spaces' configurations (SpaceConfig.to_dict()) describe the same architectures (the
+    classifier's width, set by the data, aside)."""
+    return {k: v for k, v in a.items() if k != "num_classes"} == {k: v for k, v in b.items() if k != "num_classes"}
+
+
 def top1_of(run_dir: str, split: str) -> dict:
     result = read_json(os.path.join(run_dir, "result.json"))
     return {"top1": result["last"][f"{split}_top1"], "best_top1": result[f"best_{split}_top1"]}
@@ -152,7 +158,7 @@ def run(cfg: GroundtruthConfig) -> dict:
             searched_space, arch, _ = read_arch_json(path)
         except ExportError as e:
             raise ValueError(f"--searched: {e}") from None
-        if searched_space.config.to_dict() != space.config.to_dict():
+        if not same_space(searched_space.config.to_dict(), space.config.to_dict()):
             raise ValueError(f"--searched {path}: its space is not the {cfg.space} space of the table")
         entries.append(("searched", arch))
     study.start({"train": base_train.to_dict(), "space": space.config.to_dict(),

@@ -24,9 +24,9 @@ from typing import List
 import numpy as np
 
 from .. import stats
-from ..search.config import option
+from ..search.config import data_source, option
 from .common import StudyOptions, StudyRun, read_json, search_config
-from .groundtruth import load_table
+from .groundtruth import load_table, same_space
 from .sharing import score_supernet
 
 NAME = "ranking"
@@ -107,13 +107,12 @@ def run(cfg: RankingConfig) -> dict:
     supernets, inherited = {}, {}
     for name, path in runs.items():
         saved = read_json(os.path.join(path, "config.json"))
-        dataset = "imagenet" if saved.get("data") else saved.get("dataset", "digits")
+        dataset = data_source(saved.get("dataset", "digits"), saved.get("data"))
         if table.get("dataset") and dataset != table["dataset"]:
             raise ValueError(f"supernet {path} was trained on {dataset}, the table on {table['dataset']}")
         space = read_json(os.path.join(path, "arch.json"))["space"] if os.path.exists(
             os.path.join(path, "arch.json")) else None
-        if space is not None and {k: v for k, v in space.items() if k != "num_classes"} != \
-                {k: v for k, v in table["space_config"].items() if k != "num_classes"}:
+        if space is not None and not same_space(space, table["space_config"]):
             raise ValueError(f"supernet {path}: its space is not the table's {table['space']} space")
         acc = np.array(score_supernet(path, archs, split))
         inherited[name] = acc

@@ -23,6 +23,7 @@ from .. import cost as cost_model
 from ..search.config import option
 from ..search.evolution import sample_within_budget
 from .. import stats
+from . import groundtruth
 from .common import (StudyOptions, StudyRun, arch_file, read_history, read_json, run_space, same_data, search_config,
                      short, train_config, write_json)
 
@@ -76,10 +77,6 @@ def trained(run_dir: str, split: str) -> dict:
     return {"top1": history[-1]["top1"], "best_top1": max(h["top1"] for h in history), "history": history}
 
 
-def _without_classes(space_config: dict) -> dict:
-    return {k: v for k, v in space_config.items() if k != "num_classes"}
-
-
 def _percentile(row: dict) -> str:
     g = row.get("groundtruth_percentile")
     if g is None:
@@ -129,8 +126,7 @@ def run(cfg: SeedsConfig) -> dict:
     base_train = same_data(base_search, base_train)
     table = None
     if cfg.groundtruth:
-        from .groundtruth import load_table
-        table = load_table(cfg.groundtruth)
+        table = groundtruth.load_table(cfg.groundtruth)
     split = base_train.score_split
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     searches = [study.subrun(f"search-{s}", "search", replace(base_search, seed=s)) for s in seeds]
@@ -139,7 +135,7 @@ def run(cfg: SeedsConfig) -> dict:
 
     # the random architectures, matched to the searched ones' median MACs
     space = run_space(searches[0].out)
-    if table is not None and _without_classes(table["space_config"]) != _without_classes(space.config.to_dict()):
+    if table is not None and not groundtruth.same_space(table["space_config"], space.config.to_dict()):
         raise ValueError(f"the ground-truth table is of another space ({table['space']}) than the searches'")
     searched = [read_json(s.done_file) for s in searches]
     median = float(np.median([a["mflops"] for a in searched]))
@@ -177,13 +173,6 @@ def run(cfg: SeedsConfig) -> dict:
     scored = {read_json(t.done_file)["scored_images"] for t in trainings}
     if len(scored) != 1:
         raise RuntimeError(f"the retrainings were scored on different numbers of images: {sorted(scored)}")
-    if table is not None:
-        from .groundtruth import percentile_at_flops
-        for r in rows["searched"] + rows["random"]:
-            r["groundtruth_percentile"] = percentile_at_flops(table, r["mflops"], r["top1"])
-        recipe = ("recipe", "epochs", "batch_size", "lr", "lr_batch", "dataset", "score_split", "seed")
-        groundtruth = {"table": os.path.abspath(cfg.groundtruth), "same_recipe": all(
-            table["train"].get(k) == base_train.to_dict().get(k) for k in recipe)}
     result = {"seeds": cfg.seeds, "search_seeds": seeds, "train_seed": base_train.seed,
               "candidates": space.candidate_names, **rows, "summary": summary,
               "scoring": {"split": split, "images": scored.pop()},
@@ -195,8 +184,12 @@ def run(cfg: SeedsConfig) -> dict:
                            "searched_min_mflops": min(r["mflops"] for r in rows["searched"]),
                            "searched_max_mflops": max(r["mflops"] for r in rows["searched"]),
                            "sampler_seed": cfg.seed + SAMPLER_SEED_OFFSET}}
-    if table is not None:
-        result["groundtruth"] = groundtruth
+    if table is not None:  # each net placed among the table's nets of about its cost
+        for r in rows["searched"] + rows["random"]:
+            r["groundtruth_percentile"] = groundtruth.percentile_at_flops(table, r["mflops"], r["top1"])
+        recipe = ("recipe", "epochs", "batch_size", "lr", "lr_batch", "dataset", "score_split", "seed")
+        result["groundtruth"] = {"table": os.path.abspath(cfg.groundtruth), "same_recipe": all(
+            table["train"].get(k) == base_train.to_dict().get(k) for k in recipe)}
 
     def figures(out: str) -> List[str]:
         from . import figures as fig
