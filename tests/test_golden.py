@@ -66,13 +66,14 @@ def produce(work: str) -> dict:
          cwd=work)
     model = torch.load(os.path.join(export, "model_timm.pt"), map_location="cpu", weights_only=True)
     weights = {k: [round(float(v.double().sum()), 6), list(v.shape)] for k, v in model.items()}
-    return {"search/arch.json": _read(os.path.join(run, "arch.json")),
+    out = {"search/arch.json": _read(os.path.join(run, "arch.json")),
             "search/history.jsonl": _read(os.path.join(run, "history.jsonl")),
             "evaluate": evaluation,
             "train/history.jsonl": _untimed(_read(os.path.join(trained, "history.jsonl"))),
             "train/result.json": _untimed(_read(os.path.join(trained, "result.json"))),
-            "export/model_timm.json": _read(os.path.join(export, "model_timm.json")).replace(export, "<export>"),
+            "export/model_timm.json": _read(os.path.join(export, "model_timm.json")),
             "export/weights": json.dumps(weights, sort_keys=True)}
+    return {k: v.replace(work, "<work>") for k, v in out.items()}  # paths name the temporary folder
 
 
 def machine() -> dict:
