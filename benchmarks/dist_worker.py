@@ -23,16 +23,17 @@ import torch.nn.functional as F
 
 from betanas_fast.nn.supernet import Supernet
 from betanas_fast.search import ArchState, Search, SearchConfig
+from betanas_fast.runs import ranks as run_ranks
 from betanas_fast.search import distributed
-from betanas_fast.search.timing import COMMUNICATION_PARTS, PARTS, StepTimer
+from betanas_fast.runs.timing import COMMUNICATION_PARTS, PARTS, StepTimer
 from betanas_fast.space import build_space
 
 WARMUP, STEPS, GLOBAL_BATCH = 3, 15, 64
 
 
 def sync_benchmark(out):
-    ranks = distributed.ranks_from_env()
-    distributed.init(ranks, "cpu")
+    ranks = run_ranks.ranks_from_env()
+    run_ranks.init(ranks, "cpu")
     torch.manual_seed(0)
     space = build_space("bench")
     model = Supernet(space).to(memory_format=torch.channels_last)
@@ -102,4 +103,4 @@ if __name__ == "__main__":
         sync_benchmark(out)
     else:
         rehearsal(out, sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
-    distributed.shutdown()
+    run_ranks.shutdown()

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from betanas_fast.search.timing import NoTimer
+from betanas_fast.runs.timing import NoTimer
 from betanas_fast.space import SearchSpace, expanded_channels
 
 
@@ -185,7 +185,7 @@ def alpha_grad(alpha: torch.Tensor, remaining: torch.Tensor, gate: torch.Tensor,
 
 class PlainSearch:
     """The search iteration of `s` (a built Search, whose model this never runs) on a PlainSupernet with
-    `s.model`'s weights. `timer` marks the same parts as the engine's (search.timing)."""
+    `s.model`'s weights. `timer` marks the same parts as the engine's (runs.timing)."""
 
     def __init__(self, s):
         if s.cfg.path_sampling != "per-batch":

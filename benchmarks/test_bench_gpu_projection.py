@@ -23,7 +23,7 @@ import torch
 
 from betanas_fast.search import Search, SearchConfig
 from betanas_fast.search.config import load_preset
-from betanas_fast.search.timing import StepTimer
+from betanas_fast.runs.timing import StepTimer
 
 IMAGENET_TRAIN = 1_281_167
 PER_GPU = int(os.environ.get("BETANAS_PROJECTION_BATCH", "256"))

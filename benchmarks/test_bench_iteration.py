@@ -13,7 +13,7 @@ runs): one Phase-1 step plus one Phase-2 step, every candidate remaining, as the
 The three run in alternating order in the same process, each on its own Search built from the same
 configuration and seed, so that every round they see the same batches and paths.
 
-Under the ratio table, per implementation, the mean time of each part of the step (search.timing; the
+Under the ratio table, per implementation, the mean time of each part of the step (runs.timing; the
 plain step marks the same parts) next to the model of its limit (roofline.py): FLOPs and bytes of the part
 and the time they would take at this machine's measured peak GEMM rate and copy bandwidth.
 """
@@ -27,7 +27,7 @@ import torch
 
 from betanas_fast import ops
 from betanas_fast.search import Search, SearchConfig
-from betanas_fast.search.timing import PARTS, StepTimer
+from betanas_fast.runs.timing import PARTS, StepTimer
 
 import roofline
 from plain_supernet import PlainSearch, check_matches_engine

@@ -30,11 +30,11 @@ Python API: `load_net(run_or_arch, weights=None)`, `export_timm(net, out_dir)`, 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 import sys
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -44,7 +44,10 @@ from . import cost as cost_model
 from . import ops
 from .nn.mbconv import MBConv
 from .nn.supernet import Net, Supernet
-from .space import SearchSpace, SpaceConfig
+from .runs import files
+from .runs.options import option, parse_options
+from .scoring import load_search
+from .space import SearchSpace, make_divisible, timm_block_string
 
 FORMAT_VERSION = 1
 TIMM_FILES = ("model_timm.pt", "model_timm.json", "rebuild_timm.py")
@@ -65,59 +68,6 @@ def _require(module: str):
 
 # --- loading --------------------------------------------------------------------------------------------------
 
-def _space_from_dict(d, where: str) -> SearchSpace:
-    try:
-        return SearchSpace(SpaceConfig.from_dict(d))
-    except (TypeError, ValueError) as e:
-        raise ExportError(f"{where}: its space configuration is not valid ({e})") from None
-
-
-def _arch_of(space: SearchSpace, strings, choices, where: str) -> List[int]:
-    try:
-        if choices is not None:
-            arch = [int(m) for m in choices]
-            space.check_arch(arch)
-            if strings is not None and list(strings) != space.arch_strings(arch):
-                raise ValueError(f"its choices {arch} are not its block strings {list(strings)}")
-            return arch
-        if strings is None:
-            raise ValueError("it names no architecture (no 'arch' block strings, no 'choices')")
-        return space.arch_from_strings(list(strings))
-    except (TypeError, ValueError) as e:
-        raise ExportError(f"{where}: {e}") from None
-
-
-def read_arch_json(path: str) -> Tuple[SearchSpace, List[int], dict]:
-    """(space, choices, the whole summary) of a search's arch.json, or of the one in the run directory `path`."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "arch.json")
-    if not os.path.isfile(path):
-        raise ExportError(f"{path}: no such file (a search writes arch.json into its run directory when it "
-                          f"finishes)")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path} is not a readable arch.json ({type(e).__name__}: {e})") from None
-    if not isinstance(d, dict) or "space" not in d:
-        raise ExportError(f"{path} is not a search's arch.json (no 'space' entry)")
-    space = _space_from_dict(d["space"], path)
-    return space, _arch_of(space, d.get("arch"), d.get("choices"), path), d
-
-
-def _read_weights(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ExportError(f"--weights {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, pickled objects weights_only refuses, ...
-        raise ExportError(f"--weights {path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ExportError(f"--weights {path} holds no 'model' state dict (expected a retrained net's checkpoint "
-                          f"with 'model', 'arch', 'space' and 'net')")
-    return ckpt
-
-
 def _inherit(space: SearchSpace, arch: Sequence[int], state: dict, where: str) -> Net:
     supernet = Supernet(space)
     try:
@@ -130,13 +80,12 @@ def _inherit(space: SearchSpace, arch: Sequence[int], state: dict, where: str) -
 
 def _recalibrated(run_dir: str, arch: Sequence[int]) -> Optional[Net]:
     """The sub-network of a search run with its BatchNorm statistics recomputed exactly on the run's own
-    calibration subset (evaluate.load_run, Search.subnet): the supernet's statistics mix every path's and
-    are wrong for any one sub-network. None, with a warning, when the run's data cannot be loaded."""
-    if not os.path.exists(os.path.join(run_dir, "config.json")):
+    calibration subset (scoring.load_search, as evaluate scores it): the supernet's statistics mix every path's
+    and are wrong for any one sub-network. None, with a warning, when the run's data cannot be loaded."""
+    if not os.path.exists(os.path.join(run_dir, files.CONFIG)):
         return None
-    from .evaluate import load_run  # noqa: PLC0415 (the search package is heavier than export needs)
     try:
-        search = load_run(run_dir, device="cpu")
+        search = load_search(run_dir, device="cpu")
     except (ValueError, OSError, KeyError) as e:
         print(f"warning: {run_dir}: the run's data could not be loaded to recompute the sub-network's BatchNorm "
               f"statistics ({e}); exporting the supernet's", file=sys.stderr)
@@ -145,6 +94,14 @@ def _recalibrated(run_dir: str, arch: Sequence[int]) -> Optional[Net]:
 
 
 def load_net(run_or_arch: str, weights: Optional[str] = None) -> Net:
+    """`_load_net`, whose run-file errors are export errors."""
+    try:
+        return _load_net(run_or_arch, weights)
+    except files.RunFileError as e:
+        raise ExportError(str(e)) from None
+
+
+def _load_net(run_or_arch: str, weights: Optional[str] = None) -> Net:
     """The searched Net, in eval mode, with its weights:
     - `weights` (a retrained net's checkpoint: "model", "arch", "space", "net") when given; its architecture
       must be the one of `run_or_arch`'s arch.json, if there is one;
@@ -152,25 +109,23 @@ def load_net(run_or_arch: str, weights: Optional[str] = None) -> Net:
       (Net.from_supernet);
     - else (an arch.json with no checkpoint beside it) freshly initialised, with a warning.
     `net.export_source` says which."""
-    from .search import checkpoint as ckpt_io  # noqa: PLC0415 (the search package is heavier than export needs)
-
     if not os.path.exists(run_or_arch):
         raise ExportError(f"{run_or_arch}: no such run directory or arch.json file")
     run_dir = run_or_arch if os.path.isdir(run_or_arch) else os.path.dirname(os.path.abspath(run_or_arch))
-    arch_path = os.path.join(run_or_arch, "arch.json") if os.path.isdir(run_or_arch) else run_or_arch
-    ckpt = _read_weights(weights) if weights is not None else None
+    arch_path = files.arch_path(run_or_arch)
+    ckpt = files.read_net(weights) if weights is not None else None
     named = ckpt is not None and "space" in ckpt and "arch" in ckpt
     if os.path.isfile(arch_path) or not named:
-        space, arch, _ = read_arch_json(arch_path)
+        space, arch, _ = files.read_arch(arch_path)
     else:
         space, arch, arch_path = None, None, None
     source = {"arch_json": os.path.abspath(arch_path) if arch_path else None}
 
     if ckpt is not None:
         if named:
-            w_space = _space_from_dict(ckpt["space"], f"--weights {weights}")
+            w_space = files.space_from_dict(ckpt["space"], f"--weights {weights}")
             ints = isinstance(ckpt["arch"], (list, tuple)) and all(isinstance(m, int) for m in ckpt["arch"])
-            w_arch = _arch_of(w_space, None if ints else ckpt["arch"], ckpt["arch"] if ints else None,
+            w_arch = files.arch_of(w_space, None if ints else ckpt["arch"], ckpt["arch"] if ints else None,
                               f"--weights {weights}")
             if space is not None and (w_space.config.to_dict() != space.config.to_dict() or w_arch != arch):
                 raise ExportError(f"--weights {weights} is a net of another architecture than {arch_path} "
@@ -198,11 +153,11 @@ def load_net(run_or_arch: str, weights: Optional[str] = None) -> Net:
                                   f"({' '.join(str(e).split())[:400]})") from None
             source["weights"] = f"retrained checkpoint {os.path.abspath(weights)}"
     else:
-        ckpt_dir = os.path.join(run_dir, "checkpoints")
-        if ckpt_io.list_checkpoints(ckpt_dir):
+        ckpt_dir = files.checkpoint_dir(run_dir)
+        if files.list_checkpoints(ckpt_dir):
             try:
-                path, state = ckpt_io.load_latest(ckpt_dir)
-            except ckpt_io.CheckpointError as e:
+                path, state = files.load_latest(ckpt_dir)
+            except files.CheckpointError as e:
                 raise ExportError(str(e)) from None
             if not isinstance(state, dict) or "model" not in state:
                 raise ExportError(f"{path} holds no 'model' state dict")
@@ -248,25 +203,18 @@ def export_cost(net: Net) -> Tuple[int, int]:
 
 # --- timm -----------------------------------------------------------------------------------------------------
 
-def _timm_make_divisible(v: float, divisor: int = 8) -> int:
-    """timm's make_divisible at its defaults, which InvertedResidual applies to in_chs * exp_ratio."""
-    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
-    return new + divisor if new < 0.9 * v else new
-
-
 def _block_string(m: MBConv, where: str) -> Tuple[str, str]:
     """(timm block string, kind "ir" or "ds") of one MBConv."""
-    se = f"_se{m.se_ratio!r}" if m.se is not None else ""
+    se = m.se_ratio if m.se is not None else None
     if not m.has_expand:
-        return f"ds_r1_k{m.kernel_size}_s{m.stride}_c{m.out_channels}{se}", "ds"
-    e = m.expand_ratio
-    e = int(e) if float(e).is_integer() else e
+        return timm_block_string(m.kernel_size, m.stride, m.out_channels, se_ratio=se), "ds"
     mid = m.depthwise.conv.in_channels
-    if _timm_make_divisible(m.in_channels * float(e)) != mid:
-        raise ExportError(f"{where}: {m.in_channels} x {e} = {mid} expanded channels, but timm's InvertedResidual "
-                          f"rounds them to {_timm_make_divisible(m.in_channels * float(e))} (multiples of 8); use a "
-                          f"space whose widths are multiples of 8 (channel_divisor 8)")
-    return f"ir_r1_k{m.kernel_size}_s{m.stride}_e{e}_c{m.out_channels}{se}", "ir"
+    # timm's InvertedResidual rounds in_chs * exp_ratio with its make_divisible at its defaults (ours)
+    if make_divisible(m.in_channels * float(m.expand_ratio)) != mid:
+        raise ExportError(f"{where}: {m.in_channels} x {m.expand_ratio:g} = {mid} expanded channels, but timm's "
+                          f"InvertedResidual rounds them to {make_divisible(m.in_channels * float(m.expand_ratio))} "
+                          f"(multiples of 8); use a space whose widths are multiples of 8 (channel_divisor 8)")
+    return timm_block_string(m.kernel_size, m.stride, m.out_channels, m.expand_ratio, se), "ir"
 
 
 def timm_layout(net: Net) -> Tuple[List[List[str]], Dict[str, Tuple[str, str]]]:
@@ -527,28 +475,30 @@ def export_onnx(net: Net, path: str, check: bool = True, check_batches: Sequence
 
 # --- command line ---------------------------------------------------------------------------------------------
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m betanas_fast.export", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", metavar="RUN", help="a search run directory (arch.json, checkpoints/) or an arch.json file")
-    p.add_argument("--weights", metavar="FILE", help="a retrained net's checkpoint ('model', 'arch', 'space', 'net'); "
-                                                     "default: the run's supernet checkpoint, inherited")
-    p.add_argument("--format", required=True, choices=["timm", "onnx"], help="what to write")
-    p.add_argument("--out", metavar="DIR", help="output directory (default: RUN/export, or export/ beside arch.json)")
-    p.add_argument("--no-check", action="store_true", help="skip comparing the exported model's logits with the net's")
-    return p
+@dataclass
+class ExportConfig:
+    run: Optional[str] = option(None, "a search run directory (arch.json, checkpoints/) or an arch.json file", type=str,
+                                positional=True)
+    format: Optional[str] = option(None, "what to write (required)", choices=("timm", "onnx"), type=str)
+    weights: Optional[str] = option(None, "a retrained net's checkpoint ('model', 'arch', 'space', 'net'); default: the "
+                                          "run's supernet checkpoint, inherited", type=str)
+    out: Optional[str] = option(None, "output directory (default: RUN/export, or export/ beside arch.json)", type=str)
+    check: bool = option(True, "compare the exported model's logits with the net's")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = _parser().parse_args(argv)
+    args = parse_options(ExportConfig, list(argv) if argv is not None else None, "python -m betanas_fast.export",
+                         __doc__.split("\n\n")[0])
+    if args.format is None:
+        raise SystemExit("error: --format timm|onnx is required")
     try:
         net = load_net(args.run, args.weights)
         base = args.run if os.path.isdir(args.run) else os.path.dirname(os.path.abspath(args.run))
         out = args.out or os.path.join(base, "export")
         if args.format == "timm":
-            result = export_timm(net, out, check=not args.no_check)
+            result = export_timm(net, out, check=args.check)
         else:
-            result = export_onnx(net, os.path.join(out, ONNX_FILE), check=not args.no_check)
+            result = export_onnx(net, os.path.join(out, ONNX_FILE), check=args.check)
     except ExportError as e:
         raise SystemExit(f"error: {e}") from None
     src = net.export_source

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 import datetime
 import json
 import os
@@ -32,8 +33,10 @@ from .cost.latency import STATISTICS, LatencyTable, LatencyTableError, fixed_key
 from .cost.measure import Item, Protocol, measure
 from .nn.layers import fold_batchnorm
 from .nn.supernet import Net, build_candidate
-from .search.runtime import resolve_device
-from .space import PRESETS as SPACES, SearchSpace, SpaceConfig, build_space
+from .runs import files
+from .runs.options import add_config_arguments, given, option
+from .runs.runtime import resolve_device
+from .space import SPACES, SearchSpace, SpaceConfig, build_space, random_archs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CALIBRATION_SEED = 1_000_003  # the whole networks that measure the overhead; validate's are drawn apart from them
@@ -117,22 +120,6 @@ def _part_items(target: _Target, space: SearchSpace, gen: torch.Generator) -> Li
     return items
 
 
-def random_archs(space: SearchSpace, n: int, seed: int, exclude=()) -> List[List[int]]:
-    """n distinct uniformly random architectures (fewer if the space has fewer), none of `exclude`."""
-    from .search.evolution import sample_arch
-    allowed = torch.tensor(space.allowed_mask())
-    gen = torch.Generator().manual_seed(seed)
-    seen, out = {tuple(a) for a in exclude}, []
-    for _ in range(100 * n):
-        a = sample_arch(allowed, gen)
-        if tuple(a) not in seen:
-            seen.add(tuple(a))
-            out.append(a)
-            if len(out) == n:
-                break
-    return out
-
-
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None, (lambda k: None)
@@ -188,11 +175,7 @@ def mape(pred: Sequence[float], measured: Sequence[float]) -> float:
 
 
 def _read_arch(source: str, space: SearchSpace) -> List[int]:
-    from .export import ExportError, read_arch_json
-    try:
-        arch_space, arch, _ = read_arch_json(source)
-    except ExportError as e:
-        raise ValueError(str(e)) from None
+    arch_space, arch, _ = files.read_arch(source)
     if arch_space.config.to_dict() != space.config.to_dict():
         raise ValueError(f"{source}: its space is not the table's space ({space.config.to_dict()})")
     return arch
@@ -301,50 +284,65 @@ def format_validation(result: dict) -> str:
 
 
 # --- the command --------------------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
+@dataclass
+class BuildConfig:
+    space: str = option("demo", "the named space", choices=tuple(SPACES))
+    width_mult: Optional[float] = option(None, "the space's width multiplier (as the search's; default: the space's)",
+                                         type=float)
+    resolution: Optional[int] = option(None, "input resolution (default: the space's)", type=int)
+    num_classes: Optional[int] = option(None, "classifier outputs (default: the space's)", type=int)
+    device: str = option("cpu", "cpu, cuda, cuda:N or auto")
+    batch: int = option(1, "batch of the timed inference")
+    dtype: str = option("float32", "the timed dtype", choices=tuple(DTYPES))
+    threads: int = option(1, "CPU threads, fixed while timing")
+    channels_last: Optional[bool] = option(None, "NHWC tensors (default: on for the CPU, off for CUDA, as the search "
+                                                 "and training run)", type=bool)
+    statistic: str = option("p10", "what predicts: the 10th percentile of each entry's timing rounds (what the network "
+                                   "itself costs; interference from outside only adds time) or their median",
+                            choices=tuple(STATISTICS))
+    calibration_archs: int = option(16, "random whole networks timed to measure the per-network overhead")
+    rel_ci: float = option(Protocol.rel_ci, "stop timing an entry when its median's 95 %% interval is within this "
+                                            "relative margin")
+    max_passes: int = option(Protocol.max_passes, "rounds per entry at most")
+    seed: int = option(0, "inputs and the order of the timing rounds")
+    out: Optional[str] = option(None, "the table's file (default latency-<space>-<device>-b<batch>.json)", type=str)
+    progress: bool = option(True, "progress bar")
+
+
+@dataclass
+class ValidateConfig:
+    table: Optional[str] = option(None, "a table built by `build` (required)", type=str)
+    archs: int = option(30, "random architectures to time")
+    seed: int = option(0, "which random architectures")
+    arch: List[str] = option([], "search run directories or arch.json files to time too", type=str, nargs="+")
+    out: Optional[str] = option(None, "directory of validate.json and validate.png (default: beside the table, "
+                                      "<table>-validate/)", type=str)
+    latency_table_any_machine: bool = option(False, "time here even though the table was measured on another machine")
+    progress: bool = option(True, "progress bar")
+
+
+COMMANDS = {"build": (BuildConfig, "measure a space's latency table on this device"),
+            "validate": (ValidateConfig, "compare the table's predictions with whole networks timed end to end")}
+
+
+def parse_command(argv: Optional[List[str]] = None):
+    """(command, its config) from the command line."""
     p = argparse.ArgumentParser(prog="python -m betanas_fast.latency", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="measure a space's latency table on this device")
-    b.add_argument("--space", default="demo", choices=tuple(SPACES), help="the space's preset")
-    b.add_argument("--width-mult", type=float, default=None, help="the space's width multiplier (as the search's)")
-    b.add_argument("--resolution", type=int, default=None, help="input resolution (default: the space's)")
-    b.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the space's)")
-    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    b.add_argument("--batch", type=int, default=1, help="batch of the timed inference")
-    b.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    b.add_argument("--threads", type=int, default=1, help="CPU threads, fixed while timing")
-    b.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC tensors (default: on for the CPU, off for CUDA, as the search and training run)")
-    b.add_argument("--statistic", default="p10", choices=tuple(STATISTICS),
-                   help="what predicts: the 10th percentile of each entry's timing rounds (what the network "
-                        "itself costs; interference from outside only adds time) or their median")
-    b.add_argument("--calibration-archs", type=int, default=16,
-                   help="random whole networks timed to measure the per-network overhead")
-    b.add_argument("--rel-ci", type=float, default=Protocol.rel_ci,
-                   help="stop timing an entry when its median's 95 %% interval is within this relative margin")
-    b.add_argument("--max-passes", type=int, default=Protocol.max_passes, help="rounds per entry at most")
-    b.add_argument("--seed", type=int, default=0, help="inputs and the order of the timing rounds")
-    b.add_argument("--out", default=None, help="the table's file (default latency-<space>-<device>-b<batch>.json)")
-    b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    v = sub.add_parser("validate", help="compare the table's predictions with whole networks timed end to end")
-    v.add_argument("--table", required=True, help="a table built by `build`")
-    v.add_argument("--archs", type=int, default=30, help="random architectures to time")
-    v.add_argument("--seed", type=int, default=0, help="which random architectures")
-    v.add_argument("--arch", nargs="+", default=[], help="search run directories or arch.json files to time too")
-    v.add_argument("--out", default=None, help="directory of validate.json and validate.png (default: beside the "
-                                                "table, <table>-validate/)")
-    v.add_argument("--latency-table-any-machine", action="store_true",
-                   help="time here even though the table was measured on another machine")
-    v.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    return p
+    for name, (config_cls, help_text) in COMMANDS.items():
+        add_config_arguments(sub.add_parser(name, help=help_text,
+                                            formatter_class=argparse.RawDescriptionHelpFormatter), config_cls)
+    args = p.parse_args(argv)
+    config_cls = COMMANDS[args.command][0]
+    return args.command, config_cls(**given(args, skip=("command",)))
 
 
 def main(argv: Optional[List[str]] = None):
-    args = _parser().parse_args(argv)
+    command, args = parse_command(argv)
     try:
-        if args.command == "build":
+        if command == "build":
             overrides = {k: getattr(args, k) for k in ("width_mult", "resolution", "num_classes")
                          if getattr(args, k) is not None}
             space = build_space(args.space, **overrides)
@@ -365,6 +363,8 @@ def main(argv: Optional[List[str]] = None):
                   + (f"; {n_unconv} item(s) did not reach ±{args.rel_ci:.0%} within {args.max_passes} passes"
                      if n_unconv else ""))
             return table
+        if args.table is None:
+            raise ValueError("validate needs --table (a table built by `build`)")
         table = LatencyTable.load(args.table)
         if not args.latency_table_any_machine:
             table.check_machine()
@@ -372,9 +372,7 @@ def main(argv: Optional[List[str]] = None):
         extra = [(os.path.basename(os.path.normpath(a)), _read_arch(a, space)) for a in args.arch]
         result = validate(table, args.archs, args.seed, extra, progress=args.progress)
         out = args.out or os.path.splitext(args.table)[0] + "-validate"
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "validate.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        files.write_json(os.path.join(out, "validate.json"), result, indent=1, newline=False)
         plot_validation(result, os.path.join(out, "validate.png"))
         print(format_validation(result))
         print(f"wrote {out}/validate.json and validate.png")

@@ -14,6 +14,8 @@ import platform
 import subprocess
 from typing import Dict, List, Optional
 
+from .runs import files
+
 # The CPU features that decide which kernels and precisions are fast; recorded with every result.
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
                 "amx_tile", "amx_bf16", "asimd", "sve", "bf16")
@@ -90,12 +92,8 @@ def _plain(value):
 
 
 def write_json(path: str, data) -> None:
-    """Atomically: a killed writer never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(_plain(data), f, indent=1, allow_nan=False)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    """A results or study file: JSON-safe (`_plain`), atomically."""
+    files.write_json(path, _plain(data), indent=1, allow_nan=False)
 
 
 def write_results(path: str, command: str, data: dict, repo: Optional[str] = None) -> dict:

@@ -1,4 +1,5 @@
-"""The search space as data: stages, candidates and where the identity path is legal.
+"""The search space as data: stages, candidates and where the identity path is legal; the named spaces
+(`SPACES`); uniformly random architectures of a space, under a cost budget or not.
 
 Everything else (supernet, FLOPs, export, plots) reads a `SearchSpace`; the list of candidates lives
 here only.
@@ -7,7 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
 
 from ._rules import conv_out_size
 
@@ -30,8 +33,18 @@ class Candidate:
         """timm-style block string, e.g. `ir_r1_k5_s2_e6_c40`; `skip` for the identity."""
         if self.is_skip:
             return SKIP
-        e = int(self.expand_ratio) if float(self.expand_ratio).is_integer() else self.expand_ratio
-        return f"ir_r1_k{self.kernel_size}_s{stride}_e{e}_c{out_channels}"
+        return timm_block_string(self.kernel_size, stride, out_channels, self.expand_ratio)
+
+
+def timm_block_string(kernel_size: int, stride: int, out_channels: int, expand_ratio: Optional[float] = None,
+                      se_ratio: Optional[float] = None) -> str:
+    """timm's block string of an MBConv: `ir_r1_k5_s2_e6_c40`, `ds_r1_k3_s1_c8` without an expansion
+    (`expand_ratio` None: timm's DepthwiseSeparableConv), `_se0.25` with squeeze-excitation."""
+    se = f"_se{se_ratio!r}" if se_ratio is not None else ""
+    if expand_ratio is None:
+        return f"ds_r1_k{kernel_size}_s{stride}_c{out_channels}{se}"
+    e = int(expand_ratio) if float(expand_ratio).is_integer() else expand_ratio
+    return f"ir_r1_k{kernel_size}_s{stride}_e{e}_c{out_channels}{se}"
 
 
 def parse_candidate(name: str) -> Candidate:
@@ -105,7 +118,7 @@ class SpaceConfig:
         return cls(**d)
 
 
-PRESETS = {
+SPACES = {
     # The MNASNet / ProxylessNAS mobile space of the paper (21 choice blocks, 15 with skip).
     "mobile": SpaceConfig(),
     # Same shape, small enough for a CPU search on 32x32 digits in a couple of minutes.
@@ -211,12 +224,12 @@ class SearchSpace:
         return arch
 
 
-def build_space(preset: str = "demo", stage_depths: Optional[Sequence[int]] = None, **overrides) -> SearchSpace:
-    """A space from a named preset, with any SpaceConfig field overridden (None values ignored) and,
+def build_space(name: str = "demo", stage_depths: Optional[Sequence[int]] = None, **overrides) -> SearchSpace:
+    """A named space (`SPACES`), with any SpaceConfig field overridden (None values ignored) and,
     optionally, the number of blocks per stage replaced."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown space preset {preset!r}; expected one of {sorted(PRESETS)}")
-    d = PRESETS[preset].to_dict()
+    if name not in SPACES:
+        raise ValueError(f"unknown space {name!r}; expected one of {sorted(SPACES)}")
+    d = SPACES[name].to_dict()
     d.update({k: v for k, v in overrides.items() if v is not None})
     if stage_depths is not None:
         if len(stage_depths) != len(d["stages"]):
@@ -225,9 +238,55 @@ def build_space(preset: str = "demo", stage_depths: Optional[Sequence[int]] = No
     return SearchSpace(SpaceConfig.from_dict(d))
 
 
+def space_from_settings(settings: Mapping, num_classes: Optional[int] = None) -> SearchSpace:
+    """The space a search's settings name (`space`, `stage_depths`, `width_mult`, `resolution`, `candidates`, as
+    its config.json saves them), with `num_classes` classes when given (the data's)."""
+    return build_space(settings["space"], stage_depths=settings["stage_depths"], width_mult=settings["width_mult"],
+                       resolution=settings["resolution"], candidates=settings["candidates"], num_classes=num_classes)
+
+
+# --- random architectures ---------------------------------------------------------------------------------------
+def sample_arch(allowed, generator: torch.Generator) -> List[int]:
+    """A uniformly random architecture: per block, one of its allowed paths (`allowed`: [L, M] booleans)."""
+    arch = []
+    for row in torch.as_tensor(allowed):
+        ok = row.nonzero().flatten().tolist()
+        arch.append(ok[int(torch.randint(len(ok), (1,), generator=generator))])
+    return arch
+
+
+def sample_within_budget(allowed, generator: torch.Generator, cost_fn: Callable[[List[int]], float],
+                         budget: Optional[float], tries: int = 10000, floor: Optional[float] = None) -> List[int]:
+    """A uniformly random architecture whose cost is at most `budget` (and at least `floor`), by rejection."""
+    for _ in range(tries):
+        arch = sample_arch(allowed, generator)
+        cost = cost_fn(arch) if budget is not None or floor is not None else None
+        if (budget is None or cost <= budget) and (floor is None or cost >= floor):
+            return arch
+    band = f"at most {budget}" if floor is None else f"in [{floor}, {budget}]"
+    raise RuntimeError(f"no architecture of cost {band} (the budget's unit: MFLOPs, or ms with a latency cost) found "
+                       f"in {tries} random samples")
+
+
+def random_archs(space: SearchSpace, n: int, seed: int, exclude=()) -> List[List[int]]:
+    """n distinct uniformly random architectures of `space` (fewer if it has fewer), none of `exclude`."""
+    allowed = torch.tensor(space.allowed_mask())
+    gen = torch.Generator().manual_seed(seed)
+    seen, out = {tuple(a) for a in exclude}, []
+    for _ in range(100 * n):
+        a = sample_arch(allowed, gen)
+        if tuple(a) not in seen:
+            seen.add(tuple(a))
+            out.append(a)
+            if len(out) == n:
+                break
+    return out
+
+
 def count_skip_blocks(space: SearchSpace) -> int:
     return sum(any(space.candidates[m].is_skip and a for m, a in enumerate(b.allowed)) for b in space.blocks)
 
 
-__all__ = ["SKIP", "Candidate", "ChoiceBlockSpec", "SpaceConfig", "SearchSpace", "PRESETS", "DEFAULT_CANDIDATES",
-           "build_space", "parse_candidate", "make_divisible", "expanded_channels", "count_skip_blocks"]
+__all__ = ["SKIP", "Candidate", "ChoiceBlockSpec", "SpaceConfig", "SearchSpace", "SPACES", "DEFAULT_CANDIDATES",
+           "build_space", "parse_candidate", "timm_block_string", "make_divisible", "expanded_channels", "count_skip_blocks",
+           "space_from_settings", "sample_arch", "sample_within_budget", "random_archs"]

@@ -31,9 +31,7 @@ TensorBoard, `history.jsonl` with top-1/top-5 per epoch, `best.pt` / `last.pt` (
 architecture, the space and the net options: `python -m betanas_fast.export RUN --weights best.pt`)."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -45,15 +43,16 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .data import EMBEDDED, BatchOrder, build_data, load_test_split
+from .data import EMBEDDED, BatchOrder
+from .data.load import training_data
 from .data.stream import BatchStream
-from .evaluate import score
 from .nn.supernet import Net
-from .search import checkpoint as ckpt
-from .search import distributed
-from .search.config import add_config_arguments, option, validate_choices
-from .search.runtime import autocast, configure_process, resolve_amp_dtype, resolve_device
-from .space import PRESETS as SPACES, SearchSpace, build_space
+from .runs import files, ranks as run_ranks
+from .runs.options import option, parse_options, validate_choices
+from .runs.runtime import autocast, configure_process, resolve_amp_dtype, resolve_device
+from .runs.session import RunSession, continued_settings
+from .scoring import score
+from .space import SPACES, SearchSpace, build_space
 
 _DEMO = dict(optimizer="sgd", lr=0.05, lr_batch=64, nesterov=True, schedule="cosine", warmup_epochs=2, epochs=60,
              batch_size=64, label_smoothing=0.1, weight_decay=4e-5, weight_decay_bn=False, dropout=0.2)
@@ -152,11 +151,9 @@ def searched_dataset(arch: List[str]) -> Optional[str]:
     """The embedded data set the search behind --arch (a run directory or its arch.json) ran on, if it says."""
     if len(arch) != 1 or not (os.path.isdir(arch[0]) or arch[0].endswith(".json")):
         return None
-    path = os.path.join(arch[0], "arch.json") if os.path.isdir(arch[0]) else arch[0]
     try:
-        with open(path) as f:
-            name = json.load(f).get("dataset")
-    except (OSError, ValueError, AttributeError):
+        name = files.read_json(files.arch_path(arch[0])).get("dataset")
+    except (files.RunFileError, AttributeError):
         return None  # resolve_arch says what is wrong with it
     return name if name in EMBEDDED else None
 
@@ -180,15 +177,11 @@ RUN_ONLY = ("out", "resume", "stop_after", "progress", "tensorboard", "threads",
 def resolve_arch(cfg: TrainConfig) -> tuple:
     """(space, choices) from --arch: a run directory, an arch.json, or block strings of --space; the space
     rebuilt at --width-mult."""
-    from .export import ExportError, read_arch_json
     if not cfg.arch:
         raise ValueError("--arch is required: a search run directory, its arch.json, or block strings")
     source = cfg.arch[0]
     if len(cfg.arch) == 1 and (os.path.isdir(source) or source.endswith(".json")):
-        try:
-            space, arch, _ = read_arch_json(source)
-        except ExportError as e:
-            raise ValueError(str(e)) from None
+        space, arch, _ = files.read_arch(source)
     else:
         space = build_space(cfg.space)
         strings = list(cfg.arch)
@@ -210,69 +203,14 @@ def build_net(space: SearchSpace, arch: List[int], cfg: TrainConfig) -> Net:
     return net
 
 
-# --- data --------------------------------------------------------------------------------------------------------
-class AutoAugmentSplit:
-    """A training split with torchvision's AutoAugment (ImageNet policy) on each decoded image: undo the
-    normalisation, augment as uint8, normalise again. Its randomness is drawn from the stream's generator
-    (torchvision draws from torch's global generator, which is forked and seeded per batch)."""
-
-    def __init__(self, split, mean, std):
-        from torchvision.transforms import AutoAugment, AutoAugmentPolicy
-        self.split, self.policy = split, AutoAugment(AutoAugmentPolicy.IMAGENET)
-        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
-        self.labels = split.labels
-        self.decodes = True  # per-image augmentation: worth doing ahead of the model
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def batch(self, indices, train, generator=None):
-        x, y = self.split.batch(indices, train, generator)
-        if not train:
-            return x, y
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            img = (x * self.std + self.mean).round().clamp(0, 255).to(torch.uint8)
-            img = torch.stack([self.policy(i) for i in img])
-        return ((img.float() - self.mean) / self.std).contiguous(memory_format=torch.contiguous_format), y
-
-
-def load_data(cfg: TrainConfig, space: SearchSpace, ranks):
-    """(train split, scored split, number of classes, mean, std) of the images the net is retrained on: the
-    whole training data (the search's held-out images included), scored on val/ or a class-balanced carve-out,
-    or on the digits' test split (`cfg.score_split`; `cfg` resolved)."""
-    validate_scoring(cfg)
-    resolution = space.config.resolution
-    if cfg.data is None:
-        test = cfg.score_split == "test"
-        d = build_data(cfg.dataset, seed=cfg.seed, heldout=1, val=0 if test else cfg.val, resolution=resolution,
-                       augment=True, root=None)
-        train = d.train.joined(d.heldout)
-        scored = load_test_split(cfg.dataset, resolution) if test else d.val
-        return train, scored, d.num_classes, (127.5,) * 3, (127.5,) * 3
-    from .data import imagenet
-    from .data.imagenet.transforms import MEAN, STD
-    index = imagenet.build_index(cfg.data)
-    kind = imagenet.resolve_loader(cfg.loader, verbose=ranks.is_main)
-    val_per_class = 0 if index.val is not None else max(1, cfg.val // index.num_classes)
-    split = imagenet.make_split(index, max(val_per_class, 1), 0, cfg.seed)
-    if kind == "dali":
-        from .data.imagenet.dali import DaliSplit as Split
-    else:
-        from .data.imagenet.folder import FolderSplit as Split
-    train_positions = range(len(index.train)) if index.val is not None else split.train
-    train = Split(index, train_positions, resolution, "train", True)
-    val = Split(index, range(len(index.val)), resolution, "val", False) if index.val is not None \
-        else Split(index, split.heldout, resolution, "train", False)
-    return train, val, index.num_classes, MEAN, STD
-
-
 # --- the run -------------------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        if cfg.resume or (cfg.out and ckpt.latest_iteration(os.path.join(cfg.out, "checkpoints")) is not None):
-            cfg = self._saved_config(cfg)
+        # a continued run has its saved settings: --resume takes them, the same command again must have them
+        given = cfg.to_dict() if cfg.resume else cfg.resolved().to_dict()
+        saved = continued_settings(given, RUN_ONLY, cfg.out, cfg.resume)
+        if saved is not None:
+            cfg = TrainConfig(**saved)
         validate_choices(cfg)
         cfg = cfg.resolved()
         if cfg.optimizer not in ("sgd", "rmsprop"):
@@ -282,36 +220,33 @@ class Trainer:
         if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
             raise ValueError("epochs and batch size must be >= 1 and the learning rate positive")
         validate_scoring(cfg)
-        if distributed.launched_by_torchrun() and not (cfg.out or cfg.resume):
+        if run_ranks.launched_by_torchrun() and not (cfg.out or cfg.resume):
             raise ValueError("under torchrun, --out is required")
         self.cfg = cfg
         self.space, self.arch = resolve_arch(cfg)
-        self.ranks = distributed.ranks_from_env()
+        self.ranks = run_ranks.ranks_from_env()
         self.local_batch = self.ranks.share(cfg.batch_size, "--batch-size")
-        self.device = resolve_device(distributed.init(self.ranks, cfg.device))
+        self.device = resolve_device(run_ranks.init(self.ranks, cfg.device))
         configure_process(self.device, cfg.threads,
                           cfg.deterministic if cfg.deterministic is not None else self.device.type == "cpu")
         self.amp_dtype = resolve_amp_dtype(cfg.amp, cfg.amp_dtype, self.device, log=self.log)
-        self.out = cfg.resume or cfg.out or os.path.join("runs", f"train-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-        self.train_split, self.val_split, classes, mean, std = load_data(cfg, self.space, self.ranks)
-        if classes != self.space.config.num_classes:  # the classifier is not part of the searched architecture
-            self.space = SearchSpace(dataclasses.replace(self.space.config, num_classes=classes))
-        if cfg.autoaugment:
-            self.train_split = AutoAugmentSplit(self.train_split, mean, std)
+        self.session = RunSession(cfg.out, cfg.resume, "train", self.ranks)
+        self.out = self.session.dir
+        with self.ranks.main_first():  # rank 0 writes a folder's file index and split first
+            data = training_data(cfg.dataset, cfg.data, seed=cfg.seed, val=cfg.val, score_split=cfg.score_split,
+                                 resolution=self.space.config.resolution, loader=cfg.loader,
+                                 run_dir=self.out if cfg.data else None, autoaugment=cfg.autoaugment,
+                                 is_main=self.ranks.is_main)
+        self.train_split, self.val_split = data.train, data.scored
+        if data.num_classes != self.space.config.num_classes:  # the classifier is not part of the searched arch
+            self.space = SearchSpace(dataclasses.replace(self.space.config, num_classes=data.num_classes))
         if len(self.train_split) < cfg.batch_size:
             raise ValueError(f"the training split ({len(self.train_split)}) is smaller than one global batch "
                              f"({cfg.batch_size})")
         self.steps_per_epoch = len(self.train_split) // cfg.batch_size
 
     def log(self, *args) -> None:
-        if self.ranks.is_main:
-            print(*args, flush=True)
-
-    @staticmethod
-    def _saved_config(cli: TrainConfig) -> TrainConfig:
-        """The saved configuration of the run being continued (the same command again must be the same run)."""
-        given = cli.resolved().to_dict() if not cli.resume else cli.to_dict()
-        return TrainConfig(**ckpt.continued_config(cli.resume or cli.out, given, RUN_ONLY, check=not cli.resume))
+        self.session.log(*args)
 
     # --- setup ---
     def _build(self) -> None:
@@ -354,7 +289,6 @@ class Trainer:
         self.stream = BatchStream(self.train_split, BatchOrder(len(self.train_split), cfg.batch_size, cfg.seed + 3),
                                   train=True, generator=self.aug_gen, shard=self.ranks.shard)
         self.epoch, self.best = 0, -1.0
-        self.ckpt_dir = os.path.join(self.out, "checkpoints")
 
     def _state(self) -> dict:
         stream = self.stream.state_dict()
@@ -362,10 +296,10 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "stream": {"order": stream["order"], "generators": self.ranks.all_gather_object(stream["generator"])},
-                "world_size": self.ranks.world, "rng": ckpt.rng_state({})}
+                "world_size": self.ranks.world, "rng": files.rng_state({})}
 
     def _restore(self) -> None:
-        path, s = ckpt.load_latest(self.ckpt_dir)
+        path, s = self.session.restore("epoch", "epoch")
         self.net.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
@@ -373,24 +307,19 @@ class Trainer:
             self.scaler.load_state_dict(s["scaler"])
         if self.ema is not None and s["ema"] is not None:
             self.ema.load_state_dict(s["ema"])
-        ckpt.set_rng_state(s["rng"], {})
+        files.set_rng_state(s["rng"], {})
         self.stream.load_state_dict({"order": s["stream"]["order"], "generator": None}, generator=False)
         if int(s["world_size"]) == self.ranks.world:
             self.aug_gen.set_state(s["stream"]["generators"][self.ranks.rank])
         else:
             self.log(f"note: checkpoint of {s['world_size']} process(es) resumed on {self.ranks.world}: not bit-identical")
         self.epoch, self.best = int(s["epoch"]), float(s["best"])
-        if self.ranks.is_main:
-            ckpt.cut_history(self.out, "epoch", self.epoch)
         self.log(f"resumed from {path} after epoch {self.epoch}")
 
     def _save_net(self, name: str, net: torch.nn.Module) -> None:
         """A retrained net's file: what export and evaluate need to rebuild it."""
-        path = os.path.join(self.out, name)
-        state = {"model": net.state_dict(), "arch": self.space.arch_strings(self.arch),
-                 "space": self.space.config.to_dict(), "net": {"se_ratio": self.cfg.se_ratio, "act": self.net.act}}
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        files.save_net(os.path.join(self.out, name), net.state_dict(), self.space.arch_strings(self.arch),
+                       self.space.config.to_dict(), {"se_ratio": self.cfg.se_ratio, "act": self.net.act})
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device).contiguous(memory_format=self.memory_format)
@@ -402,17 +331,15 @@ class Trainer:
         self._build()
         if cfg.resume:
             self._restore()
-        elif main:
-            ckpt.start_run(self.out, cfg.to_dict())
+        else:
+            self.session.start(cfg.to_dict())
         self.log("resolved configuration:\n" + json.dumps(cfg.to_dict(), indent=2))
         self.log(f"net: {self.space.arch_strings(self.arch)}; {sum(p.numel() for p in self.net.parameters())} params; "
                  f"{len(self.train_split)} training images, {len(self.val_split)} scored ({cfg.score_split} split); "
                  f"device {self.device}; "
                  f"autocast {self.amp_dtype or 'off (fp32)'}; out {self.out}")
-        writer = None
-        if main and cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(self.out, "tensorboard"), purge_step=self.epoch + 1 if self.epoch else None)
+        self.session.open_tensorboard(cfg.tensorboard, self.epoch)
+        split = cfg.score_split
         rec = None
         try:
             while self.epoch < cfg.epochs:
@@ -420,28 +347,21 @@ class Trainer:
                     self.log(f"stopped after epoch {self.epoch} (--stop-after)")
                     return rec
                 rec = self._epoch()
+                self.session.record(rec, self.epoch, scalars=("train_loss", "train_acc", f"{split}_top1",
+                                                              f"{split}_top5", "lr"))
                 if main:
-                    ckpt.append_history(self.out, rec)
-                    split = cfg.score_split
-                    if writer:
-                        for k in ("train_loss", "train_acc", f"{split}_top1", f"{split}_top5", "lr"):
-                            writer.add_scalar(k, rec[k], self.epoch)
                     print(f"epoch {self.epoch}/{cfg.epochs}: loss {rec['train_loss']:.4f}, {split} top-1 "
                           f"{rec[f'{split}_top1']:.4f}, top-5 {rec[f'{split}_top5']:.4f} ({rec['seconds']:.1f} s)",
                           flush=True)
-                state = self._state()
-                if main:
-                    ckpt.save_checkpoint(self.ckpt_dir, self.epoch, state)
+                self.session.save_checkpoint(self.epoch, self._state())
         finally:
             self.stream.close()
-            if writer:
-                writer.close()
+            self.session.close()
         result = {"arch": self.space.arch_strings(self.arch), "epochs": cfg.epochs, "score_split": cfg.score_split,
                   "scored_images": len(self.val_split), f"best_{cfg.score_split}_top1": self.best, "last": rec}
         if main:
-            with open(os.path.join(self.out, "result.json"), "w") as f:
-                json.dump(result, f, indent=2)
-            self.log(f"best {cfg.score_split} top-1 {self.best:.4f}; {os.path.join(self.out, 'best.pt')}")
+            files.write_result(self.out, result)
+            self.log(f"best {cfg.score_split} top-1 {self.best:.4f}; {os.path.join(self.out, files.BEST_NET)}")
         return result
 
     def _epoch(self) -> dict:
@@ -478,15 +398,15 @@ class Trainer:
         if self.step_per == "epoch":
             self.scheduler.step()
         if self.ranks.active:
-            losses = distributed.all_reduce_mean(self.ranks, losses, self.device) * self.ranks.world
+            losses = run_ranks.all_reduce_mean(self.ranks, losses, self.device) * self.ranks.world
         self.epoch += 1
         evaluated = self.ema.module if self.ema is not None else self.net
         top1, top5, _ = score(evaluated, self.val_split, self.local_batch, self._to_device,
                               autocast(self.device, self.amp_dtype), self.ranks)
         if self.ranks.is_main:
-            self._save_net("last.pt", evaluated)
+            self._save_net(files.LAST_NET, evaluated)
             if top1 > self.best:
-                self._save_net("best.pt", evaluated)
+                self._save_net(files.BEST_NET, evaluated)
         self.best = max(self.best, top1)
         n = float(losses[2])
         split = cfg.score_split
@@ -496,11 +416,7 @@ class Trainer:
 
 
 def parse_config(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(prog="python -m betanas_fast.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # each help says its default
-    add_config_arguments(p, TrainConfig)
-    args = p.parse_args(argv)
-    return TrainConfig(**{k: v for k, v in vars(args).items() if v is not None})
+    return parse_options(TrainConfig, argv, "python -m betanas_fast.train", __doc__.split("\n\n")[0])
 
 
 def main(argv=None):
@@ -510,7 +426,7 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     result = trainer.run()
-    distributed.shutdown()
+    run_ranks.shutdown()
     return result
 
 

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import tiny  # noqa: E402
 
 from betanas_fast.search import Search  # noqa: E402
-from betanas_fast.search import distributed  # noqa: E402
+from betanas_fast.runs import ranks as run_ranks  # noqa: E402
 from betanas_fast.search.distributed import RankDivergence  # noqa: E402
 
 
@@ -90,7 +90,7 @@ def main():
     results = {case: run_case(out, case) for case in cases}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
-    distributed.shutdown()
+    run_ranks.shutdown()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 
 from betanas_fast.data import base as data_base, digits
 from betanas_fast.data.digits import TEST_PER_CLASS, load_digits_data, load_digits_test, split_indices
-from betanas_fast.search.distributed import ranks_from_env
+from betanas_fast.runs.ranks import ranks_from_env
 from betanas_fast.space import build_space
 from betanas_fast.study import common
 from betanas_fast.study.seeds import SeedsConfig

@@ -15,8 +15,8 @@ import torch
 from betanas_fast.data import BatchOrder, TensorSplit
 from betanas_fast.data.stream import BatchStream
 from betanas_fast.search import Search, SearchConfig
-from betanas_fast.search import checkpoint as ckpt
-from betanas_fast.search.distributed import Ranks
+from betanas_fast.runs import files as ckpt
+from betanas_fast.runs.ranks import Ranks
 
 from common import read_history, tiny
 

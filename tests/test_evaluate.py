@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from betanas_fast import ops
-from betanas_fast.evaluate import calibration_indices, recalibrate_bn
+from betanas_fast.scoring import calibration_indices, recalibrate_bn
 from betanas_fast.nn import DWConvBNAct, Net
 from betanas_fast.search import Search
 from betanas_fast.space import build_space

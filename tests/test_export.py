@@ -264,8 +264,8 @@ def test_cli_timm(run_dir):
     assert "supernet checkpoint" in net.export_source["weights"] and "recomputed" in net.export_source["weights"]
     assert net.space.arch_strings(net.arch) == summary["arch"]
     # BatchNorm recomputed as the search's own score did it: the exported net scores what arch.json says
-    from betanas_fast.evaluate import load_run, score
-    val = load_run(run_dir, device="cpu").data.val
+    from betanas_fast.scoring import load_search, score
+    val = load_search(run_dir, device="cpu").data.val
     cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
     top1, _, _ = score(cl, val, 32, lambda x: x.contiguous(memory_format=torch.channels_last))
     assert top1 == summary["val_acc"]

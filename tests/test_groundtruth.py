@@ -47,7 +47,7 @@ def test_spread_sample_covers_the_range_evenly_distinct_and_seeded():
     assert (gaps >= 0).all() and gaps.max() < 3 * (mflops[-1] - mflops[0]) / 11
     # positive control of the evenness check: uniform random architectures bunch in the middle
     gen = torch.Generator().manual_seed(0)
-    from betanas_fast.search.evolution import sample_arch
+    from betanas_fast.space import sample_arch
     uniform = np.sort([cost_model.arch_cost(space, sample_arch(torch.tensor(space.allowed_mask()), gen)).mflops
                        for _ in range(12)])
     assert not (uniform[0] < low + 0.15 * (high - low) and uniform[-1] > high - 0.15 * (high - low))

@@ -1,6 +1,6 @@
 """The caching CPU allocator (betanas::cache_cpu_allocations): freed large blocks are handed out again,
 small ones and every size class still work, the profiler still sees allocations, and results do not
-change. Installing it is process-wide, as a search on the CPU does (search.runtime.configure_process)."""
+change. Installing it is process-wide, as a search on the CPU does (runs.runtime.configure_process)."""
 import pytest
 import torch
 import torch.nn.functional as F

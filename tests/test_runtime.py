@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from betanas_fast import provenance
-from betanas_fast.search import runtime
+from betanas_fast.runs import runtime
+from betanas_fast.search.engine import supernet_step
 
 from common import built
 
@@ -113,7 +114,7 @@ def test_amp_probe_leaves_the_search_state_untouched(tmp_path):
     path = [int(row.nonzero()[0]) for row in s.state.allowed]
     step = runtime.forward_backward_step(s.model, x, y, lambda m, inputs: m(inputs, path), "probe")
     times = runtime.time_autocast(step, CPU, repeats=2, warmup=1, min_pairs=1)
-    search_step = runtime.supernet_step(s.space, s.data.train, s.local_batch, CPU, torch.channels_last)
+    search_step = supernet_step(s.space, s.data.train, s.local_batch, CPU, torch.channels_last)
     times += runtime.time_autocast(search_step, CPU, repeats=1, warmup=1, min_pairs=1)
     assert all(0 < t < 60_000 and math.isfinite(t) for t in times)
     _assert_same(before, _snapshot(s))
@@ -147,7 +148,7 @@ def test_measured_choice_on_a_real_supernet_step(tmp_path):
     (on a CPU without it bf16 is the slow one, which does not matter to what is checked)."""
     s = built(tmp_path, threads=1)
     lines = []
-    c = runtime.measure_cpu_amp(lambda: runtime.supernet_step(s.space, s.data.train, s.local_batch, CPU,
+    c = runtime.measure_cpu_amp(lambda: supernet_step(s.space, s.data.train, s.local_batch, CPU,
                                                               torch.channels_last),
                                 CPU, log=lines.append, timer=lambda step, device: runtime.time_autocast(
                                     step, device, repeats=3, budget_s=0))

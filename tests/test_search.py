@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from betanas_fast.nn import set_bn_batch_stats_frozen
 from betanas_fast.search import ArchState, Search, SearchConfig, parse_config
-from betanas_fast.search import checkpoint as ckpt
+from betanas_fast.runs import files as ckpt
 
 from common import built, read_history, tiny
 
@@ -290,7 +290,7 @@ def test_weight_decay_skips_batchnorm_and_biases(tmp_path):
 def test_amp_runs_fp32_on_a_cpu_without_native_bf16(tmp_path, capsys):
     """--amp's choice on this CPU, as the detector finds it (no stand-ins): fp32 without native bf16, the
     faster of a measurement with it; an explicit --amp-dtype is obeyed; one line says what runs and why."""
-    from betanas_fast.search import runtime
+    from betanas_fast.runs import runtime
     cpu = torch.device("cpu")
     assert runtime.resolve_amp(False, "bf16", cpu).dtype is None
     assert runtime.resolve_amp(True, "bf16", cpu).dtype == torch.bfloat16  # forced

@@ -13,7 +13,7 @@ from scipy import stats as sps
 from betanas_fast import cost as cost_model
 from betanas_fast.search import SearchConfig
 from betanas_fast.search.config import parse_config as parse_search
-from betanas_fast.search.evolution import sample_within_budget
+from betanas_fast.space import sample_within_budget
 from betanas_fast.space import build_space
 from betanas_fast import stats
 from betanas_fast.study import common, main
@@ -251,7 +251,7 @@ def test_seeds_study_end_to_end_deterministic_and_continued(tmp_path, monkeypatc
     assert os.path.getsize(tmp_path / "a" / "seeds.png") > 10_000
     # every retraining is scored on the digits' fixed test split, which none of the searches loaded
     from betanas_fast.data.digits import load_digits_data, load_digits_test
-    from betanas_fast.search.distributed import ranks_from_env
+    from betanas_fast.runs.ranks import ranks_from_env
     from betanas_fast.train import load_data
     test = set(load_digits_test().indices.tolist())
     assert r["scoring"] == {"split": "test", "images": 300} and "test split" in capsys.readouterr().out

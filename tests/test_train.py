@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from betanas_fast.evaluate import score
+from betanas_fast.scoring import score
 from betanas_fast.space import build_space
 from betanas_fast.train import RECIPES, AutoAugmentSplit, TrainConfig, Trainer, build_net, resolve_arch
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..provenance import cpu_model
+from ..runs.files import write_json
 from ..space import ChoiceBlockSpec, SearchSpace
 
 FORMAT = "betanas_fast.latency_table/1"
@@ -160,10 +161,7 @@ class LatencyTable:
                 "network": self.network}
 
     def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)  # never a half-written table
+        write_json(path, self.to_dict(), indent=1, newline=False)
         self.path = path
 
     # -- checks

@@ -29,13 +29,13 @@ import gzip
 import hashlib
 import importlib.util
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional
 
 import numpy as np
 import torch
 
+from ..runs.files import save_torch
 from .base import (SearchData, TensorSplit, fixed_test_indices, network_input, register_dataset, search_splits,
                    validate_labels)
 
@@ -98,11 +98,7 @@ def _cached(key: str, make):
         pass
     value = make()
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        os.close(fd)
-        torch.save(value, tmp)
-        os.replace(tmp, path)
+        save_torch(path, value)
     except OSError:  # a read-only home: the run goes on without a cache
         pass
     return value

@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import ops
 from .._rules import conv_out_size, stats_dtype
+from ..runs.timing import OTHER_CANDIDATES, SAMPLED_PATH
 from ..space import SearchSpace
 from .per_sample import choice_block_per_sample
 from .mbconv import MBConv, canonical_act, make_act
@@ -219,7 +220,7 @@ class Supernet(_Body):
         statistics without touching the running ones (held-out data must not leak into the weights'
         state); they are frozen (requires_grad off) for the sampled path, so that no kernel computes a weight
         gradient. Under an fp16 `autocast` the loss is scaled so that small gradients survive. `timer`
-        (search.timing) times the two parts: the sampled path, and the other candidates."""
+        (runs.timing) times the two parts: the sampled path, and the other candidates."""
         autocast = autocast or contextlib.nullcontext()
         part = timer.part if timer is not None else (lambda name: contextlib.nullcontext())
         scale = 1024.0 if getattr(autocast, "fast_dtype", None) == torch.float16 else 1.0
@@ -231,7 +232,7 @@ class Supernet(_Body):
             for p in trainable:
                 p.requires_grad_(False)
             table = torch.zeros(remaining.shape, dtype=torch.float32)
-            with part("phase2/sampled path"):
+            with part(SAMPLED_PATH):
                 with autocast:
                     logits, inputs, outputs = self.forward_with_blocks(x, arch)
                 loss = F.cross_entropy(logits.float(), y)
@@ -239,7 +240,7 @@ class Supernet(_Body):
                 with torch.no_grad():
                     for l in range(len(self.blocks)):
                         table[l, arch[l]] = float((outputs[l].float() * out_grads[l].float()).sum()) / scale
-            with part("phase2/other candidates"), torch.no_grad(), autocast:
+            with part(OTHER_CANDIDATES), torch.no_grad(), autocast:
                 for l, block in enumerate(self.blocks):
                     others = [m for m in remaining[l].nonzero().flatten().tolist() if m != arch[l]]
                     for m, value in block.gate_grads(inputs[l], out_grads[l], others, memory_budget).items():

@@ -10,7 +10,7 @@ __all__ = ["ArchState", "STRATEGIES", "Strategy", "make_strategy", "SearchConfig
 
 
 def main(argv=None):
-    from .distributed import shutdown
+    from ..runs.ranks import shutdown
     cfg = parse_config(argv)
     try:
         search = Search(cfg)

@@ -1,9 +1,5 @@
-"""Search configuration: one dataclass whose field metadata is the command line, presets, and the
-fail-fast checks.
-
-Every field's help text, choices and parser type live next to its default (`option`); `build_parser`
-reads them and knows no field by name.
-"""
+"""Search configuration: one dataclass whose field metadata is the command line (runs.options), the
+search presets (presets/*.json, --preset), and the fail-fast checks."""
 from __future__ import annotations
 
 import argparse
@@ -11,27 +7,18 @@ import json
 import math
 import os
 import warnings
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import List, Optional
 
 from ..cost.objective import COSTS
 from ..data.base import dataset_names
-from ..space import PRESETS as SPACES
+from ..runs.options import add_config_arguments, option, parse_size, validate_choices
+from ..space import SPACES
 from .strategies import STRATEGIES
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
 PATH_SAMPLING = ("per-batch", "per-sample")
 AMP_DTYPES = ("auto", "bf16", "fp16")
-
-
-def option(default, help: str, *, choices=None, type=None, nargs=None):
-    """A config field with its command-line description (`type` is the parser's element type where the
-    default does not tell it, e.g. for None defaults; `choices` a tuple, or a function giving one when the
-    choices can grow, as the strategy table can)."""
-    meta = {"help": help, "choices": choices, "type": type, "nargs": nargs}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -41,7 +28,7 @@ class SearchConfig:
                                     "in proportion to p), spos (uniform training, then evolution under the "
                                     "FLOPs budget), random (random architectures under the budget)",
                          choices=lambda: tuple(STRATEGIES))
-    space: str = option("demo", "search-space preset: demo (8 blocks, 32x32), bench (the speed benchmark's 8 blocks, "
+    space: str = option("demo", "a named space: demo (8 blocks, 32x32), bench (the speed benchmark's 8 blocks, "
                               "32x32, stem stride 1) or mobile (the paper's 21 blocks)",
                       choices=tuple(SPACES))
     width_mult: Optional[float] = option(None, "channel width multiplier (default: the space's)", type=float)
@@ -149,22 +136,6 @@ class SearchConfig:
 RUN_ONLY_FIELDS = ("resume", "out", "stop_after", "progress", "threads", "prefetch", "device", "digest_every",
                    "deterministic", "phase2_memory", "plots", "tensorboard", "latency_table_any_machine")
 
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes of a size such as 512M, 4G, 1.5G or 1048576 (binary units; a trailing B or iB is allowed)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in _SIZE_UNITS and t[-1:] else ""
-    try:
-        value = float(t[:-1] if unit else t)
-    except ValueError:
-        raise ValueError(f"size {text!r} is not a number with an optional unit K, M, G or T (e.g. 512M)") from None
-    if value <= 0:
-        raise ValueError(f"size {text!r} must be positive")
-    return int(value * _SIZE_UNITS[unit])
-
-
 def load_preset(name_or_path: str) -> dict:
     path = name_or_path
     if not os.path.exists(path):
@@ -178,35 +149,6 @@ def load_preset(name_or_path: str) -> dict:
     if unknown:
         raise ValueError(f"preset {path} has unknown keys {sorted(unknown)}")
     return d
-
-
-def _choices(f) -> Optional[tuple]:
-    choices = f.metadata["choices"]
-    return choices() if callable(choices) else choices
-
-
-def add_config_arguments(p: argparse.ArgumentParser, config_cls) -> None:
-    """One --flag per field of the dataclass `config_cls`, from the field's `option` metadata; every default
-    is None on the parser, so that the caller can tell a flag given from one left out."""
-    for f in fields(config_cls):
-        meta = f.metadata
-        default = f.default if f.default is not MISSING else f.default_factory()
-        said = "(default" in meta["help"] or "default:" in meta["help"]  # the help already says it
-        kw = dict(dest=f.name, default=None, help=meta["help"] if said else f"{meta['help']} (default: {default})")
-        if isinstance(default, bool) or meta["type"] is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw.update(type=meta["type"] or type(default), choices=_choices(f))
-            if meta["nargs"]:
-                kw["nargs"] = meta["nargs"]
-        p.add_argument("--" + f.name.replace("_", "-"), **kw)
-
-
-def validate_choices(cfg) -> None:
-    for f in fields(cfg):
-        choices = _choices(f)
-        if choices is not None and getattr(cfg, f.name) not in choices:
-            raise ValueError(f"{f.name} must be one of {choices}, got {getattr(cfg, f.name)!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,11 +167,6 @@ def parse_config(argv: Optional[List[str]] = None) -> SearchConfig:
     values = load_preset(args.preset) if args.preset else {}
     values.update({k: v for k, v in vars(args).items() if k != "preset" and v is not None})
     return SearchConfig(**values)
-
-
-def data_source(dataset: str, data: Optional[str]) -> str:
-    """The data set a search runs on: --data switches the default digits to imagenet."""
-    return "imagenet" if data is not None and dataset == "digits" else dataset
 
 
 def alpha_walk(cfg: SearchConfig, alpha_steps: int) -> float:

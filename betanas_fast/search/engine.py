@@ -7,7 +7,6 @@ the selective drop of Eq. 7) and, at the end, which architecture is the result.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
@@ -20,22 +19,46 @@ import torch.nn.functional as F
 
 from .. import cost as cost_model
 from .. import ops
-from ..data import BatchOrder, build_data
+from ..data import BatchOrder
+from ..data.load import data_source, search_data
 from ..data.stream import BatchStream
-from ..evaluate import Evaluation, evaluate_arch, recalibrated_subnet
 from ..nn.supernet import Supernet
-from ..space import PRESETS as SPACES, build_space
-from . import checkpoint as ckpt
+from ..runs import files, ranks as run_ranks
+from ..runs.options import parse_size
+from ..runs.runtime import TimedStep, autocast, configure_process, forward_backward_step, resolve_amp, resolve_device
+from ..runs.session import RunSession, continued_settings
+from ..runs.timing import NoTimer
+from ..scoring import Evaluation, search_scorer
+from ..space import SPACES, space_from_settings
 from . import distributed
 from .arch_state import ArchState, masked_list
-from .config import RUN_ONLY_FIELDS, SearchConfig, check_noise_floor, data_source, parse_size, validate_config
+from .config import RUN_ONLY_FIELDS, SearchConfig, check_noise_floor, validate_config
 from .report import arch_summary, cost_caption, format_table
-from .runtime import autocast, configure_process, resolve_amp, resolve_device, supernet_step
 from .strategies import Selection, make_strategy
-from .timing import NoTimer
 
 
-LATENCY_TABLE = "latency_table.json"  # the run directory's copy of --latency-table: a continued run uses the same
+def supernet_step(space, split, batch_size: int, device: torch.device, memory_format=torch.preserve_format,
+                  pixels: int = 8 * 224 * 224, seed: int = 0) -> TimedStep:
+    """What --amp times for a search: one Phase-1 forward + backward of a fresh supernet of `space` on one path
+    (drawn from `seed`) and the first images of `split`: as many as hold `pixels` pixels (8 at 224x224), at least
+    2 (BatchNorm's batch statistics), at most `batch_size`. That keeps a call well under a second on a CPU, and
+    the whole measurement to a few seconds. Nothing of the run is touched: the supernet is built under a forked
+    random generator."""
+    from ..nn.supernet import Supernet
+    resolution = space.config.resolution
+    n = min(max(2, pixels // (resolution * resolution)), batch_size, len(split))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = Supernet(space).to(device, memory_format=memory_format)
+    g = torch.Generator().manual_seed(seed)
+    path = [int(torch.multinomial(torch.tensor(row, dtype=torch.float), 1, generator=g))
+            for row in space.allowed_mask()]
+    x, y = split.batch(torch.arange(n), train=False)
+    x, y = x.to(device).contiguous(memory_format=memory_format), y.to(device)
+    return forward_backward_step(model, x, y, lambda m, inputs: m(inputs, path),
+                                 f"Phase-1 forward+backward ({n} images)")
+
+
 
 
 class Search:
@@ -43,31 +66,29 @@ class Search:
     The flow is one way: configuration -> process settings -> data -> space -> costs -> schedule."""
 
     def __init__(self, cfg: SearchConfig):
-        if distributed.launched_by_torchrun() and not (cfg.out or cfg.resume):
+        if run_ranks.launched_by_torchrun() and not (cfg.out or cfg.resume):
             raise ValueError("under torchrun, --out is required: every rank, and a group that torchrun restarts, "
                              "must find the same run directory")
-        if cfg.resume:
-            cfg = self._resumed_config(cfg)
-        elif cfg.out and ckpt.latest_iteration(os.path.join(cfg.out, "checkpoints")) is not None:
-            cfg = self._resumed_config(cfg, automatic=True)
+        saved = continued_settings(cfg.to_dict(), RUN_ONLY_FIELDS, cfg.out, cfg.resume)
+        if saved is not None:
+            cfg = SearchConfig(**saved)
         validate_config(cfg)
         self.cfg = cfg
         self.strategy = make_strategy(cfg)
-        self.ranks = distributed.ranks_from_env()
+        self.ranks = run_ranks.ranks_from_env()
         # --batch-size is the global batch: each rank takes an equal share
         self.local_batch = self.ranks.share(cfg.batch_size, "--batch-size")
         self.local_heldout_batch = self.ranks.share(cfg.heldout_batch_size, "--heldout-batch-size")
-        self.device = resolve_device(distributed.init(self.ranks, cfg.device))
+        self.device = resolve_device(run_ranks.init(self.ranks, cfg.device))
         self.deterministic = cfg.deterministic if cfg.deterministic is not None else self.device.type == "cpu"
         configure_process(self.device, cfg.threads, self.deterministic)
-        self.out = cfg.resume or cfg.out or os.path.join(
-            "runs", f"{cfg.strategy}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        self.session = RunSession(cfg.out, cfg.resume, cfg.strategy, self.ranks)
+        self.out = self.session.dir
         self.dataset_name = data_source(cfg.dataset, cfg.data)
         with self.ranks.main_first():  # rank 0 writes the file index cache and the held-out split first
-            self.data = self._load_data(cfg, cfg.resolution or SPACES[cfg.space].resolution)
-        self.space = build_space(cfg.space, stage_depths=cfg.stage_depths, width_mult=cfg.width_mult,
-                                 resolution=cfg.resolution, candidates=cfg.candidates,
-                                 num_classes=self.data.num_classes)
+            self.data = search_data(cfg.to_dict(), self.out, cfg.resolution or SPACES[cfg.space].resolution,
+                                    self.device.type, self.ranks.is_main)
+        self.space = space_from_settings(cfg.to_dict(), num_classes=self.data.num_classes)
         if cfg.path_sampling == "per-sample" and self.local_batch < 2 * self.space.num_candidates:
             raise ValueError(f"per-sample path sampling needs a batch of at least 2 x the number of candidates "
                              f"({2 * self.space.num_candidates}) per process, so that every path gets at least 2 "
@@ -97,7 +118,6 @@ class Search:
             self.initial_beta = cfg.beta_latency
         else:
             self.initial_beta = cost_model.latency_beta(cfg.beta, self.space, self.cost)
-        self.ckpt_dir = os.path.join(self.out, "checkpoints")
         self.bpe = len(self.data.train) // cfg.batch_size  # global batches: the same schedule at any world size
         self.total_phase1 = cfg.epochs * self.bpe if self.strategy.trains_weights else 0
         self.iterations = math.ceil(self.total_phase1 / cfg.phase_ratio)
@@ -108,7 +128,7 @@ class Search:
         """Eq. 6's cost, checked before any compute: the FLOPs table, or the latency table (the run directory's
         copy when the run is continued) covering every entry of the space and measured on this machine."""
         if cfg.cost == "latency":
-            copy = os.path.join(self.out, LATENCY_TABLE)
+            copy = os.path.join(self.out, files.LATENCY_TABLE)
             table = cost_model.LatencyTable.load(copy if os.path.isfile(copy) else cfg.latency_table)
             if not cfg.latency_table_any_machine:
                 table.check_machine()
@@ -127,33 +147,7 @@ class Search:
 
     def log(self, *args) -> None:
         """print, on rank 0 only."""
-        if self.ranks.is_main:
-            print(*args, flush=True)
-
-    def _load_data(self, cfg: SearchConfig, resolution: int):
-        dataset = self.dataset_name
-        kwargs = dict(seed=cfg.seed, heldout=cfg.heldout, val=cfg.val, resolution=resolution, augment=cfg.augment,
-                      root=cfg.data)
-        if dataset == "imagenet":
-            from ..data import imagenet  # registers the source; DALI is imported only if used
-            index = imagenet.build_index(cfg.data)
-            os.makedirs(self.out, exist_ok=True)
-            if self.ranks.is_main:
-                imagenet.write_report(index, os.path.join(self.out, "excluded_files.tsv"))
-            # The held-out split is saved in the run directory and reused on resume.
-            kwargs.update(index=index, run_dir=self.out, loader=cfg.loader, heldout_per_class=cfg.heldout_per_class,
-                          channels_last=self.device.type == "cuda",
-                          device="cuda" if self.device.type == "cuda" else "cpu")
-        return build_data(dataset, **kwargs)
-
-    @staticmethod
-    def _resumed_config(cli: SearchConfig, automatic: bool = False) -> SearchConfig:
-        """The saved configuration of the run being continued. `automatic`: the run directory given as --out
-        holds a checkpoint (a restarted worker group, or the same command typed again): the command's settings
-        must be the saved ones, or it is an error rather than a silently different run."""
-        run_dir = cli.out if automatic else cli.resume
-        given = cli.to_dict()
-        return SearchConfig(**ckpt.continued_config(run_dir, given, RUN_ONLY_FIELDS, check=automatic))
+        self.session.log(*args)
 
     # --- setup --------------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -187,6 +181,8 @@ class Search:
         self.iteration = 0
         self.phase1_steps = 0
         self.timer = NoTimer()  # a StepTimer here measures each part of the step (benchmarks)
+        # scores architectures with the supernet's weights: the final choice and score, SPOS's evolution
+        self.scorer = search_scorer(self.model, self.data, cfg.to_dict(), self.device, self._autocast(), self.ranks)
 
     def _weight_groups(self) -> List[dict]:
         """Weight decay on the convolution and linear weights; BatchNorm weights and biases (every 1-D
@@ -205,21 +201,19 @@ class Search:
                 "world_size": self.ranks.world,
                 "train_stream": {"order": train["order"], "generators": self.ranks.all_gather_object(train["generator"])},
                 "heldout_stream": self.heldout_stream.state_dict(),
-                "rng": ckpt.rng_state({"path": self.path_gen})}
+                "rng": files.rng_state({"path": self.path_gen})}
 
     def _save_checkpoint(self) -> None:
-        state = self._checkpoint_state()
-        if self.ranks.is_main:
-            ckpt.save_checkpoint(self.ckpt_dir, self.iteration, state)
+        self.session.save_checkpoint(self.iteration, self._checkpoint_state())
 
     def _restore(self) -> None:
-        path, s = ckpt.load_latest(self.ckpt_dir)
+        path, s = self.session.restore("step", "iteration")
         self.model.load_state_dict(s["model"])
         self.sgd.load_state_dict(s["sgd"])
         if s["scaler"]:
             self.scaler.load_state_dict(s["scaler"])
         self.state.load_state_dict(s["arch"])
-        ckpt.set_rng_state(s["rng"], {"path": self.path_gen})
+        files.set_rng_state(s["rng"], {"path": self.path_gen})
         saved_world = int(s["world_size"])
         same_world = saved_world == self.ranks.world
         self.train_stream.load_state_dict(s["train_stream"] | {"generator": s["train_stream"]["generators"][0]},
@@ -228,8 +222,6 @@ class Search:
             self.aug_gen.set_state(s["train_stream"]["generators"][self.ranks.rank])
         self.heldout_stream.load_state_dict(s["heldout_stream"])
         self.iteration, self.phase1_steps, self.beta = int(s["iteration"]), int(s["phase1_steps"]), float(s["beta"])
-        if self.ranks.is_main:
-            ckpt.cut_history(self.out, "step", self.iteration)
         self.log(f"resumed from {path} at iteration {self.iteration}")
         if not same_world:
             self.log(f"note: the checkpoint was written by {saved_world} process(es) and this run has "
@@ -309,7 +301,7 @@ class Search:
         if self.ranks.active:  # each rank's table is of its shard: averaged before Eq. 4, α agrees by construction
             with self.timer.part("phase2/table sync"):
                 packed = torch.cat([gate.flatten(), torch.tensor([loss, acc])])
-                packed = distributed.all_reduce_mean(self.ranks, packed, self.device)
+                packed = run_ranks.all_reduce_mean(self.ranks, packed, self.device)
                 gate, (loss, acc) = packed[:-2].view_as(gate), packed[-2:].tolist()
         with self.timer.part("phase2/alpha update"):
             st.step(gate, self.cost.table, self.beta)
@@ -343,10 +335,10 @@ class Search:
         self._build()
         if cfg.resume:
             self._restore()
-        elif main:
-            ckpt.start_run(self.out, cfg.to_dict())
-        if main and self.cost.latency is not None and not os.path.isfile(os.path.join(self.out, LATENCY_TABLE)):
-            self.cost.latency.save(os.path.join(self.out, LATENCY_TABLE))
+        else:
+            self.session.start(cfg.to_dict())
+        if main and self.cost.latency is not None and not os.path.isfile(os.path.join(self.out, files.LATENCY_TABLE)):
+            self.cost.latency.save(os.path.join(self.out, files.LATENCY_TABLE))
         self.log("resolved configuration:\n" + json.dumps(cfg.to_dict(), indent=2))
         self.log(f"space: {self.space.num_blocks} choice blocks x {self.space.num_candidates} candidates "
                  f"{self.space.candidate_names}; device {self.device}; autocast {self.amp_dtype or 'off (fp32)'}; "
@@ -354,17 +346,11 @@ class Search:
                  f"α step; out {self.out}"
                  + (f"; {self.ranks.world} processes, {self.local_batch} + {self.local_heldout_batch} samples each"
                     if self.ranks.active else ""))
-        writer = bar = hist_f = None
-        if main and cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            # purge_step: events a killed run wrote after its checkpoint are dropped, not duplicated
-            writer = SummaryWriter(os.path.join(self.out, "tensorboard"),
-                                   purge_step=self.iteration + 1 if self.iteration else None)
+        bar = None
+        self.session.open_tensorboard(cfg.tensorboard, self.iteration)
         if main and cfg.progress:
             from tqdm import tqdm
             bar = tqdm(total=self.iterations, initial=self.iteration, desc=cfg.strategy, dynamic_ncols=True)
-        if main:
-            hist_f = open(os.path.join(self.out, "history.jsonl"), "a")
         try:
             while self.iteration < self.iterations:
                 if cfg.stop_after is not None and self.iteration >= cfg.stop_after:
@@ -373,15 +359,10 @@ class Search:
                 rec = self._iteration()
                 if self.iteration % cfg.digest_every == 0:
                     self.check_agreement()
-                if hist_f:
-                    hist_f.write(json.dumps(rec) + "\n")
-                    hist_f.flush()
-                if writer:
-                    for k in ("phase1_loss", "phase1_acc", "phase2_loss", "phase2_acc", "expected_mflops",
-                              "expected_latency_ms", "beta"):
-                        if rec.get(k) is not None:
-                            writer.add_scalar(k, rec[k], self.iteration)
-                    writer.add_scalar("remaining_paths", int(self.state.remaining.sum()), self.iteration)
+                self.session.record(rec, self.iteration, scalars=("phase1_loss", "phase1_acc", "phase2_loss",
+                                                                  "phase2_acc", "expected_mflops",
+                                                                  "expected_latency_ms", "beta"),
+                                    extra={"remaining_paths": int(self.state.remaining.sum())})
                 if bar:
                     bar.update(1)
                     bar.set_postfix(ep=rec["epoch"], phase="2" if rec["phase2_loss"] is not None else "1",
@@ -391,17 +372,15 @@ class Search:
                 if self.iteration % cfg.checkpoint_every == 0 and self.iteration < self.iterations:
                     self._save_checkpoint()
         finally:
-            if hist_f:
-                hist_f.close()
             if bar:
                 bar.close()
         self.check_agreement()
         self._save_checkpoint()
         self.close()
         result = self._finish()
-        if writer:
-            writer.add_scalar("final/val_acc", result["val_acc"], self.iteration)
-            writer.close()
+        if result["val_acc"] is not None:
+            self.session.scalar("final/val_acc", result["val_acc"], self.iteration)
+        self.session.close()
         return result
 
     def check_agreement(self) -> None:
@@ -439,31 +418,11 @@ class Search:
                 "drops": [dict(d, op=names[d["path"]]) for d in drops]}
 
     # --- results ----------------------------------------------------------------------------------------------
-    @classmethod
-    def for_evaluation(cls, cfg: SearchConfig) -> "Search":
-        """A search set up (data, space, model) but not run: for scoring architectures of a finished run."""
-        s = cls(cfg)
-        s._build()
-        return s
-
-    def subnet(self, arch: List[int], seed: Optional[int] = None, calibration_batches: Optional[int] = None):
-        """`arch` as a Net with the supernet's weights (a copy) and BatchNorm recalibrated exactly, as
-        `evaluate` scores it: what an export of the searched net from this run holds."""
-        cfg = self.cfg
-        return recalibrated_subnet(self.model, arch, self.data.train, batch_size=cfg.batch_size,
-                                   calibration_batches=calibration_batches or cfg.bn_recalib_batches,
-                                   seed=cfg.seed + 5 if seed is None else seed, to_device=self._on_device,
-                                   autocast=self._autocast(), ranks=self.ranks)
-
     def evaluate(self, arch: List[int], split, seed: Optional[int] = None,
                  calibration_batches: Optional[int] = None) -> Evaluation:
         """`arch` with the supernet's weights (copied, the supernet untouched), BatchNorm recalibrated exactly
         on a fixed subset of the weight-training split (seed + 5 unless `seed`), scored on `split`."""
-        cfg = self.cfg
-        return evaluate_arch(self.model, arch, self.data.train, split, batch_size=cfg.batch_size,
-                             calibration_batches=calibration_batches or cfg.bn_recalib_batches,
-                             seed=cfg.seed + 5 if seed is None else seed, to_device=self._on_device,
-                             autocast=self._autocast(), ranks=self.ranks)
+        return self.scorer.evaluate(arch, split, seed=seed, calibration_batches=calibration_batches)
 
     def _finish(self) -> dict:
         cfg = self.cfg
@@ -477,11 +436,10 @@ class Search:
         summary["dataset"] = self.dataset_name
         if not self.ranks.is_main:  # every rank chose the same (the digest agreed); rank 0 writes
             return summary
-        with open(os.path.join(self.out, "arch.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        files.write_arch(self.out, summary)
         print(format_table(summary))
         if cfg.plots:
             from .. import plots
-            history = [json.loads(ln) for ln in open(os.path.join(self.out, "history.jsonl")) if ln.strip()]
+            history = files.read_history(self.out)
             plots.write_all(self.space, history, arch, self.out, caption=cost_caption(summary))
         return summary

@@ -6,28 +6,9 @@ from typing import Callable, List, Optional, Set, Tuple
 
 import torch
 
+from ..space import sample_arch, sample_within_budget
+
 Arch = Tuple[int, ...]
-
-
-def sample_arch(allowed: torch.Tensor, generator: torch.Generator) -> List[int]:
-    arch = []
-    for row in allowed:
-        ok = row.nonzero().flatten().tolist()
-        arch.append(ok[int(torch.randint(len(ok), (1,), generator=generator))])
-    return arch
-
-
-def sample_within_budget(allowed, generator, cost_fn: Callable[[List[int]], float], budget: Optional[float],
-                         tries: int = 10000, floor: Optional[float] = None) -> List[int]:
-    """A uniformly random architecture whose cost is at most `budget` (and at least `floor`), by rejection."""
-    for _ in range(tries):
-        arch = sample_arch(allowed, generator)
-        cost = cost_fn(arch) if budget is not None or floor is not None else None
-        if (budget is None or cost <= budget) and (floor is None or cost >= floor):
-            return arch
-    band = f"at most {budget}" if floor is None else f"in [{floor}, {budget}]"
-    raise RuntimeError(f"no architecture of cost {band} (the budget's unit: MFLOPs, or ms with a latency cost) found "
-                       f"in {tries} random samples")
 
 
 def _mutate(parent: Arch, allowed, generator, prob: float) -> Arch:

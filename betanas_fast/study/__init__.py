@@ -28,7 +28,7 @@ CONFIGS = {balance.NAME: balance.BalanceConfig, seeds.NAME: seeds.SeedsConfig, s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..search.config import add_config_arguments
+    from ..runs.options import add_config_arguments
     p = argparse.ArgumentParser(prog="python -m betanas_fast.study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="study", required=True, metavar="{" + ",".join(STUDIES) + "}")

@@ -16,7 +16,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..search.config import option
+from ..runs.options import option
+from ..runs import files
 from .common import StudyOptions, StudyRun, read_history, read_json, run_space, search_config
 
 NAME = "balance"
@@ -62,7 +63,7 @@ def summarize(blocks: List[dict], factor: float) -> dict:
 
 def analyse(run_dir: str, factor: float) -> dict:
     """One search's α history and Phase-1 counts among the paths remaining at its end."""
-    history, summary = read_history(run_dir), read_json(os.path.join(run_dir, "arch.json"))
+    history, summary = read_history(run_dir), files.read_arch(run_dir)[2]
     names = summary["candidates"]
     last = history[-1]
     remaining = [[names.index(n) for n in row] for row in last["remaining"]]

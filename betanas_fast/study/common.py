@@ -29,8 +29,8 @@ from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from .. import cost as cost_model
 from ..provenance import write_json  # noqa: F401  (the studies' atomic JSON writer, re-exported)
-from ..search import distributed
-from ..search.config import option
+from ..runs import files, ranks as run_ranks
+from ..runs.options import option
 
 STUDY_CONFIG = "study_config.json"
 RESULT = "study.json"
@@ -146,8 +146,7 @@ def data_splits(resolved: dict) -> Optional[dict]:
 
 def run_space(run_dir: str):
     """The space of a finished search (its arch.json carries it)."""
-    from ..export import read_arch_json
-    return read_arch_json(run_dir)[0]
+    return files.read_arch(run_dir)[0]
 
 
 def short(name: str) -> str:
@@ -174,12 +173,8 @@ class SubRun:
     def out(self) -> str:
         return self.config.out
 
-    @property
-    def done_file(self) -> str:
-        return os.path.join(self.out, "arch.json" if self.command == "search" else "result.json")
-
     def finished(self) -> bool:
-        return os.path.exists(self.done_file)
+        return files.finished(self.out, self.command)
 
     def run_here(self) -> None:
         if self.command == "search":
@@ -198,10 +193,7 @@ def read_json(path: str):
         return json.load(f)
 
 
-def read_history(run_dir: str) -> List[dict]:
-    """A search's or a training's history.jsonl, one record per line."""
-    with open(os.path.join(run_dir, "history.jsonl")) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+read_history = files.read_history  # a search's or a training's history.jsonl
 
 
 def versions() -> dict:
@@ -221,7 +213,7 @@ class StudyRun:
     def __init__(self, name: str, cfg: StudyOptions):
         if cfg.jobs < 1:
             raise ValueError(f"--jobs must be >= 1, got {cfg.jobs}")
-        self.ranks = distributed.ranks_from_env()
+        self.ranks = run_ranks.ranks_from_env()
         if self.ranks.active and cfg.jobs != 1:
             raise ValueError("under torchrun the sub-runs run one after another over all the processes: leave --jobs "
                              "at 1")
@@ -240,7 +232,7 @@ class StudyRun:
         """Saves the study's configuration (with the sub-runs' resolved base configurations), or checks that
         a continued study has the same one."""
         if self.ranks.active:
-            distributed.init(self.ranks, "auto")  # the barriers between sub-runs need the process group
+            run_ranks.init(self.ranks, "auto")  # the barriers between sub-runs need the process group
         saved_path = os.path.join(self.out, STUDY_CONFIG)
         config = {"study": self.name, **self.cfg.to_dict(), "resolved": resolved,
                   "data_splits": data_splits(resolved)}
@@ -331,5 +323,5 @@ class StudyRun:
             print(table)
             print(f"wrote {self.path(RESULT)}, {', '.join(written)}; sub-run wall times in {self.timing_path}",
                   flush=True)
-        distributed.shutdown()
+        run_ranks.shutdown()
         return result

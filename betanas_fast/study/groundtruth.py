@@ -27,8 +27,9 @@ import torch
 
 from .. import cost as cost_model
 from .. import stats
-from ..search.config import option
-from ..space import PRESETS as SPACES, build_space
+from ..runs.options import option
+from ..space import SPACES, build_space
+from ..runs import files
 from .common import StudyOptions, StudyRun, arch_file, read_json, train_config, write_json
 
 NAME = "groundtruth"
@@ -85,7 +86,7 @@ def same_space(a: dict, b: dict) -> bool:
 
 
 def top1_of(run_dir: str, split: str) -> dict:
-    result = read_json(os.path.join(run_dir, "result.json"))
+    result = files.read_result(run_dir)
     return {"top1": result["last"][f"{split}_top1"], "best_top1": result[f"best_{split}_top1"]}
 
 
@@ -152,11 +153,10 @@ def run(cfg: GroundtruthConfig) -> dict:
         table.check_space(space)
 
     entries = [("sample", a) for a in spread_sample(space, cfg.archs, cfg.seed + SAMPLER_SEED_OFFSET)]
-    from ..export import ExportError, read_arch_json
     for path in cfg.searched:
         try:
-            searched_space, arch, _ = read_arch_json(path)
-        except ExportError as e:
+            searched_space, arch, _ = files.read_arch(path)
+        except files.RunFileError as e:
             raise ValueError(f"--searched: {e}") from None
         if not same_space(searched_space.config.to_dict(), space.config.to_dict()):
             raise ValueError(f"--searched {path}: its space is not the {cfg.space} space of the table")
@@ -187,7 +187,7 @@ def run(cfg: GroundtruthConfig) -> dict:
                      "top1": top1, "best_top1": [s["best_top1"] for s in scores], "top1_mean": mean, "top1_std": std,
                      "runs": [os.path.relpath(t.out, study.out) for t in runs]})
     per_seed = np.array([r["top1"] for r in rows if r["source"] == "sample"])
-    scored = {read_json(os.path.join(t.out, "result.json"))["scored_images"] for row in trainings for t in row}
+    scored = {files.read_result(t.out)["scored_images"] for row in trainings for t in row}
     result = {"space": cfg.space, "space_config": space.config.to_dict(), "candidates": space.candidate_names,
               "train_seeds": cfg.train_seeds, "seeds": seeds, "train": base_train.to_dict(),
               "dataset": base_train.dataset, "scoring": {"split": split, "images": sorted(scored)[0]},

@@ -24,7 +24,9 @@ from typing import List
 import numpy as np
 
 from .. import stats
-from ..search.config import data_source, option
+from ..data.load import data_source
+from ..runs.options import option
+from ..runs import files
 from .common import StudyOptions, StudyRun, read_json, search_config
 from .groundtruth import load_table, same_space
 from .sharing import score_supernet
@@ -93,7 +95,7 @@ def run(cfg: RankingConfig) -> dict:
         study.start({"groundtruth": os.path.abspath(cfg.groundtruth), "supernets": [os.path.abspath(p)
                                                                                    for p in cfg.supernet]})
         for path in cfg.supernet:
-            name = read_json(os.path.join(path, "config.json"))["strategy"]
+            name = files.read_config(path)["strategy"]
             runs[name if name not in runs else f"{name}:{os.path.basename(os.path.normpath(path))}"] = path
     else:
         base = search_config(cfg.search_flags, ("strategy", "seed", "out", "resume"))
@@ -106,15 +108,14 @@ def run(cfg: RankingConfig) -> dict:
 
     supernets, inherited = {}, {}
     for name, path in runs.items():
-        saved = read_json(os.path.join(path, "config.json"))
+        saved = files.read_config(path)
         dataset = data_source(saved.get("dataset", "digits"), saved.get("data"))
         if table.get("dataset") and dataset != table["dataset"]:
             raise ValueError(f"supernet {path} was trained on {dataset}, the table on {table['dataset']}")
-        space = read_json(os.path.join(path, "arch.json"))["space"] if os.path.exists(
-            os.path.join(path, "arch.json")) else None
+        space = files.read_arch(path)[2]["space"] if files.finished(path, "search") else None
         if space is not None and not same_space(space, table["space_config"]):
             raise ValueError(f"supernet {path}: its space is not the table's {table['space']} space")
-        acc = np.array(score_supernet(path, archs, split))
+        acc = np.array(score_supernet(path, archs, split, study.path("scores", f"{name.replace(':', '_')}_{split}.json")))
         inherited[name] = acc
         supernets[name] = {"run": os.path.relpath(path, study.out) if not cfg.supernet else os.path.abspath(path),
                            "inherited_top1": acc.tolist(), "inherited_mean": float(acc.mean()),

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from .. import cost as cost_model
-from ..search.config import option
-from ..search.evolution import sample_within_budget
+from ..runs.options import option
+from ..space import sample_within_budget
 from .. import stats
 from . import groundtruth
+from ..runs import files
 from .common import (StudyOptions, StudyRun, arch_file, read_history, read_json, run_space, same_data, search_config,
                      short, train_config, write_json)
 
@@ -137,7 +138,7 @@ def run(cfg: SeedsConfig) -> dict:
     space = run_space(searches[0].out)
     if table is not None and not groundtruth.same_space(table["space_config"], space.config.to_dict()):
         raise ValueError(f"the ground-truth table is of another space ({table['space']}) than the searches'")
-    searched = [read_json(s.done_file) for s in searches]
+    searched = [files.read_arch(s.out)[2] for s in searches]
     median = float(np.median([a["mflops"] for a in searched]))
     randoms = sample_matched(space, cfg.seeds, median, cfg.tolerance, cfg.seed + SAMPLER_SEED_OFFSET)
     random_files = [study.path("random-archs", f"random-{i}.json") for i in range(cfg.seeds)]
@@ -170,7 +171,7 @@ def run(cfg: SeedsConfig) -> dict:
         summary[group] = {"top1_mean": tm, "top1_std": ts, "best_top1_mean": bm, "best_top1_std": bs,
                           "mflops_mean": mm, "mflops_std": ms}
     a, b = [r["top1"] for r in rows["searched"]], [r["top1"] for r in rows["random"]]
-    scored = {read_json(t.done_file)["scored_images"] for t in trainings}
+    scored = {files.read_result(t.out)["scored_images"] for t in trainings}
     if len(scored) != 1:
         raise RuntimeError(f"the retrainings were scored on different numbers of images: {sorted(scored)}")
     result = {"seeds": cfg.seeds, "search_seeds": seeds, "train_seed": base_train.seed,

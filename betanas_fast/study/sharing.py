@@ -30,9 +30,11 @@ from typing import List
 
 import numpy as np
 
-from ..search.config import option
+from ..runs.options import option
 from ..space import build_space, parse_candidate
 from .. import stats
+from ..runs import files
+from ..scoring import load_search
 from .common import (StudyOptions, StudyRun, arch_file, read_history, read_json, same_data, search_config, short,
                      train_config, write_json)
 
@@ -75,22 +77,18 @@ def arch_label(names) -> str:
     return "-".join(short(n) for n in names)
 
 
-def score_supernet(run_dir: str, archs: List[List[str]], split: str) -> List[float]:
+def score_supernet(run_dir: str, archs: List[List[str]], split: str, cache: str) -> List[float]:
     """Top-1 of each architecture (block candidate names) with the weights it inherits from the supernet of
     `run_dir`, BatchNorm recalibrated exactly, on `split`: "test", the embedded data set's test split, or "val", the
-    search's validation split (its held-out one if it has none); cached in the run directory."""
-    cache = os.path.join(run_dir, f"study_scores_{split}.json")
+    search's validation split (its held-out one if it has none); cached in the study's file `cache` (the search's
+    run directory is the search's alone)."""
     labels = [arch_label(a) for a in archs]
     if os.path.exists(cache):
         saved = read_json(cache)
         if all(label in saved for label in labels):
             return [saved[label] for label in labels]
-    from ..evaluate import load_run, test_images
-    search = load_run(run_dir)
-    if split == "test":
-        images = test_images(search)
-    else:
-        images = search.data.val if len(search.data.val) else search.data.heldout
+    search = load_search(run_dir)
+    images = search.split(split)
     names = search.space.candidate_names
     scores = [search.evaluate([names.index(n) for n in a], images).top1 for a in archs]
     if search.ranks.is_main:
@@ -194,8 +192,10 @@ def run(cfg: SharingConfig) -> dict:
     accuracy = {"NS": np.array([[read_history(singles[label, s].out)[-1][f"{split}_top1"] for label in labels]
                                 for s in seeds])}
     for g in groups[1:]:
-        accuracy[g] = np.array([score_supernet(supernets[g, s].out, archs, split) for s in seeds])
-    scored = {read_json(r.done_file)["scored_images"] for r in singles.values()}
+        accuracy[g] = np.array([score_supernet(supernets[g, s].out, archs, split,
+                                               study.path("scores", f"{supernets[g, s].name}_{split}.json"))
+                                for s in seeds])
+    scored = {files.read_result(r.out)["scored_images"] for r in singles.values()}
     if len(scored) != 1:
         raise RuntimeError(f"the NS trainings were scored on different numbers of images: {sorted(scored)}")
     taus = {g: tau_with_interval(accuracy[g], accuracy["NS"], cfg.bootstrap, cfg.seed) for g in groups[1:]}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from PIL import Image, ImageFile
+
+from ...runs.files import write_json, write_text
 
 INDEX_VERSION = 1
 SPLITS = ("train", "val")
@@ -250,7 +251,7 @@ def build_index(root: str, cache: Optional[str] = None, workers: Optional[int] =
         raise ValueError(f"{root}/train holds no usable image ({len(report)} files excluded: "
                          f"{report[:3]} ...)")
     if cache:
-        _atomic_write_json(cache, index.to_json())
+        write_json(cache, index.to_json(), indent=None, newline=False, separators=(",", ":"))
     _announce(index, verbose)
     return index
 
@@ -269,21 +270,4 @@ def _announce(index: FileIndex, verbose: bool) -> None:
 
 def write_report(index: FileIndex, path: str) -> None:
     """Writes the excluded files and their reasons as tab-separated lines."""
-    with open(path, "w") as f:
-        f.write(f"# {index.summary()}\n")
-        for r in index.report:
-            f.write(f"{r['path']}\t{r['reason']}\n")
-
-
-def _atomic_write_json(path: str, obj) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text(path, "".join([f"# {index.summary()}\n"] + [f"{r['path']}\t{r['reason']}\n" for r in index.report]))

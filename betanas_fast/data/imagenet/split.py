@@ -16,9 +16,10 @@ from typing import List, Optional
 
 import numpy as np
 
-from .index import FileIndex, _atomic_write_json
+from ...runs.files import SPLIT, write_json
+from .index import FileIndex
 
-SPLIT_FILE = "heldout_split.json"
+SPLIT_FILE = SPLIT  # in the run directory
 
 
 @dataclass
@@ -75,7 +76,7 @@ def save_split(split: Split, index: FileIndex, path: str) -> None:
     # The file names make the saved split checkable (and readable) independently of positions.
     d["heldout_files"] = [index.train.files[i] for i in split.heldout]
     d["val_files"] = [index.train.files[i] for i in split.val]
-    _atomic_write_json(path, d)
+    write_json(path, d, indent=None, newline=False, separators=(",", ":"))
 
 
 def load_split(index: FileIndex, path: str) -> Split:

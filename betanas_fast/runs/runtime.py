@@ -197,28 +197,6 @@ def forward_backward_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tens
     return TimedStep(run, what)
 
 
-def supernet_step(space, split, batch_size: int, device: torch.device, memory_format=torch.preserve_format,
-                  pixels: int = 8 * 224 * 224, seed: int = 0) -> TimedStep:
-    """What --amp times for a search: one Phase-1 forward + backward of a fresh supernet of `space` on one path
-    (drawn from `seed`) and the first images of `split`: as many as hold `pixels` pixels (8 at 224x224), at least
-    2 (BatchNorm's batch statistics), at most `batch_size`. That keeps a call well under a second on a CPU, and
-    the whole measurement to a few seconds. Nothing of the run is touched: the supernet is built under a forked
-    random generator."""
-    from ..nn.supernet import Supernet
-    resolution = space.config.resolution
-    n = min(max(2, pixels // (resolution * resolution)), batch_size, len(split))
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        model = Supernet(space).to(device, memory_format=memory_format)
-    g = torch.Generator().manual_seed(seed)
-    path = [int(torch.multinomial(torch.tensor(row, dtype=torch.float), 1, generator=g))
-            for row in space.allowed_mask()]
-    x, y = split.batch(torch.arange(n), train=False)
-    x, y = x.to(device).contiguous(memory_format=memory_format), y.to(device)
-    return forward_backward_step(model, x, y, lambda m, inputs: m(inputs, path),
-                                 f"Phase-1 forward+backward ({n} images)")
-
-
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     """torch.autocast for `dtype`, or a no-op context for fp32."""
     if dtype is None:
