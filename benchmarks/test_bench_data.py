@@ -1,7 +1,10 @@
-"""Input pipeline throughput at 224x224 on a generated JPEG tree (~500x375 photos-like images):
-DALI ("betanas_fast") vs the PIL/torch DataLoader ("torch_dataloader") with the same number of
-threads / workers, for the epoch loaders and for the random-access splits the search engine uses; the
-DALI GPU decoder when a GPU is present. Images/s are printed under the ratio tables."""
+"""Input pipeline throughput at 224x224 on a generated JPEG tree (~500x375 photos-like images), as the
+search reads it: a `BatchStream` (decoding ahead in its thread) over the random-access split, DALI's
+("betanas_fast") and the PIL fallback's ("betanas_fast_folder"), against a torch DataLoader with
+torchvision's transforms ("torch_dataloader"), all with the same number of threads / workers and the same
+training augmentation; the DALI GPU decoder when a GPU is present. Each round reads one epoch in steady
+state (the stream and the loader's workers persist across rounds, as they do in a run). Images/s are
+printed under the ratio tables."""
 import os
 import time
 import warnings
@@ -11,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from betanas_fast.data import BatchOrder
 from betanas_fast.data import imagenet as inet
+from betanas_fast.data.stream import BatchStream
 
 NUM_CLASSES, PER_CLASS = 10, int(os.environ.get("BETANAS_BENCH_IMAGES_PER_CLASS", "32"))
 RESOLUTION, BATCH = 224, 32
@@ -56,54 +61,86 @@ def test_index_time(index, report_line):
                 f"({len(index.train) / cold:.0f} files/s); reuse of the cached index: {warm * 1e3:.1f} ms")
 
 
-def _epoch(loader, device=None):
-    def run():
-        n = 0
-        for x, y in loader:
-            n += len(y)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return n
-    return run
+def _stream(split, device):
+    """The search's training stream over `split`: (next batch on `device`, close)."""
+    stream = BatchStream(split, BatchOrder(len(split), BATCH, seed=0), train=True,
+                         generator=torch.Generator().manual_seed(0))
+
+    def next_batch():
+        x, _ = stream.next()
+        return x.to(device, non_blocking=True)  # the fallback decodes on the CPU, then copies
+
+    return next_batch, stream.close
+
+
+class FileDataset(torch.utils.data.Dataset):
+    def __init__(self, paths, labels, transform):
+        self.paths, self.labels, self.transform = paths, labels, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as im:
+            return self.transform(im.convert("RGB")), self.labels[i]
+
+
+def _dataloader(index, device):
+    """What a PyTorch user would write: a DataLoader with WORKERS worker processes applying torchvision's
+    transforms to the same files (shuffled, last batch dropped), iterated epoch after epoch."""
+    T = pytest.importorskip("torchvision.transforms")
+    transform = T.Compose([T.RandomResizedCrop(RESOLUTION), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    files = FileDataset(index.paths("train"), index.train.labels, transform)
+    loader = torch.utils.data.DataLoader(files, batch_size=BATCH, shuffle=True, drop_last=True, num_workers=WORKERS,
+                                         persistent_workers=WORKERS > 0, generator=torch.Generator().manual_seed(0))
+
+    def epochs():
+        while True:
+            yield from loader
+
+    batches = epochs()
+
+    def next_batch():
+        x, _ = next(batches)
+        return x.to(device, non_blocking=True)
+
+    def close():
+        nonlocal loader
+        batches.close()
+        loader = None  # the last reference: its persistent workers shut down with it
+
+    return next_batch, close
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-@pytest.mark.parametrize("impl", ["betanas_fast", "torch_dataloader"])
-def test_epoch_loader(index, record, benchmark, report_line, impl, device):
+@pytest.mark.parametrize("impl", ["betanas_fast", "betanas_fast_folder", "torch_dataloader"])
+def test_batch_stream(index, record, benchmark, report_line, impl, device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    if impl == "betanas_fast":
-        pytest.importorskip("nvidia.dali")
-    kind = "dali" if impl == "betanas_fast" else "folder"
-    loader = inet.make_loader(index, train=True, batch_size=BATCH, resolution=RESOLUTION, loader=kind,
-                              workers=WORKERS, device=device if kind == "dali" else None)
-    run = _epoch(loader, device)
-    if kind == "folder" and device == "cuda":
-        def run():  # the fallback decodes on the CPU, then copies
-            for x, _ in loader:
-                x.cuda(non_blocking=True)
-            torch.cuda.synchronize()
-    record("train loader 224", {"device": device, "workers": WORKERS, "batch": BATCH}, impl, run)
-    images = len(loader) * BATCH
-    report_line(f"- train loader, {impl} ({kind}, {device}, {WORKERS} workers): "
-                f"{images / benchmark.stats.stats.median:.0f} images/s")
-
-
-@pytest.mark.parametrize("impl", ["betanas_fast", "torch_dataloader"])
-def test_random_access_split(index, record, benchmark, report_line, impl):
+    positions = range(len(index.train))
     if impl == "betanas_fast":
         pytest.importorskip("nvidia.dali")
         from betanas_fast.data.imagenet.dali import DaliSplit
-        split = DaliSplit(index, range(len(index.train)), RESOLUTION, threads=WORKERS)
+        device_id = torch.cuda.current_device() if device == "cuda" else None
+        next_batch, close = _stream(DaliSplit(index, positions, RESOLUTION, threads=WORKERS, device_id=device_id),
+                                    device)
+    elif impl == "betanas_fast_folder":
+        next_batch, close = _stream(inet.FolderSplit(index, positions, RESOLUTION, threads=WORKERS), device)
     else:
-        split = inet.FolderSplit(index, range(len(index.train)), RESOLUTION, threads=WORKERS)
-    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
-    batches = [order[i:i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
-    gen = torch.Generator().manual_seed(0)
+        next_batch, close = _dataloader(index, device)
+    steps = len(positions) // BATCH
 
     def run():
-        for b in batches:
-            split.batch(b, True, gen)
+        for _ in range(steps):
+            next_batch()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
-    record("random-access split 224 (engine's batch())", {"threads": WORKERS, "batch": BATCH}, impl, run)
-    report_line(f"- random-access split, {impl}: {len(batches) * BATCH / benchmark.stats.stats.median:.0f} images/s")
+    try:
+        record("train batch stream 224 (the search's input)", {"device": device, "threads": WORKERS, "batch": BATCH},
+               impl, run)
+    finally:
+        close()
+    report_line(f"- train batch stream, {impl} ({device}, {WORKERS} threads/workers): "
+                f"{steps * BATCH / benchmark.stats.stats.median:.0f} images/s")

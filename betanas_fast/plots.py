@@ -1,62 +1,71 @@
-"""Figures of a search (matplotlib, Agg): α per block over time, per-path Phase-1 training frequency per
-block (the paper's Fig. 5), and the searched architecture (Fig. 3 style)."""
+"""Figures of a search (matplotlib, Agg): α and each path's share of the Phase-1 steps per block over the run
+(the paper's Fig. 5; the balance study draws its strategies side by side with the same function), and the
+searched architecture (Fig. 3 style)."""
 from __future__ import annotations
 
 import math
 import os
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from .space import SearchSpace  # noqa: E402
 
 
-def _grid(n: int):
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, sharex=True)
-    for ax in axes.flat[n:]:
+WINDOWS = 40  # the training-share curves: each path's share of its block's Phase-1 steps per window of the run
+
+
+def colours_of(n: int):
+    cmap = plt.get_cmap("tab10")
+    return [cmap(i % 10) for i in range(n)]
+
+
+def plot_balance(space: SearchSpace, histories: Dict[str, List[dict]], path: str,
+                 blocks: Optional[Sequence[int]] = None, per_row: int = 4, dpi: int = 75) -> None:
+    """The paper's Fig. 5, for one search or several (`histories`: strategy -> history.jsonl records): per block
+    (all, or `blocks`), α over the run and each path's share of the block's Phase-1 steps in consecutive windows
+    of the run (a dropped path's α ends, its share falls to 0). Two panels per block, `per_row` blocks a row,
+    the strategies one under the other."""
+    names, colours = space.candidate_names, colours_of(space.num_candidates)
+    blocks = list(range(space.num_blocks)) if blocks is None else list(blocks)
+    cols = min(per_row, len(blocks))
+    rows_per = math.ceil(len(blocks) / cols)
+    fig, axes = plt.subplots(len(histories) * rows_per, 2 * cols,
+                             figsize=(3.4 * 2 * cols, 2.6 * len(histories) * rows_per), squeeze=False)
+    for ax in axes.flat:
         ax.axis("off")
-    return fig, axes.flat
-
-
-def _plot_per_block(space: SearchSpace, history: List[dict], value, ylabel: str, path: str) -> None:
-    """One panel per block, one line per allowed path: value(record, block, path) over the α steps."""
-    names = space.candidate_names
-    fig, axes = _grid(space.num_blocks)
-    steps = [r["step"] for r in history]
-    for l, ax in zip(range(space.num_blocks), axes):
-        for m, name in enumerate(names):
-            if space.blocks[l].allowed[m]:
-                ax.plot(steps, [value(r, l, m) for r in history], label=name, lw=1.2)
-        ax.set_title(f"block {l}", fontsize=9)
-        ax.tick_params(labelsize=7)
-    # The legend goes where every candidate appears (identity is not allowed everywhere).
-    widest = max(range(space.num_blocks), key=lambda l: sum(space.blocks[l].allowed))
-    axes[widest].legend(fontsize=6, ncol=2)
-    fig.supxlabel("α step")
-    fig.supylabel(ylabel)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    for s, (strategy, history) in enumerate(histories.items()):
+        steps = np.array([r["step"] for r in history])
+        edges = np.unique(np.linspace(0, len(history) - 1, WINDOWS + 1).round().astype(int))
+        for k, l in enumerate(blocks):
+            row, col = s * rows_per + k // cols, k % cols
+            ax_a, ax_f = axes[row, 2 * col], axes[row, 2 * col + 1]
+            counts = np.array([r["phase1_counts"][l] for r in history], dtype=np.float64)
+            delta = counts[edges[1:]] - counts[edges[:-1]]
+            share = delta / np.maximum(delta.sum(1, keepdims=True), 1)
+            for m, name in enumerate(names):
+                if not space.blocks[l].allowed[m]:
+                    continue
+                alpha = [np.nan if r["alpha"][l][m] is None else r["alpha"][l][m] for r in history]
+                ax_a.plot(steps, alpha, color=colours[m], lw=1.1, label=name)
+                ax_f.plot(steps[edges[1:]], share[:, m], color=colours[m], lw=1.1)
+            ax_a.set_title(f"{strategy}: α, block {l}", fontsize=9)
+            ax_f.set_title(f"{strategy}: training share, block {l}", fontsize=9)
+            for ax in (ax_a, ax_f):
+                ax.axis("on")
+                ax.tick_params(labelsize=7)
+                ax.set_xlabel("iteration", fontsize=7)
+    fig.legend(handles=[Line2D([], [], color=c, label=n) for n, c in zip(names, colours)], fontsize=7,
+               ncol=len(names), loc="lower center", frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=dpi)  # many thin lines: keep the PNG small
     plt.close(fig)
-
-
-def plot_alpha(space: SearchSpace, history: List[dict], path: str) -> None:
-    def alpha(r, l, m):
-        v = r["alpha"][l][m]
-        return float("nan") if v is None else v
-
-    _plot_per_block(space, history, alpha, "α (NaN after drop)", path)
-
-
-def plot_train_frequency(space: SearchSpace, history: List[dict], path: str) -> None:
-    """Fraction of Phase-1 steps each path was trained in, cumulative, per block."""
-    _plot_per_block(space, history, lambda r, l, m: r["phase1_counts"][l][m] / max(r["phase1_steps"], 1),
-                    "share of Phase-1 steps trained", path)
 
 
 def plot_architecture(space: SearchSpace, arch: Sequence[int], path: str, caption: str = "") -> None:
@@ -87,12 +96,12 @@ def plot_architecture(space: SearchSpace, arch: Sequence[int], path: str, captio
     plt.close(fig)
 
 
-def write_all(space: SearchSpace, history: List[dict], arch: Sequence[int], out: str, caption: str = "") -> List[str]:
+def write_all(space: SearchSpace, history: List[dict], arch: Sequence[int], out: str, caption: str = "",
+              strategy: str = "search") -> List[str]:
     paths = []
     if history:
-        paths += [os.path.join(out, "alpha.png"), os.path.join(out, "train_frequency.png")]
-        plot_alpha(space, history, paths[0])
-        plot_train_frequency(space, history, paths[1])
+        paths.append(os.path.join(out, "balance.png"))
+        plot_balance(space, {strategy: history}, paths[0])
     paths.append(os.path.join(out, "architecture.png"))
     plot_architecture(space, arch, paths[-1], caption)
     return paths

@@ -203,6 +203,15 @@ def build_net(space: SearchSpace, arch: List[int], cfg: TrainConfig) -> Net:
     return net
 
 
+def load_data(cfg: TrainConfig, space: SearchSpace, run_dir: Optional[str] = None, is_main: bool = True):
+    """The images the net retrains on and is scored on (`cfg` resolved; data.load.TrainingData): a folder's
+    carve-out is saved in `run_dir`."""
+    validate_scoring(cfg)
+    return training_data(cfg.dataset, cfg.data, seed=cfg.seed, val=cfg.val, score_split=cfg.score_split,
+                         resolution=space.config.resolution, loader=cfg.loader,
+                         run_dir=run_dir if cfg.data else None, autoaugment=cfg.autoaugment, is_main=is_main)
+
+
 # --- the run -------------------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig):
@@ -233,10 +242,7 @@ class Trainer:
         self.session = RunSession(cfg.out, cfg.resume, "train", self.ranks)
         self.out = self.session.dir
         with self.ranks.main_first():  # rank 0 writes a folder's file index and split first
-            data = training_data(cfg.dataset, cfg.data, seed=cfg.seed, val=cfg.val, score_split=cfg.score_split,
-                                 resolution=self.space.config.resolution, loader=cfg.loader,
-                                 run_dir=self.out if cfg.data else None, autoaugment=cfg.autoaugment,
-                                 is_main=self.ranks.is_main)
+            data = load_data(cfg, self.space, self.out, self.ranks.is_main)
         self.train_split, self.val_split = data.train, data.scored
         if data.num_classes != self.space.config.num_classes:  # the classifier is not part of the searched arch
             self.space = SearchSpace(dataclasses.replace(self.space.config, num_classes=data.num_classes))

@@ -1,4 +1,4 @@
-"""The ImageNet data layer: validated index, held-out split, PIL and DALI loaders, sharding."""
+"""The ImageNet data layer: validated index, held-out split, PIL and DALI splits, sharding."""
 import os
 import subprocess
 import sys
@@ -11,7 +11,6 @@ from PIL import Image
 
 from betanas_fast.data import SearchData, build_data
 from betanas_fast.data import imagenet as inet
-from betanas_fast.data.imagenet import folder as folder_mod
 from betanas_fast.data.imagenet import split as split_mod
 
 CLASSES = ["n01", "n02", "n03", "n04"]
@@ -245,63 +244,70 @@ def test_folder_split_batches(tree):
     assert torch.equal(xc, e1)
 
 
-def test_folder_loader_epochs(tree):
-    _, _, index = tree
-    n = len(index.train)
-    train = inet.make_loader(index, train=True, batch_size=8, resolution=32, loader="folder", workers=0)
-    batches = list(train)
-    assert len(train) == len(batches) == n // 8
-    assert all(x.shape == (8, 3, 32, 32) for x, _ in batches)
-    evaluation = inet.make_loader(index, split="val", train=False, batch_size=3, resolution=32, loader="folder",
-                                  workers=0)
-    labels = torch.cat([y for _, y in evaluation])
-    assert len(evaluation) == -(-len(index.val) // 3)
-    assert labels.tolist() == index.val.labels
-
-
-def loader_class(kind):
-    """The epoch loader of `kind`; the DALI one only where DALI is installed."""
+def split_class(kind):
+    """The random-access split of `kind`; the DALI one only where DALI is installed."""
     if kind == "dali":
         pytest.importorskip("nvidia.dali")
-        from betanas_fast.data.imagenet.dali import DaliLoader
-        return DaliLoader
-    return inet.FolderLoader
+        from betanas_fast.data.imagenet.dali import DaliSplit
+        return DaliSplit
+    return inet.FolderSplit
 
 
 @pytest.mark.parametrize("kind", ["folder", "dali"])
-def test_sharding_covers_every_sample_once(tree, kind):
+def test_scoring_shards_read_every_image_once(tree, kind):
+    """Scoring reads a split batch by batch in order, each rank taking every world-th image of a batch,
+    the last batch partially filled: over the ranks every image once, as decoding the whole split gives it."""
     _, _, index = tree
-    Loader = loader_class(kind)
-    # Labels = sample ids, to see which samples each rank read. Evaluation over an odd count: every
-    # sample exactly once. Training over a count that splits into full batches: every sample once
-    # per epoch, in a new order each epoch.
-    for n, train, batch, epochs in ((47, False, 5, 1), (48, True, 8, 2)):
-        files, ids = index.paths("train")[:n], list(range(n))
-        seen = [[] for _ in range(epochs)]
-        for rank in range(2):
-            loader = Loader(files, ids, train, batch, 32, shard_id=rank, num_shards=2, seed=3)
-            for e in range(epochs):
-                batches = list(loader)
-                assert len(batches) == len(loader)
-                for x, y in batches:
-                    assert x.shape[1:] == (3, 32, 32)
-                    seen[e] += y.tolist()
-        for e in range(epochs):
-            assert sorted(seen[e]) == ids, (train, e)
-        if train:
-            assert seen[0] != sorted(seen[0]) and seen[0] != seen[1]
+    split = split_class(kind)(index, range(len(index.val)), 32, "val", False)
+    whole, labels = split.batch(torch.arange(len(split)), train=False)
+    assert labels.tolist() == index.val.labels
+    world, seen = 2, []
+    for start in range(0, len(split), 3):  # 8 images: batches of 3, 3 and 2
+        idx = torch.arange(start, min(start + 3, len(split)))
+        for rank in range(world):
+            part = idx[rank::world]
+            x, y = split.batch(part, train=False)
+            assert x.shape == (len(part), 3, 32, 32)
+            assert torch.equal(y, labels[part]) and torch.allclose(x, whole[part], atol=1e-5)
+            seen += part.tolist()
+    assert sorted(seen) == list(range(len(split)))
 
 
+@pytest.mark.parametrize("n", [47, 48])
 @pytest.mark.parametrize("kind", ["folder", "dali"])
-def test_training_ranks_take_equal_steps(tree, kind):
+def test_sharded_streams_split_every_global_batch(tree, kind, n):
+    """Under torchrun every rank streams the same global batches (one BatchOrder seed) and decodes its
+    contiguous share: equal shares (the ranks stay in step), together the global batch, every image at most
+    once per epoch (exactly once when the batches tile the split), in a new order each epoch."""
+    from betanas_fast.data import BatchOrder
+    from betanas_fast.data.stream import BatchStream
+    from betanas_fast.runs.ranks import Ranks
     _, _, index = tree
-    Loader = loader_class(kind)
-    files, ids = index.paths("train")[:47], list(range(47))  # shards of 23 and 24
-    for rank in range(2):
-        loader = Loader(files, ids, True, 8, 32, shard_id=rank, num_shards=2, seed=0)
+    split = split_class(kind)(index, range(n), 32, "train", False)
+    whole, labels = split.batch(torch.arange(n), train=False)
+    world, batch = 2, 8
+    reference = BatchOrder(n, batch, seed=3)
+    streams = [BatchStream(split, BatchOrder(n, batch, seed=3), train=False, shard=Ranks(rank=r, world=world).shard)
+               for r in range(world)]
+    epochs = []
+    try:
         for _ in range(2):
-            sizes = [len(y) for _, y in loader]
-            assert sizes == [8, 8] == [8] * len(loader)  # (47 // 2) // 8 full batches on every rank
+            epoch = []
+            for _ in range(reference.batches_per_epoch):
+                idx = reference.next_indices()
+                parts = [stream.next() for stream in streams]
+                assert [len(y) for _, y in parts] == [batch // world] * world
+                x, y = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+                assert torch.equal(y, labels[idx]) and torch.allclose(x, whole[idx], atol=1e-5)
+                epoch += idx.tolist()
+            assert len(set(epoch)) == len(epoch) == (n // batch) * batch
+            if n % batch == 0:
+                assert sorted(epoch) == list(range(n))
+            epochs.append(epoch)
+    finally:
+        for stream in streams:
+            stream.close()
+    assert epochs[0] != sorted(epochs[0]) and epochs[0] != epochs[1]
 
 
 def test_auto_loader_falls_back_with_notice(monkeypatch, capsys):
@@ -373,37 +379,43 @@ def test_dali_split_matches_folder_split(tree):
     assert xd.shape == (2, 3, 32, 32) and float((xd - xp).abs().mean()) < 0.05
 
 
-def test_dali_loader_matches_folder_loader(tree):
+def test_dali_stream_matches_folder_stream(tree):
+    """The search's input under either loader: the same batches and labels and, from the same augmentation
+    generator, the same windows and flips, so the same pixels up to the two libraries' interpolation."""
     pytest.importorskip("nvidia.dali")
+    from betanas_fast.data import BatchOrder
+    from betanas_fast.data.imagenet.dali import DaliSplit
+    from betanas_fast.data.stream import BatchStream
     _, _, index = tree
-    kw = dict(batch_size=6, resolution=32, seed=0, workers=1)
-    for split, train in (("val", False), ("train", True)):
-        dali = inet.make_loader(index, split=split, train=train, loader="dali", **kw)
-        pil = inet.make_loader(index, split=split, train=train, loader="folder", **kw)
-        assert len(dali) == len(pil)
-        bd, bp = list(dali), list(pil)
-        assert len(bd) == len(bp) == len(dali)
-        assert [x.shape for x, _ in bd] == [x.shape for x, _ in bp]
-        yd, yp = torch.cat([y for _, y in bd]), torch.cat([y for _, y in bp])
-        if train:
-            assert np.all(np.bincount(yd, minlength=4) <= np.bincount(index.train.labels))
-        else:
-            assert yd.tolist() == yp.tolist() == index.val.labels
-            xd, xp = torch.cat([x for x, _ in bd]), torch.cat([x for x, _ in bp])
-            assert float((xd - xp).abs().mean()) < 0.1  # resize-then-crop vs window-resize: close
+    for part, positions, train in (("val", range(len(index.val)), False), ("train", range(len(index.train)), True)):
+        streams = [BatchStream(Split(index, positions, 32, part, train), BatchOrder(len(positions), 6, seed=0),
+                               train=train, generator=torch.Generator().manual_seed(0))
+                   for Split in (inet.FolderSplit, DaliSplit)]
+        try:
+            for _ in range(3):  # crosses an epoch of val/
+                (xp, yp), (xd, yd) = (stream.next() for stream in streams)
+                assert xd.shape == xp.shape == (6, 3, 32, 32) and torch.equal(yd, yp)
+                assert float((xd - xp).abs().mean()) < 0.05, part
+        finally:
+            for stream in streams:
+                stream.close()
 
 
-def test_dali_loader_deterministic_and_channels_last(tree):
+def test_dali_split_deterministic_and_channels_last(tree):
     pytest.importorskip("nvidia.dali")
+    from betanas_fast.data.imagenet.dali import DaliSplit
     _, _, index = tree
-    kw = dict(train=True, batch_size=8, resolution=32, loader="dali", workers=1)
-    a = [(x, y) for x, y in inet.make_loader(index, seed=7, **kw)]
-    b = [(x, y) for x, y in inet.make_loader(index, seed=7, **kw)]
-    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
-    cl = inet.make_loader(index, seed=7, channels_last=True, **kw)
-    x, _ = next(iter(cl))
-    assert x.shape == (8, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(x, a[0][0])
+    positions, idx = range(len(index.train)), torch.arange(0, len(index.train), 5)
+
+    def batch(seed, **kw):
+        return DaliSplit(index, positions, 32, **kw).batch(idx, True, torch.Generator().manual_seed(seed))
+
+    (xa, ya), (xb, yb) = batch(7), batch(7)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)  # augmentation comes from the generator only
+    assert not torch.equal(xa, batch(8)[0])
+    xc, _ = batch(7, channels_last=True)
+    assert xc.shape == (len(idx), 3, 32, 32) and xc.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(xc, xa)
 
 
 def test_load_imagenet_data_dali(tree, tmp_path):

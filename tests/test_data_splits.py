@@ -12,7 +12,6 @@ from sklearn.datasets import load_digits
 
 from betanas_fast.data import base as data_base, digits
 from betanas_fast.data.digits import TEST_PER_CLASS, load_digits_data, load_digits_test, split_indices
-from betanas_fast.runs.ranks import ranks_from_env
 from betanas_fast.space import build_space
 from betanas_fast.study import common
 from betanas_fast.study.seeds import SeedsConfig
@@ -100,14 +99,15 @@ def test_no_test_image_has_an_identical_copy_among_the_search_images():
 
 
 def test_a_retraining_scored_on_test_trains_on_every_other_image():
-    ranks = ranks_from_env()
     cfg = TrainConfig(arch=["x"], score_split="test", seed=4).resolved()
-    train, scored, classes, _, _ = load_data(cfg, DEMO, ranks)
+    d = load_data(cfg, DEMO)
+    train, scored, classes = d.train, d.scored, d.num_classes
     assert torch.equal(scored.indices, TEST) and classes == 10
     assert sorted(train.indices.tolist()) == sorted(set(range(N)) - set(TEST.tolist()))
     # scored on val: the carve-out comes from the search pool, never from the test split
     cfg = TrainConfig(arch=["x"], seed=4).resolved()
-    train, scored, _, _, _ = load_data(cfg, DEMO, ranks)
+    d = load_data(cfg, DEMO)
+    train, scored = d.train, d.scored
     assert len(scored) == 200 and not set(scored.indices.tolist()) & set(TEST.tolist())
     assert not set(train.indices.tolist()) & set(TEST.tolist() + scored.indices.tolist())
 
@@ -126,7 +126,7 @@ def test_scoring_on_test_is_refused_where_it_cannot_mean_the_test_split(tmp_path
 def test_the_studies_retrainings_score_on_exactly_the_test_images(study, flags, set_by_study):
     cfg = common.train_config(flags, set_by_study)
     assert cfg.score_split == "test"
-    _, scored, _, _, _ = load_data(cfg.resolved(), DEMO, ranks_from_env())
+    scored = load_data(cfg.resolved(), DEMO).scored
     assert torch.equal(scored.indices, TEST)
     with pytest.raises(ValueError, match="--score-split in the train flags"):
         common.train_config(flags + " --score-split val", set_by_study)

@@ -240,7 +240,7 @@ def test_main_command_end_to_end(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resolved configuration" in r.stdout and "chosen op" in r.stdout
-    for f in ("config.json", "arch.json", "history.jsonl", "alpha.png", "train_frequency.png", "architecture.png"):
+    for f in ("config.json", "arch.json", "history.jsonl", "balance.png", "architecture.png"):
         assert (out / f).stat().st_size > 0, f
     assert any(p.name.startswith("events") for p in (out / "tensorboard").iterdir())
     arch = json.loads((out / "arch.json").read_text())

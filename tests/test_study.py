@@ -251,7 +251,6 @@ def test_seeds_study_end_to_end_deterministic_and_continued(tmp_path, monkeypatc
     assert os.path.getsize(tmp_path / "a" / "seeds.png") > 10_000
     # every retraining is scored on the digits' fixed test split, which none of the searches loaded
     from betanas_fast.data.digits import load_digits_data, load_digits_test
-    from betanas_fast.runs.ranks import ranks_from_env
     from betanas_fast.train import load_data
     test = set(load_digits_test().indices.tolist())
     assert r["scoring"] == {"split": "test", "images": 300} and "test split" in capsys.readouterr().out
@@ -260,7 +259,8 @@ def test_seeds_study_end_to_end_deterministic_and_continued(tmp_path, monkeypatc
         cfg, res = (json.load(open(run / name)) for name in ("config.json", "result.json"))
         assert (cfg["score_split"], res["score_split"], res["scored_images"]) == ("test", "test", 300)
         assert res["last"]["test_top1"] == x["top1"]
-        train, scored, _, _, _ = load_data(TrainConfig(**cfg), build_space("demo"), ranks_from_env())
+        d = load_data(TrainConfig(**cfg), build_space("demo"))
+        train, scored = d.train, d.scored
         assert set(scored.indices.tolist()) == test and not test & set(train.indices.tolist())
     for seed in r["search_seeds"]:
         cfg = json.load(open(tmp_path / "a" / f"search-{seed}" / "config.json"))
@@ -304,5 +304,7 @@ def test_sharing_study_end_to_end(tmp_path, capsys):
     assert r["scoring"] == {"split": "test", "images": 300}
     with open(tmp_path / "s" / "NS-k3e1-k3e6-seed1" / "config.json") as f:
         assert json.load(f)["score_split"] == "test"
-    assert set(json.load(open(tmp_path / "s" / "B4-seed1" / "study_scores_test.json"))) == set(r["labels"])
+    # cached in the study's directory: a search's run directory is written by the search alone
+    assert set(json.load(open(tmp_path / "s" / "scores" / "B4-seed1_test.json"))) == set(r["labels"])
+    assert not any(f.startswith("study_scores") for f in os.listdir(tmp_path / "s" / "B4-seed1"))
     assert os.path.getsize(tmp_path / "s" / "sharing.png") > 10_000

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from betanas_fast.scoring import score
 from betanas_fast.space import build_space
-from betanas_fast.train import RECIPES, AutoAugmentSplit, TrainConfig, Trainer, build_net, resolve_arch
+from betanas_fast.data.augment import AutoAugmentSplit
+from betanas_fast.train import RECIPES, TrainConfig, Trainer, build_net, resolve_arch
 
 DEMO = build_space("demo")
 ARCH = DEMO.arch_strings([1, 0, 3, 6, 2, 5, 0, 1])  # a valid mix, skip included
@@ -217,7 +218,6 @@ def test_other_recipes_and_options_run(tmp_path, kw):
 
 def test_autoaugment_is_seeded():
     from betanas_fast.data.digits import load_digits_data
-    from betanas_fast.train import AutoAugmentSplit
     d = load_digits_data(resolution=32)
     split = AutoAugmentSplit(d.train, (127.5,) * 3, (127.5,) * 3)
     idx = torch.arange(16)

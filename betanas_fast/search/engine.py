@@ -441,5 +441,6 @@ class Search:
         if cfg.plots:
             from .. import plots
             history = files.read_history(self.out)
-            plots.write_all(self.space, history, arch, self.out, caption=cost_caption(summary))
+            plots.write_all(self.space, history, arch, self.out, caption=cost_caption(summary),
+                            strategy=cfg.strategy)
         return summary

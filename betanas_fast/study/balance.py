@@ -153,10 +153,11 @@ def run(cfg: BalanceConfig) -> dict:
               "claims": check_claims(per_strategy, cfg.tolerance, cfg.fair_share_factor)}
 
     def figures(out: str) -> List[str]:
+        from ..plots import plot_balance
         from . import figures as fig
         histories = {s.name: read_history(s.out) for s in subruns}
         paths = [os.path.join(out, "balance.png"), os.path.join(out, "balance_counts.png")]
-        fig.balance_curves(space, histories, blocks, paths[0])
+        plot_balance(space, histories, paths[0], blocks=blocks)
         fig.balance_counts(space, histories, cfg.fair_share_factor, cfg.tolerance, paths[1])
         return paths
 

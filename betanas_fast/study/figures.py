@@ -9,57 +9,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from ..plots import colours_of  # noqa: E402
 from ..space import SearchSpace  # noqa: E402
 
-WINDOWS = 40  # the training-frequency curves: share of each path's Phase-1 steps per window of the run
 DPI = 90
 
 
-def _colours(n: int):
-    cmap = plt.get_cmap("tab10")
-    return [cmap(i % 10) for i in range(n)]
-
-
-def balance_curves(space: SearchSpace, histories: Dict[str, List[dict]], blocks: Sequence[int], path: str) -> None:
-    """Per strategy (rows) and block (column pairs): α over the α steps, and each path's share of the block's
-    Phase-1 steps in consecutive windows of the run (a dropped path's share falls to 0)."""
-    names, colours = space.candidate_names, _colours(space.num_candidates)
-    fig, axes = plt.subplots(len(histories), 2 * len(blocks), figsize=(3.4 * 2 * len(blocks), 2.6 * len(histories)),
-                             squeeze=False)
-    for row, (strategy, history) in enumerate(histories.items()):
-        steps = np.array([r["step"] for r in history])
-        edges = np.unique(np.linspace(0, len(history) - 1, WINDOWS + 1).round().astype(int))
-        for col, l in enumerate(blocks):
-            ax_a, ax_f = axes[row, 2 * col], axes[row, 2 * col + 1]
-            counts = np.array([r["phase1_counts"][l] for r in history], dtype=np.float64)
-            delta = counts[edges[1:]] - counts[edges[:-1]]
-            share = delta / np.maximum(delta.sum(1, keepdims=True), 1)
-            for m, name in enumerate(names):
-                if not space.blocks[l].allowed[m]:
-                    continue
-                alpha = [np.nan if r["alpha"][l][m] is None else r["alpha"][l][m] for r in history]
-                ax_a.plot(steps, alpha, color=colours[m], lw=1.1, label=name)
-                ax_f.plot(steps[edges[1:]], share[:, m], color=colours[m], lw=1.1)
-            ax_a.set_title(f"{strategy}: α, block {l}", fontsize=9)
-            ax_f.set_title(f"{strategy}: training share, block {l}", fontsize=9)
-            for ax in (ax_a, ax_f):
-                ax.tick_params(labelsize=7)
-                ax.set_xlabel("iteration", fontsize=7)
-    fig.legend(handles=[Line2D([], [], color=c, label=n) for n, c in zip(names, colours)], fontsize=7,
-               ncol=len(names), loc="lower center", frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=75)  # many thin lines: keep the PNG small
-    plt.close(fig)
 
 
 def balance_counts(space: SearchSpace, histories: Dict[str, List[dict]], factor: float, tolerance: float,
                    path: str) -> None:
     """Per strategy: every path's whole-run Phase-1 count over its block's mean count among the remaining paths
     (1 = its fair share); dropped paths grey."""
-    names, colours = space.candidate_names, _colours(space.num_candidates)
+    names, colours = space.candidate_names, colours_of(space.num_candidates)
     fig, axes = plt.subplots(len(histories), 1, figsize=(max(6.0, 1.0 * space.num_blocks + 1), 2.4 * len(histories)),
                              squeeze=False, sharey=True)
     width = 0.8 / space.num_candidates
@@ -132,7 +96,7 @@ def sharing_plot(labels: Sequence[str], accuracy: Dict[str, np.ndarray], taus: D
     groups = list(accuracy)
     order = np.argsort(-accuracy[groups[0]].mean(0), kind="stable")
     fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 1.3]})
-    colours = _colours(len(groups))
+    colours = colours_of(len(groups))
     x = np.arange(len(labels))
     for g, colour in zip(groups, colours):
         acc = 100 * accuracy[g][:, order]

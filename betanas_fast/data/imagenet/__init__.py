@@ -1,27 +1,28 @@
 """ImageNet-layout data for the search and retraining: a validated, cached file index; the
-class-balanced held-out split; DALI pipelines (optional) and a PIL/torch fallback with the same
-transforms, sharding and last-batch policy.
+class-balanced held-out split; random-access splits decoded by DALI (optional, `DaliSplit`) or by PIL
+threads (`FolderSplit`) with the same transforms.
 
-Two ways to read: random-access splits (`load_imagenet_data` -> SearchData of `DaliSplit` or
-`FolderSplit`, driven by the engine's BatchOrder) and epoch loaders (`make_loader` -> `DaliLoader`
-through DALI's PyTorch iterator, or `FolderLoader` over a torch DataLoader), for DDP training.
+`load_imagenet_data` returns a SearchData of those splits; the engine reads each through a
+`BatchStream` (data/stream.py) in a `BatchOrder`'s order, each rank taking its share of every global
+batch, decoded ahead of the model in a thread.
 
     index = build_index("/data/imagenet")                          # validated, cached
-    split = load_or_make_split(index, run_dir, heldout_per_class=50, seed=0)
-    loader = make_loader(index, split.train, train=True, batch_size=256, resolution=224,
-                         loader="auto", shard_id=rank, num_shards=world_size, seed=0)
-    data = load_imagenet_data(root="/data/imagenet", run_dir=run_dir, loader="auto")  # SearchData
+    data = load_imagenet_data(root="/data/imagenet", run_dir=run_dir, heldout_per_class=50, loader="auto",
+                              index=index)                         # SearchData; split saved in run_dir
+    stream = BatchStream(data.train, BatchOrder(len(data.train), 256, seed=0), train=True,
+                         generator=torch.Generator().manual_seed(0))
+    x, y = stream.next()                                           # 256 x 3 x 224 x 224, labels
+    stream.close()
 """
 from __future__ import annotations
 
 import functools
-import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from ..base import SearchData, register_dataset, validate_labels
-from .folder import FolderLoader, FolderSplit, ShardSampler, shard_range
+from .folder import FolderSplit
 from .index import FileIndex, build_index, default_cache_path, write_report
 from .split import Split, load_or_make_split, make_split, per_class_count
 
@@ -54,32 +55,6 @@ def resolve_loader(loader: str = "auto", verbose: bool = True) -> str:
     if loader == "dali" and not dali_available():
         raise ImportError("loader 'dali' needs NVIDIA DALI: pip install 'betanas_fast[dali]'")
     return loader
-
-
-def make_loader(index: FileIndex, positions: Optional[Sequence[int]] = None, split: str = "train", train: bool = True,
-                batch_size: int = 256, resolution: int = 224, loader: str = "auto", shard_id: int = 0,
-                num_shards: int = 1, seed: int = 0, workers: int = 2, device: Optional[str] = None,
-                channels_last: bool = False):
-    """An epoch iterator of (images N x 3 x R x R float normalised, labels long) over `positions` of
-    index split `split` (all when None). `train` selects augmentation, shuffling and drop-last.
-    `workers` is DALI's thread count or the DataLoader's worker count. `device`: "cuda" (GPU decode,
-    output on the GPU; DALI only) or "cpu"; None picks cuda when available and DALI is used.
-    Each shard (DDP rank) reads a disjoint block; together they read every image once per epoch."""
-    kind = resolve_loader(loader)
-    part = getattr(index, split)
-    if part is None:
-        raise ValueError(f"the index of {index.root} has no {split}/ split")
-    positions = range(len(part)) if positions is None else positions
-    files = [os.path.join(index.root, part.files[i]) for i in positions]
-    labels = [part.labels[i] for i in positions]
-    if kind == "folder":
-        if device == "cuda":
-            raise ValueError("the folder loader decodes on the CPU; move batches to the GPU yourself")
-        return FolderLoader(files, labels, train, batch_size, resolution, shard_id, num_shards, seed, workers,
-                            channels_last)
-    from .dali import DaliLoader  # DALI is imported only here
-    return DaliLoader(files, labels, train, batch_size, resolution, shard_id, num_shards, seed, max(1, workers),
-                      _dali_device_id(device), channels_last)
 
 
 def _dali_device_id(device: Optional[str]) -> Optional[int]:
@@ -136,6 +111,6 @@ def load_imagenet_data(seed: int = 0, heldout: int = 50_000, val: int = 10_000, 
 
 register_dataset("imagenet", load_imagenet_data)
 
-__all__ = ["FileIndex", "FolderLoader", "FolderSplit", "LOADERS", "ShardSampler", "Split", "build_index",
-           "dali_available", "default_cache_path", "load_imagenet_data", "load_or_make_split", "make_loader",
-           "make_split", "per_class_count", "resolve_loader", "shard_range", "write_report"]
+__all__ = ["FileIndex", "FolderSplit", "LOADERS", "Split", "build_index", "dali_available", "default_cache_path",
+           "load_imagenet_data", "load_or_make_split", "make_split", "per_class_count", "resolve_loader",
+           "write_report"]
