@@ -13,7 +13,7 @@ Every implementation timed has a role:
 `--results-md PATH` writes the tables as Markdown; `--results-json PATH` writes the same data (every
 suite's cases, medians in seconds per implementation, roles, ratios, the per-round samples of suites
 timed in alternating order, the lines printed under the tables) through
-`betanas_fast.provenance.write_results`, which stamps the date, commit, machine and the command line.
+`betanas_fast.runs.provenance.write_results`, which stamps the date, commit, machine and the command line.
 """
 import collections
 import datetime
@@ -266,6 +266,6 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(f"written to {path}")
     path = config.getoption("--results-json")
     if path:
-        from betanas_fast.provenance import write_results
+        from betanas_fast.runs.provenance import write_results
         write_results(path, command_line(), data, repo=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         terminalreporter.write_line(f"written to {path}")

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import torch  # noqa: E402
 
-from betanas_fast.provenance import write_results  # noqa: E402
+from betanas_fast.runs.provenance import write_results  # noqa: E402
 from betanas_fast.search import Search, SearchConfig  # noqa: E402
 from betanas_fast.search.config import alpha_walk  # noqa: E402
 from test_noise_floor import (NULL_MAX_DROPS, NULL_SEEDS, PLANTED, PLANTED_SHIFT, TRUE_MIN_DROPS,  # noqa: E402

@@ -20,7 +20,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from betanas_fast.provenance import write_results  # noqa: E402
+from betanas_fast.runs.provenance import write_results  # noqa: E402
 from float64_supernet import measure_phase2_precision  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "precision.json")

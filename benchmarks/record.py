@@ -9,7 +9,7 @@
 Every command runs in a fresh temporary directory (nothing of an earlier run is reused) with the Python that
 runs this script, i.e. the installed package with its compiled kernels. Wall times are of the whole command as
 typed, start-up included. The files carry a stamp (date, commit, machine and its load average while measuring)
-from `betanas_fast.provenance`; `python benchmarks/render_readme.py` renders them into the README.
+from `betanas_fast.runs.provenance`; `python benchmarks/render_readme.py` renders them into the README.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import tempfile
 import time
 from typing import List
 
-from betanas_fast.provenance import write_results
+from betanas_fast.runs.provenance import write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -19,7 +19,7 @@ import tempfile
 
 import numpy as np
 
-from betanas_fast.provenance import write_results
+from betanas_fast.runs.provenance import write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "supernet_learning_mnist_cluttered.json")

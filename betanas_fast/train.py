@@ -6,7 +6,7 @@
 The network is `Net` (the searched blocks between the space's fixed stem, first block and head) with the
 paper's variants as options: `--width-mult 1.4`, `--se-ratio 0.0625` (squeeze-excitation; the ratio is of
 each block's input channels, as a timm block string's `se`), `--act silu` (swish), `--autoaugment`
-(torchvision's ImageNet policy). Recipes are presets whose every field a flag overrides:
+(torchvision's ImageNet policy). Recipes (`--recipe`) are named training settings whose every field a flag overrides:
 
 - `demo`: the proxyless recipe sized for the embedded digits (60 epochs, batch 64, lr 0.05 per 64);
 - `cluttered`: the same for `--dataset mnist-cluttered`, 25 epochs (chosen from pilot trainings: see

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from betanas_fast import provenance
+from betanas_fast.runs import provenance
 from betanas_fast.runs import runtime
 from betanas_fast.search.engine import supernet_step
 

@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..provenance import cpu_model
+from ..runs.provenance import cpu_model
 from ..runs.files import write_json
 from ..space import ChoiceBlockSpec, SearchSpace
 

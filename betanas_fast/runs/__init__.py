@@ -5,6 +5,7 @@
   shared by the search and the training;
 - `runtime`: the process (device, threads, determinism, mixed precision) and `timing` (a step's parts);
 - `ranks`: the processes of a run under torchrun;
-- `options`: configuration dataclasses whose field metadata is the command line.
+- `options`: configuration dataclasses whose field metadata is the command line;
+- `provenance`: the machine, commit and date stamped on every results file, and its writer.
 
 Nothing here imports a command, the search, the networks or the data."""

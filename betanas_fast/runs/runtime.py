@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.deterministic
 
-from .. import ops, provenance
+from .. import ops
+from . import provenance
 
 
 def resolve_device(name: str) -> torch.device:

@@ -28,8 +28,8 @@ class SearchConfig:
                                     "in proportion to p), spos (uniform training, then evolution under the "
                                     "FLOPs budget), random (random architectures under the budget)",
                          choices=lambda: tuple(STRATEGIES))
-    space: str = option("demo", "a named space: demo (8 blocks, 32x32), bench (the speed benchmark's 8 blocks, "
-                              "32x32, stem stride 1) or mobile (the paper's 21 blocks)",
+    space: str = option("demo", "a named space: demo (8 blocks, 32x32), cluttered (the demo's at 48x48), bench (the "
+                              "speed benchmark's 8 blocks, 32x32, stem stride 1) or mobile (the paper's 21 blocks)",
                       choices=tuple(SPACES))
     width_mult: Optional[float] = option(None, "channel width multiplier (default: the space's)", type=float)
     resolution: Optional[int] = option(None, "input resolution (default: the space's)", type=int)

@@ -28,7 +28,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from .. import cost as cost_model
-from ..provenance import write_json  # noqa: F401  (the studies' atomic JSON writer, re-exported)
+from ..runs.provenance import write_json  # noqa: F401  (the studies' atomic JSON writer, re-exported)
 from ..runs import files, ranks as run_ranks
 from ..runs.options import option
 

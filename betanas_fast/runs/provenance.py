@@ -14,7 +14,7 @@ import platform
 import subprocess
 from typing import Dict, List, Optional
 
-from .runs import files
+from . import files
 
 # The CPU features that decide which kernels and precisions are fast; recorded with every result.
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -45,7 +45,7 @@ def cpu_flags() -> List[str]:
 def machine() -> Dict[str, object]:
     """The CPU (model, the features that matter, cores), torch, Python, the kernel build and the GPU if any."""
     import torch
-    from ._ext import build_info
+    from .._ext import build_info
     flags = set(cpu_flags())
     info = build_info()
     m = {"cpu": cpu_model(), "cpu_features": [f for f in CPU_FEATURES if f in flags],
@@ -92,7 +92,7 @@ def _plain(value):
 
 
 def write_json(path: str, data) -> None:
-    """A results or study file: JSON-safe (`_plain`), atomically."""
+    """A results or study file: JSON-safe (`_plain`), atomically (files.write_atomic)."""
     files.write_json(path, _plain(data), indent=1, allow_nan=False)
 
 
