@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-from dataclasses import dataclass
 import datetime
-import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np

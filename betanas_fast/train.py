@@ -32,7 +32,6 @@ architecture, the space and the net options: `python -m betanas_fast.export RUN 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -333,13 +332,8 @@ class Trainer:
     # --- loop ---
     def run(self) -> dict:
         cfg, main = self.cfg, self.ranks.is_main
-        os.makedirs(self.out, exist_ok=True)
         self._build()
-        if cfg.resume:
-            self._restore()
-        else:
-            self.session.start(cfg.to_dict())
-        self.log("resolved configuration:\n" + json.dumps(cfg.to_dict(), indent=2))
+        self.session.begin(cfg.to_dict(), self._restore)
         self.log(f"net: {self.space.arch_strings(self.arch)}; {sum(p.numel() for p in self.net.parameters())} params; "
                  f"{len(self.train_split)} training images, {len(self.val_split)} scored ({cfg.score_split} split); "
                  f"device {self.device}; "

@@ -8,8 +8,6 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Optional, Tuple
 
-import torch
-
 from ..runs import files
 from .base import ImageSplit, SearchData, build_data, get_dataset, load_test_split
 

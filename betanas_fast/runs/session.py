@@ -4,8 +4,9 @@ events. Rank 0 writes; every rank reads."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 from . import files
 from .ranks import Ranks
@@ -47,6 +48,16 @@ class RunSession:
             print(*args, flush=True)
 
     # --- start or continue ---
+    def begin(self, config: dict, restore: Callable[[], None]) -> None:
+        """A run's first act: continue it (`restore` reads the checkpoint, through `restore()` here) or start it
+        afresh; then the resolved configuration is printed."""
+        os.makedirs(self.dir, exist_ok=True)
+        if self.continues:
+            restore()
+        else:
+            self.start(config)
+        self.log("resolved configuration:\n" + json.dumps(config, indent=2))
+
     def start(self, config: dict) -> None:
         """A fresh run: its configuration saved beside the results, an empty history (rank 0)."""
         if self.ranks.is_main:

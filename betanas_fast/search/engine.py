@@ -7,7 +7,6 @@ the selective drop of Eq. 7) and, at the end, which architecture is the result.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -331,15 +330,10 @@ class Search:
 
     def _run(self) -> Optional[dict]:
         cfg, main = self.cfg, self.ranks.is_main
-        os.makedirs(self.out, exist_ok=True)
         self._build()
-        if cfg.resume:
-            self._restore()
-        else:
-            self.session.start(cfg.to_dict())
+        self.session.begin(cfg.to_dict(), self._restore)
         if main and self.cost.latency is not None and not os.path.isfile(os.path.join(self.out, files.LATENCY_TABLE)):
             self.cost.latency.save(os.path.join(self.out, files.LATENCY_TABLE))
-        self.log("resolved configuration:\n" + json.dumps(cfg.to_dict(), indent=2))
         self.log(f"space: {self.space.num_blocks} choice blocks x {self.space.num_candidates} candidates "
                  f"{self.space.candidate_names}; device {self.device}; autocast {self.amp_dtype or 'off (fp32)'}; "
                  f"{self.iterations} iterations of {cfg.phase_ratio} weight steps, {self.alpha_steps} of them with an "

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..runs.options import option
 from ..runs import files
-from .common import StudyOptions, StudyRun, read_history, read_json, run_space, search_config
+from .common import StudyOptions, StudyRun, read_history, run_space, search_config
 
 NAME = "balance"
 

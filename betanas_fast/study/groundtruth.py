@@ -164,15 +164,15 @@ def run(cfg: GroundtruthConfig) -> dict:
     study.start({"train": base_train.to_dict(), "space": space.config.to_dict(),
                  "searched": [os.path.abspath(p) for p in cfg.searched]})
 
-    files = [study.path("archs", f"arch-{i:02d}.json") for i in range(len(entries))]
+    arch_paths = [study.path("archs", f"arch-{i:02d}.json") for i in range(len(entries))]
     if study.ranks.is_main:
         os.makedirs(study.path("archs"), exist_ok=True)
-        for path, (source, arch) in zip(files, entries):
+        for path, (source, arch) in zip(arch_paths, entries):
             write_json(path, arch_file(space, arch, "ground truth: " + source))
     study.ranks.barrier()
     seeds = [cfg.seed + k for k in range(cfg.train_seeds)]
     trainings = [[study.subrun(f"train-{i:02d}-s{s}", "train", replace(base_train, arch=[path], seed=s))
-                  for s in seeds] for i, path in enumerate(files)]
+                  for s in seeds] for i, path in enumerate(arch_paths)]
     study.run([t for row in zip(*trainings) for t in row])  # every architecture's first seed first
 
     rows = []

@@ -27,7 +27,7 @@ from .. import stats
 from ..data.load import data_source
 from ..runs.options import option
 from ..runs import files
-from .common import StudyOptions, StudyRun, read_json, search_config
+from .common import StudyOptions, StudyRun, search_config
 from .groundtruth import load_table, same_space
 from .sharing import score_supernet
 

@@ -25,7 +25,7 @@ from ..space import sample_within_budget
 from .. import stats
 from . import groundtruth
 from ..runs import files
-from .common import (StudyOptions, StudyRun, arch_file, read_history, read_json, run_space, same_data, search_config,
+from .common import (StudyOptions, StudyRun, arch_file, read_history, run_space, same_data, search_config,
                      short, train_config, write_json)
 
 NAME = "seeds"
