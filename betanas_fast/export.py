@@ -31,7 +31,6 @@ Python API: `load_net(run_or_arch, weights=None)`, `export_timm(net, out_dir)`, 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -421,16 +420,13 @@ def export_timm(net: Net, out_dir: str, check: bool = True) -> dict:
             net.train(was_training)
         _check_close(err, ours, 1e-4, "timm's model")
         cfg["check"] = {"max_abs_logit_diff": err, "batch": 2}
-    os.makedirs(out_dir, exist_ok=True)
-    files = [os.path.join(out_dir, f) for f in TIMM_FILES]
-    torch.save(model.state_dict(), files[0])
+    paths = [os.path.join(out_dir, f) for f in TIMM_FILES]
+    files.save_torch(paths[0], model.state_dict())
     cfg["timm_version"] = _require("timm").__version__
     cfg["torch_version"] = torch.__version__
-    with open(files[1], "w") as f:
-        json.dump(cfg, f, indent=2)
-    with open(files[2], "w") as f:
-        f.write(REBUILD_SCRIPT)
-    cfg["files"] = files
+    files.write_json(paths[1], cfg, indent=2, newline=False)
+    files.write_text(paths[2], REBUILD_SCRIPT)
+    cfg["files"] = paths
     return cfg
 
 
