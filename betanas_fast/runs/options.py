@@ -30,7 +30,7 @@ def add_config_arguments(p: argparse.ArgumentParser, config_cls) -> None:
     for f in fields(config_cls):
         meta = f.metadata
         default = f.default if f.default is not MISSING else f.default_factory()
-        said = "(default" in meta["help"] or "default:" in meta["help"]  # the help already says it
+        said = any(w in meta["help"] for w in ("(default", "default:", "(required"))  # the help already says it
         help_text = meta["help"] if said or meta.get("positional") else f"{meta['help']} (default: {default})"
         kw = dict(default=None, help=help_text)
         if isinstance(default, bool) or meta["type"] is bool:
