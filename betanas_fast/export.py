@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -448,24 +450,29 @@ def export_onnx(net: Net, path: str, check: bool = True, check_batches: Sequence
         _require(module)
     model = copy.deepcopy(net).cpu().eval()
     example = _randn_input(net, 2)  # batch 2: a batch of 1 would be specialised
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        with ops.reference_ops(), torch.no_grad():
-            torch.onnx.export(model, (example,), path, input_names=["input"], output_names=["logits"],
-                              dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True,
-                              opset_version=opset_version, external_data=False, verbose=False)
-    except Exception as e:
-        raise ExportError(f"torch.onnx.export failed ({type(e).__name__}: {e})") from None
     result = {"files": [path]}
-    if check:
-        errors = {}
-        for b in check_batches:
-            x = _randn_input(net, b, seed=b)
-            with torch.no_grad():
-                ours = model(x)
-            errors[b] = _max_abs_diff(onnx_outputs(path, x), ours)
-            _check_close(errors[b], ours, 1e-3, f"onnxruntime's output at batch {b}")
-        result["check"] = {"max_abs_logit_diff": errors}
+    # written and checked aside, then put in place whole (files.write_atomic): a failed export or check leaves
+    # no model.onnx, and a killed one no half of it
+    with tempfile.TemporaryDirectory() as staging:
+        staged = os.path.join(staging, os.path.basename(path))
+        try:
+            with ops.reference_ops(), torch.no_grad():
+                torch.onnx.export(model, (example,), staged, input_names=["input"], output_names=["logits"],
+                                  dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True,
+                                  opset_version=opset_version, external_data=False, verbose=False)
+        except Exception as e:
+            raise ExportError(f"torch.onnx.export failed ({type(e).__name__}: {e})") from None
+        if check:
+            errors = {}
+            for b in check_batches:
+                x = _randn_input(net, b, seed=b)
+                with torch.no_grad():
+                    ours = model(x)
+                errors[b] = _max_abs_diff(onnx_outputs(staged, x), ours)
+                _check_close(errors[b], ours, 1e-3, f"onnxruntime's output at batch {b}")
+            result["check"] = {"max_abs_logit_diff": errors}
+        with open(staged, "rb") as f:
+            files.write_atomic(path, lambda out: shutil.copyfileobj(f, out), binary=True)
     return result
 
 

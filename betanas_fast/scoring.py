@@ -264,7 +264,7 @@ class FinishedSearch:
 
 def load_search(run_dir: str, device: Optional[str] = None) -> FinishedSearch:
     """A finished (or checkpointed) search run, set up for scoring, with the process settings it ran with (or
-    `device`). ValueError for what is not a search run."""
+    `device`) and the autocast dtype its checkpoint says it chose. ValueError for what is not a search run."""
     config = files.read_config(run_dir)
     if "strategy" not in config:
         raise ValueError(f"{run_dir} is not a search run directory (its {files.CONFIG} names no strategy)")
@@ -272,7 +272,6 @@ def load_search(run_dir: str, device: Optional[str] = None) -> FinishedSearch:
     dev = resolve_device(init_ranks(ranks, device or config["device"]))
     configure_process(dev, config["threads"],
                       config["deterministic"] if config["deterministic"] is not None else dev.type == "cpu")
-    amp_dtype = resolve_amp_dtype(config["amp"], config["amp_dtype"], dev, log=lambda *a: None)
     with ranks.main_first():
         space0 = space_from_settings(config)
         data = search_data(config, run_dir, space0.config.resolution, dev.type, ranks.is_main)
@@ -284,6 +283,11 @@ def load_search(run_dir: str, device: Optional[str] = None) -> FinishedSearch:
     except files.CheckpointError as e:
         raise ValueError(str(e)) from None
     model.load_state_dict(state["model"])
+    chosen = state.get("autocast") or {}
+    if chosen.get("device_type") == dev.type:  # what the search ran with (it may have timed --amp's choice)
+        amp_dtype = getattr(torch, chosen["dtype"]) if chosen["dtype"] else None
+    else:  # on another device, or a checkpoint that does not say: --amp resolved here, untimed
+        amp_dtype = resolve_amp_dtype(config["amp"], config["amp_dtype"], dev, log=lambda *a: None)
     scorer = search_scorer(model, data, config, dev, autocast_context(dev, amp_dtype), ranks)
     return FinishedSearch(run_dir, config, data_source(config["dataset"], config["data"]), space, data, model, dev,
                           ranks, scorer)

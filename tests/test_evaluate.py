@@ -114,3 +114,23 @@ def test_evaluate_command_reproduces_the_search_and_scores_any_arch(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "betanas_fast.evaluate", run, "--arch", "ir_r1_k4_s2_e6_c16"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_loaded_run_scores_in_the_dtype_the_search_chose(tmp_path):
+    """The checkpoint records the autocast dtype the run chose (--amp may time it, so the configuration alone
+    does not tell it); loading the run for scoring takes that one, on the device type it was chosen for."""
+    from betanas_fast.runs import files
+    from betanas_fast.scoring import load_search
+    s = Search(tiny(tmp_path, epochs=1, warmup_epochs=0))
+    result = s.run()
+    path, state = files.load_latest(files.checkpoint_dir(s.out))
+    assert state["autocast"] == {"device_type": "cpu", "dtype": None}
+    run = load_search(s.out, device="cpu")
+    assert getattr(run.scorer.autocast, "fast_dtype", None) is None
+    assert run.evaluate(result["choices"], run.split("val")).top1 == result["val_acc"]
+    # as if --amp had timed bf16 faster on this device: the record wins over the configuration (amp off)
+    torch.save(dict(state, autocast={"device_type": "cpu", "dtype": "bfloat16"}), path)
+    assert load_search(s.out, device="cpu").scorer.autocast.fast_dtype == torch.bfloat16
+    # chosen for another device type: resolved from the configuration here
+    torch.save(dict(state, autocast={"device_type": "cuda", "dtype": "float16"}), path)
+    assert getattr(load_search(s.out, device="cpu").scorer.autocast, "fast_dtype", None) is None

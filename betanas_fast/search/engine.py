@@ -198,6 +198,9 @@ class Search:
                 "model": self.model.state_dict(), "sgd": self.sgd.state_dict(),
                 "scaler": self.scaler.state_dict(), "arch": self.state.state_dict(),
                 "world_size": self.ranks.world,
+                # the autocast dtype the run chose (--amp may have timed it): scoring the run later uses the same
+                "autocast": {"device_type": self.device.type,
+                             "dtype": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else None},
                 "train_stream": {"order": train["order"], "generators": self.ranks.all_gather_object(train["generator"])},
                 "heldout_stream": self.heldout_stream.state_dict(),
                 "rng": files.rng_state({"path": self.path_gen})}
