@@ -41,6 +41,8 @@ def run_case(out: str, case: str) -> dict:
         kw.update(path_sampling="per-sample", batch_size=32)
     elif case in ("spos", "proxyless"):
         kw.update(strategy=case, spos_population=4, spos_parents=2, spos_generations=2)
+    elif case in ("darts", "fbnet"):  # the mixture: every remaining candidate in both steps (darts: second order)
+        kw.update(strategy=case, epochs=1, warmup_epochs=0, darts_order=2)
     s = Search(tiny(None, **kw))
     rank = s.ranks.rank
     record = {"phase1_paths": [], "phase2_paths": []}

@@ -127,6 +127,34 @@ class GatedSupernet:
         x = F.relu6(_bn(F.conv2d(x, w), g, b))
         return F.linear(x.mean((2, 3)), *self.classifier)
 
+    def tensors(self) -> List[torch.Tensor]:
+        """Every parameter tensor of the oracle, in a fixed order."""
+        out: List[torch.Tensor] = []
+        self._map(lambda t: out.append(t) or t)
+        return out
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> "GatedSupernet":
+        """A copy whose parameters are `tensors` (in the order of `tensors()`): e.g. an unrolled step of them."""
+        it = iter(tensors)
+        clone = copy.copy(self)
+        clone._map(lambda t: next(it), assign=True)
+        return clone
+
+    def _map(self, fn, assign: bool = False) -> None:
+        def mbconv(p):
+            if p is None:
+                return None
+            q = dict(p)
+            for k in ("expand", "depthwise", "project"):
+                q[k] = None if p[k] is None else [fn(t) for t in p[k]]
+            return q
+        parts = {"stem": [fn(t) for t in self.stem], "first": mbconv(self.first),
+                 "blocks": [{m: mbconv(p) for m, p in block.items()} for block in self.blocks],
+                 "head": [fn(t) for t in self.head], "classifier": [fn(t) for t in self.classifier]}
+        if assign:
+            for k, v in parts.items():
+                setattr(self, k, v)
+
     def loss(self, x: torch.Tensor, y: torch.Tensor, gates: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.logits(x, gates, remaining), y)
 

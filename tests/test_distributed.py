@@ -54,15 +54,17 @@ def search_args(out, *more):
 # --- 1, 2: agreement ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ranks_agree_for_every_strategy_and_divergence_is_caught(tmp_path):
-    cases = ["betanas", "per-sample", "proxyless", "spos", "diverge"]
+    cases = ["betanas", "per-sample", "proxyless", "spos", "darts", "fbnet", "diverge"]
+    mixtures = ("darts", "fbnet")
     r = torchrun([os.path.join(HERE, "dist_worker.py"), str(tmp_path), *cases])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ranks = [json.load(open(tmp_path / f"rank{i}.json")) for i in range(2)]
     for case in cases[:-1]:
         a, b = ranks[0][case], ranks[1][case]
         assert a["error"] is None and b["error"] is None, (case, a["error"], b["error"])
-        assert a["iterations"] >= 30, (case, a["iterations"])  # 30+ steps
-        assert len(a["phase1_paths"]) >= 60 and a["phase1_paths"] == b["phase1_paths"], case
+        assert a["iterations"] >= (20 if case in mixtures else 30), (case, a["iterations"])
+        if case not in mixtures:  # (the mixture samples no path: its weights come from α and the path generator)
+            assert len(a["phase1_paths"]) >= 60 and a["phase1_paths"] == b["phase1_paths"], case
         assert a["phase2_paths"] == b["phase2_paths"], case
         for key in ("drops", "arch", "weights", "buffers", "alpha", "sgd", "adam", "remaining"):
             assert a[key] == b[key], (case, key)

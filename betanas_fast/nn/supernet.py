@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .. import ops
@@ -66,6 +67,39 @@ def gate_grad_bytes(x: torch.Tensor, candidate: nn.Module) -> int:
     return int(activations * x.element_size() + params * stats_size + partials * 8)
 
 
+@contextlib.contextmanager
+def _bn_stats_kept(module: nn.Module):
+    """`module`'s BatchNorm running statistics as they were before the block (the block runs exactly as the
+    forward did, saving the same tensors, and what it adds to the statistics is taken back)."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    kept = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, n) in zip(bns, kept):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(n)
+
+
+def saved_activation_bytes(run, params: Sequence[torch.Tensor]) -> int:
+    """The bytes autograd keeps for the backward pass of `run()` (a forward that builds a graph): the distinct
+    storages of the tensors it saves, parameters not counted."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
 class ChoiceBlock(nn.Module):
     """Holds every allowed candidate of one block; `forward(x, choice)` runs only the chosen one, so
     only its parameters take part in autograd."""
@@ -83,6 +117,26 @@ class ChoiceBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, choice: int) -> torch.Tensor:
         return self.path(choice)(x)
+
+    def forward_mixture(self, x: torch.Tensor, weights: torch.Tensor, paths: Sequence[int],
+                        recompute: bool = False) -> torch.Tensor:
+        """The DARTS family's block: Σ_m weights[m] · o_m(x) over `paths` (its remaining candidates), every
+        candidate in the autograd graph. With `recompute`, a candidate's activations are not kept for the
+        backward pass but recomputed there (torch.utils.checkpoint): the block then holds one candidate's at a
+        time instead of all of them."""
+        out = None
+        for m in paths:
+            op = self.path(m)
+            if recompute and not isinstance(op, nn.Identity):
+                # the recomputation must not update BatchNorm's running statistics a second time
+                y = torch.utils.checkpoint.checkpoint(
+                    op, x, use_reentrant=False,
+                    context_fn=lambda op=op: (contextlib.nullcontext(), _bn_stats_kept(op)))
+            else:
+                y = op(x)
+            term = weights[m] * y
+            out = term if out is None else out + term
+        return out
 
     def forward_per_sample(self, x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
         """Sample i through candidate `paths[i]` (LongTensor [N]); each candidate sees only its samples."""
@@ -189,6 +243,15 @@ class Supernet(_Body):
         x = self.first(self.stem(x))
         for block, block_paths in zip(self.blocks, paths):
             x = block.forward_per_sample(x, block_paths)
+        return self._head(x)
+
+    def forward_mixture(self, x: torch.Tensor, weights: torch.Tensor, remaining: torch.Tensor,
+                        recompute: bool = False) -> torch.Tensor:
+        """Every choice block as the weighted mixture of its remaining candidates (`weights`, `remaining`:
+        [L, M]; ChoiceBlock.forward_mixture)."""
+        x = self.first(self.stem(x))
+        for l, block in enumerate(self.blocks):
+            x = block.forward_mixture(x, weights[l], remaining[l].nonzero().flatten().tolist(), recompute)
         return self._head(x)
 
     def forward_with_blocks(self, x: torch.Tensor, arch: Sequence[int]

@@ -11,9 +11,11 @@ from typing import Callable, Dict, Iterator, Optional
 
 # The two parts of the gate-gradient table (timed inside Supernet.gate_grad_table).
 SAMPLED_PATH, OTHER_CANDIDATES = "phase2/sampled path", "phase2/other candidates"
+# The DARTS family's α gradient (backpropagation through the mixture; the unrolled step of the second order).
+MIXTURE = "phase2/mixture"
 # The parts, in the order of a step.
 PARTS = ("data", "phase1/forward", "phase1/backward", "phase1/gradient sync", "phase1/optimizer",
-         SAMPLED_PATH, OTHER_CANDIDATES, "phase2/table sync", "phase2/alpha update")
+         SAMPLED_PATH, OTHER_CANDIDATES, MIXTURE, "phase2/table sync", "phase2/alpha update")
 # The parts that are communication between ranks (under torchrun only).
 COMMUNICATION_PARTS = ("phase1/gradient sync", "phase2/table sync")
 

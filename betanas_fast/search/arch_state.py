@@ -16,14 +16,17 @@ class ArchState:
     drop."""
 
     def __init__(self, allowed: List[List[bool]], lr: float = 1e-3, betas: Tuple[float, float] = (0.0, 0.999),
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, weight_decay: float = 0.0):
         self.allowed = torch.tensor(allowed, dtype=torch.bool)
         self.alpha = torch.nn.Parameter(torch.zeros(self.allowed.shape))
         # β1 = 0 by default (ProxylessNAS's choice): a stale momentum never pushes a path.
-        self.optimizer = torch.optim.Adam([self.alpha], lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+        self.optimizer = torch.optim.Adam([self.alpha], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.remaining = self.allowed.clone()
         self.phase1_counts = torch.zeros(self.allowed.shape, dtype=torch.long)
         self.phase2_counts = torch.zeros(self.allowed.shape, dtype=torch.long)
+        # each path's share of the Phase-1 steps' weight: 1 per step on the sampled path, the mixture's weight w_m
+        # per step for the DARTS family (Fig. 5's measure for every policy)
+        self.phase1_weight = torch.zeros(self.allowed.shape, dtype=torch.float64)
         self.drops: List[dict] = []
         # shuffled-cycle queues for balanced Phase-1 sampling, one per block
         self.cycles: List[List[int]] = [[] for _ in range(self.allowed.shape[0])]
@@ -104,13 +107,19 @@ class ArchState:
     def step(self, gate_grad: torch.Tensor, cost: torch.Tensor, beta: float) -> None:
         """One α update: the gradient above, an Adam step in which dropped entries do not move, then the
         re-centring of every block's remaining α."""
+        self.apply_grad(self.alpha_grad(gate_grad, cost, beta))
+
+    def apply_grad(self, grad: torch.Tensor, recentre: bool = True) -> None:
+        """An Adam step on dL/dα `grad` in which the entries off the remaining paths do not move, then (with
+        `recentre`) each block's remaining α to mean 0."""
         frozen = self.alpha.detach().clone()
-        self.alpha.grad = self.alpha_grad(gate_grad, cost, beta)
+        self.alpha.grad = grad.detach().to(self.alpha.dtype).masked_fill(~self.remaining, 0.0)
         self.optimizer.step()
         with torch.no_grad():
             self.alpha.data[~self.remaining] = frozen[~self.remaining]
         self.alpha.grad = None
-        self.recentre()
+        if recentre:
+            self.recentre()
 
     @torch.no_grad()
     def recentre(self) -> None:
@@ -145,7 +154,7 @@ class ArchState:
         return {"alpha": self.alpha.detach().clone(), "optimizer": copy.deepcopy(self.optimizer.state_dict()),
                 "remaining": self.remaining.clone(),
                 "phase1_counts": self.phase1_counts.clone(), "phase2_counts": self.phase2_counts.clone(),
-                "drops": [dict(d) for d in self.drops], "cycles": [list(c) for c in self.cycles]}
+                "phase1_weight": self.phase1_weight.clone(), "drops": [dict(d) for d in self.drops], "cycles": [list(c) for c in self.cycles]}
 
     def load_state_dict(self, d: dict) -> None:
         with torch.no_grad():
@@ -154,6 +163,10 @@ class ArchState:
         self.remaining = d["remaining"].clone()
         self.phase1_counts = d["phase1_counts"].clone()
         self.phase2_counts = d["phase2_counts"].clone()
+        if "phase1_weight" in d:  # (checkpoints written before it was kept: counts are the weights)
+            self.phase1_weight = d["phase1_weight"].clone()
+        else:
+            self.phase1_weight = self.phase1_counts.to(torch.float64)
         self.drops = [dict(x) for x in d["drops"]]
         self.cycles = [list(c) for c in d["cycles"]]
 

@@ -26,7 +26,9 @@ class SearchConfig:
     # what to search
     strategy: str = option("betanas", "betanas (balanced training + selective drop), proxyless (paths trained "
                                     "in proportion to p), spos (uniform training, then evolution under the "
-                                    "FLOPs budget), random (random architectures under the budget)",
+                                    "FLOPs budget), random (random architectures under the budget), darts (the mixture of "
+                                    "every remaining candidate, α by backpropagation through softmax(α); first or "
+                                    "second order), fbnet (a Gumbel-softmax mixture, loss CE·a·log(cost)^b)",
                          choices=lambda: tuple(STRATEGIES))
     space: str = option("demo", "a named space: demo (8 blocks, 32x32), cluttered (the demo's at 48x48), bench (the "
                               "speed benchmark's 8 blocks, 32x32, stem stride 1) or mobile (the paper's 21 blocks)",
@@ -102,6 +104,20 @@ class SearchConfig:
     spos_generations: int = option(20, "spos: generations")
     spos_parents: int = option(10, "spos: the top architectures kept as parents each generation")
     spos_mutation_prob: float = option(0.1, "spos: per-block mutation probability")
+    # the DARTS family: every remaining candidate of a block runs, weighted, in both steps
+    mixture_recompute: bool = option(False, "darts, fbnet: recompute each candidate's activations in the backward "
+                                            "pass instead of keeping them (about one candidate's activations per "
+                                            "block instead of all of them, for about one more forward)")
+    darts_order: int = option(1, "darts: 1 (first order) or 2 (α's gradient through one unrolled weight step, the "
+                                 "second-order term by finite differences)", choices=(1, 2))
+    darts_arch_lr: float = option(3e-4, "darts: Adam learning rate of α (the paper's; betas 0.5, 0.999)")
+    darts_arch_weight_decay: float = option(1e-3, "darts: Adam weight decay of α (the paper's)")
+    fbnet_arch_lr: float = option(0.01, "fbnet: Adam learning rate of α (the paper's; weight decay 5e-4)")
+    fbnet_temperature: float = option(5.0, "fbnet: the Gumbel-softmax temperature at epoch 0 (the paper's)")
+    fbnet_temperature_decay: float = option(0.045, "fbnet: the temperature is multiplied by exp(-this) every epoch "
+                                                   "(the paper's)")
+    fbnet_a: float = option(0.2, "fbnet: a of the loss CE · a · log(cost)^b (the paper's)")
+    fbnet_b: float = option(0.6, "fbnet: b of the loss CE · a · log(cost)^b (the paper's)")
     bn_recalib_batches: int = option(4, "training batches that recompute BatchNorm statistics before a sub-net "
                                       "is scored")
     # run
@@ -186,6 +202,14 @@ def validate_config(cfg: SearchConfig) -> None:
                  "spos_population", "spos_generations", "spos_parents"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if STRATEGIES[cfg.strategy].mixture and cfg.path_sampling == "per-sample":
+        raise ValueError(f"--strategy {cfg.strategy} runs every remaining candidate on every sample (the mixture): "
+                         f"--path-sampling per-sample does not apply")
+    for name in ("darts_arch_lr", "fbnet_arch_lr", "fbnet_temperature"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.darts_arch_weight_decay < 0 or cfg.fbnet_temperature_decay < 0:
+        raise ValueError("darts_arch_weight_decay and fbnet_temperature_decay must be >= 0")
     if cfg.spos_parents > cfg.spos_population:
         raise ValueError(f"spos_parents ({cfg.spos_parents}) must not exceed spos_population ({cfg.spos_population})")
     if STRATEGIES[cfg.strategy].trains_alpha and not 0 <= cfg.warmup_epochs < cfg.epochs:

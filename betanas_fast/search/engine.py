@@ -21,12 +21,12 @@ from .. import ops
 from ..data import BatchOrder
 from ..data.load import data_source, search_data
 from ..data.stream import BatchStream
-from ..nn.supernet import Supernet
+from ..nn.supernet import Supernet, saved_activation_bytes, set_bn_batch_stats_frozen
 from ..runs import files, ranks as run_ranks
 from ..runs.options import parse_size
 from ..runs.runtime import TimedStep, autocast, configure_process, forward_backward_step, resolve_amp, resolve_device
 from ..runs.session import RunSession, continued_settings
-from ..runs.timing import NoTimer
+from ..runs.timing import MIXTURE, NoTimer
 from ..scoring import Evaluation, search_scorer
 from ..space import SPACES, space_from_settings
 from . import distributed
@@ -108,6 +108,7 @@ class Search:
         self.amp_dtype = self.amp.dtype
         # measured once, before the model exists: the budget for the candidates' activations in Phase 2
         self.phase2_memory = parse_size(cfg.phase2_memory) if cfg.phase2_memory else ops.default_phase2_budget(self.device)
+        self.mixture_memory = self._check_mixture_memory() if self.strategy.mixture else None
         self.flops = cost_model.flops_cost(self.space, cfg.flops_target)
         self.cost = self._search_cost(cfg)
         # β of Eq. 6 in the cost's unit; the default per ms presses as hard as --beta per MFLOP
@@ -122,6 +123,52 @@ class Search:
         self.iterations = math.ceil(self.total_phase1 / cfg.phase_ratio)
         self.alpha_steps = sum(self._alpha_step_at(i) for i in range(1, self.iterations + 1))
         check_noise_floor(cfg, self.alpha_steps)
+
+    def _check_mixture_memory(self) -> dict:
+        """The mixture keeps every remaining candidate's activations for the backward pass (the DARTS family's
+        memory): measured before the run on a fresh supernet of the space, as autograd's saved tensors at 2 and 4
+        images extrapolated to this process's batch, with one path's for comparison. A ValueError naming the
+        numbers when they (and the weights with their gradients and momentum) exceed 90 % of the memory free
+        on the device."""
+        device, batch = self.device, max(self.local_batch, self.local_heldout_batch)
+        memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            model = Supernet(self.space).to(device, memory_format=memory_format).train()
+        allowed = torch.tensor(self.space.allowed_mask())
+        weights = allowed.float() / allowed.sum(1, keepdim=True)
+        one_path = [row.index(True) for row in self.space.allowed_mask()]
+        params = list(model.parameters())
+
+        def saved(n: int, mixture: bool) -> int:
+            x, _ = self.data.train.batch(torch.arange(n), train=False)
+            x = x.to(device).contiguous(memory_format=memory_format)
+            run = (lambda: model.forward_mixture(x, weights, allowed, self.cfg.mixture_recompute)) if mixture \
+                else (lambda: model(x, one_path))
+            with self._autocast():
+                return saved_activation_bytes(run, params)
+
+        per_image = (saved(4, True) - saved(2, True)) / 2
+        path_per_image = max((saved(4, False) - saved(2, False)) / 2, 1.0)
+        activations = saved(2, True) + per_image * (batch - 2)
+        weights_bytes = 4 * sum(p.numel() * p.element_size() for p in params)  # weights, grads, momentum, a copy
+        free = ops.default_phase2_budget(device, fraction=0.9)
+        report = {"activation_bytes": int(activations), "per_image_bytes": int(per_image),
+                  "one_path_per_image_bytes": int(path_per_image), "ratio_to_one_path": per_image / path_per_image,
+                  "weights_bytes": weights_bytes, "free_bytes": free, "batch": batch}
+        what = (f"--strategy {self.cfg.strategy}: the mixture of every remaining candidate keeps about "
+                f"{activations / 2**20:.1f} MiB of activations for a batch of {batch} per process "
+                f"({per_image / 2**20:.2f} MiB per image, {report['ratio_to_one_path']:.1f}x one path's "
+                f"{path_per_image / 2**20:.2f} MiB{', candidates recomputed in backward' if self.cfg.mixture_recompute else ''}"
+                f") plus {weights_bytes / 2**20:.1f} MiB of weights, gradients and momentum")
+        if activations + weights_bytes > free:
+            raise ValueError(f"{what}: more than the {free / 2**20:.1f} MiB free on {device} (90 %). Lower "
+                             f"--batch-size / --heldout-batch-size"
+                             + ("" if self.cfg.mixture_recompute else ", or add --mixture-recompute (each "
+                                                                      "candidate's activations recomputed in the "
+                                                                      "backward pass)"))
+        self.log(what)
+        return report
 
     def _search_cost(self, cfg: SearchConfig) -> cost_model.SearchCost:
         """Eq. 6's cost, checked before any compute: the FLOPs table, or the latency table (the run directory's
@@ -159,8 +206,7 @@ class Search:
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         self.model = Supernet(self.space).to(self.device, memory_format=self.memory_format)
         self.grad_sync = distributed.GradientSync(self.ranks)
-        self.state = ArchState(self.space.allowed_mask(), lr=cfg.arch_lr, betas=(cfg.arch_beta1, cfg.arch_beta2),
-                               eps=cfg.arch_eps)
+        self.state = ArchState(self.space.allowed_mask(), **self.strategy.alpha_optimizer())
         self.sgd = torch.optim.SGD(self._weight_groups(), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov and cfg.momentum > 0)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16
@@ -251,6 +297,8 @@ class Search:
         return self._epoch_of(self.phase1_steps)
 
     def phase1_step(self):
+        if self.strategy.mixture:
+            return self.mixture_phase1_step()
         cfg, st = self.cfg, self.state
         per_sample = cfg.path_sampling == "per-sample"
         # the global step's paths, the same on every rank ([L, global batch] per sample: each rank takes its columns)
@@ -261,9 +309,7 @@ class Search:
         with timer.part("data"):
             x, y = self.train_stream.next()
             x, y = self._on_device(x), y.to(self.device)
-        lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * self.phase1_steps / max(self.total_phase1, 1)))
-        for g in self.sgd.param_groups:
-            g["lr"] = lr
+        lr = self._phase1_lr()
         self.model.train()
         self.sgd.zero_grad(set_to_none=True)  # unchosen paths keep grad None: SGD skips them entirely
         with timer.part("phase1/forward"):
@@ -283,14 +329,61 @@ class Search:
             self.scaler.update()
         if per_sample:  # counted in samples, over the global batch
             st.phase1_counts.scatter_add_(1, global_paths, torch.ones_like(global_paths))
+            st.phase1_weight.scatter_add_(1, global_paths, torch.full(global_paths.shape, 1 / global_paths.shape[1],
+                                                                       dtype=torch.float64))
         else:
             for l, m in enumerate(paths):
                 st.phase1_counts[l, m] += 1
+                st.phase1_weight[l, m] += 1
+        self.phase1_steps += 1
+        loss_value, acc_value = scalars.tolist()
+        return loss_value, acc_value, lr
+
+    def _phase1_lr(self) -> float:
+        """The cosine schedule's learning rate of the next weight step, set on the optimiser."""
+        lr = 0.5 * self.cfg.lr * (1 + math.cos(math.pi * self.phase1_steps / max(self.total_phase1, 1)))
+        for g in self.sgd.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def _remaining_modules(self):
+        """The modules every step of a mixture runs: the fixed parts and each block's remaining candidates."""
+        return distributed.step_modules(self.model, [self.state.remaining_paths(l) for l in range(self.state.num_blocks)])
+
+    def mixture_phase1_step(self):
+        """A weight step of the DARTS family: every remaining candidate runs, weighted by the strategy's mixture
+        weights (α not trained here)."""
+        cfg, st, timer = self.cfg, self.state, self.timer
+        weights = self.strategy.mixture_weights(st, self.path_gen, self.epoch()).detach()
+        with timer.part("data"):
+            x, y = self.train_stream.next()
+            x, y = self._on_device(x), y.to(self.device)
+        self._last_train_batch = (x, y)
+        lr = self._phase1_lr()
+        self.model.train()
+        self.sgd.zero_grad(set_to_none=True)  # dropped candidates keep grad None
+        with timer.part("phase1/forward"):
+            with self._autocast():
+                logits = self.model.forward_mixture(x, weights, st.remaining, cfg.mixture_recompute)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        with timer.part("phase1/backward"):
+            self.scaler.scale(loss).backward()
+        scalars = torch.stack([loss.detach().float(), (logits.argmax(1) == y).float().mean()])
+        if self.ranks.active:
+            with timer.part("phase1/gradient sync"):
+                scalars = self.grad_sync(self.model, self._remaining_modules(), scalars, False)
+        with timer.part("phase1/optimizer"):
+            self.scaler.step(self.sgd)
+            self.scaler.update()
+        st.phase1_counts += st.remaining.long()
+        st.phase1_weight += weights.to(torch.float64) * st.remaining
         self.phase1_steps += 1
         loss_value, acc_value = scalars.tolist()
         return loss_value, acc_value, lr
 
     def phase2_step(self):
+        if self.strategy.mixture:
+            return self.mixture_alpha_step()
         cfg, st = self.cfg, self.state
         arch = st.sample_from_p(self.path_gen)
         for l, m in enumerate(arch):
@@ -309,6 +402,92 @@ class Search:
             st.step(gate, self.cost.table, self.beta)
         self.beta = self.cost.adapted_beta(self.beta, st.probs(), cfg.beta_adapt)
         return loss, acc
+
+    # --- the DARTS family's α step ---------------------------------------------------------------------------
+    def _mixture_loss(self, x, y, weights):
+        """(cross-entropy, accuracy) of the mixture on (x, y), BatchNorm on batch statistics with its running
+        ones untouched (the α step must not move the weights' state)."""
+        with self._phase2_autocast():
+            logits = self.model.forward_mixture(x, weights, self.state.remaining, self.cfg.mixture_recompute)
+        return F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).float().mean()
+
+    def mixture_alpha_step(self):
+        """dL/dα by backpropagation through the mixture on a held-out batch (first order), or through one
+        unrolled weight step (DARTS's second order); averaged over ranks; an Adam step."""
+        st, strategy = self.state, self.strategy
+        st.phase2_counts += st.remaining.long()
+        with self.timer.part("data"):
+            x, y = self.heldout_stream.next()
+            x, y = self._on_device(x), y.to(self.device)
+        with self.timer.part(MIXTURE):
+            grad, loss, acc = self.mixture_alpha_grad(x, y)
+        packed = torch.cat([grad.detach().float().flatten(), torch.stack([loss.detach().float(), acc.float()]).cpu()])
+        if self.ranks.active:
+            with self.timer.part("phase2/table sync"):
+                packed = run_ranks.all_reduce_mean(self.ranks, packed, self.device)
+        grad, (loss, acc) = packed[:-2].view_as(st.alpha), packed[-2:].tolist()
+        with self.timer.part("phase2/alpha update"):
+            st.apply_grad(grad, recentre=strategy.recentres)
+        self.beta = self.cost.adapted_beta(self.beta, st.probs(), self.cfg.beta_adapt)
+        return loss, acc
+
+    def mixture_alpha_grad(self, x: torch.Tensor, y: torch.Tensor):
+        """(dL/dα, loss, accuracy) on the held-out batch (x, y) of this process: first order, or DARTS's second
+        order. BatchNorm normalises with batch statistics and its running ones stay as they are."""
+        strategy = self.strategy
+        self.model.train()
+        set_bn_batch_stats_frozen(self.model, True)
+        try:
+            if getattr(strategy, "order", 1) == 2:
+                return self._unrolled_alpha_grad(x, y)
+            weights = strategy.mixture_weights(self.state, self.path_gen, self.epoch())
+            ce, acc = self._mixture_loss(x, y, weights)
+            loss = strategy.arch_loss(ce, weights, self.cost, self.beta)
+            (grad,) = torch.autograd.grad(loss, self.state.alpha)
+            return grad, loss, acc
+        finally:
+            set_bn_batch_stats_frozen(self.model, False)
+
+    def _unrolled_alpha_grad(self, x_val, y_val):
+        """DARTS's second-order α gradient: ∇_α L_val(w', α) − ξ · (∇_α L_train(w⁺) − ∇_α L_train(w⁻)) / 2ε, with
+        w' one step of the weights' own optimiser (SGD at its current learning rate ξ, momentum, Nesterov and
+        weight decay as it would apply them) from the gradient of the training loss on the iteration's last
+        weight batch, w± = w ± ε·∇_{w'} L_val, ε = 0.01 / ‖∇_{w'} L_val‖. The weights are restored exactly."""
+        st, strategy = self.state, self.strategy
+        x_tr, y_tr = self._last_train_batch
+        groups = [(g, p) for g in self.sgd.param_groups for p in g["params"]]
+        used = {id(p) for m in self._remaining_modules() for p in m.parameters()}
+        groups = [(g, p) for g, p in groups if id(p) in used and p.requires_grad]
+        params = [p for _, p in groups]
+        saved = [p.detach().clone() for p in params]
+        xi = self.sgd.param_groups[0]["lr"]
+        weights = strategy.mixture_weights(st, self.path_gen, self.epoch())
+        train_ce, _ = self._mixture_loss(x_tr, y_tr, weights.detach())
+        grads = torch.autograd.grad(train_ce, params)
+        with torch.no_grad():  # w' = w - ξ · the optimiser's update
+            for (g, p), d in zip(groups, grads):
+                d = d + g["weight_decay"] * p
+                if g["momentum"]:
+                    buf = self.sgd.state.get(p, {}).get("momentum_buffer")
+                    buf = d if buf is None else g["momentum"] * buf + d
+                    d = d + g["momentum"] * buf if g["nesterov"] else buf
+                p.sub_(xi * d)
+        ce, acc = self._mixture_loss(x_val, y_val, weights)
+        loss = strategy.arch_loss(ce, weights, self.cost, self.beta)
+        dalpha, *dw = torch.autograd.grad(loss, [st.alpha] + params)
+        eps = 0.01 / torch.cat([d.flatten().double() for d in dw]).norm().clamp_min(1e-12).item()
+        hessian = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for p, w, d in zip(params, saved, dw):
+                    p.copy_(w + sign * eps * d)
+            # (DARTS's weights are softmax(α): computing them again draws nothing from the generator)
+            train_ce, _ = self._mixture_loss(x_tr, y_tr, strategy.mixture_weights(st, self.path_gen, self.epoch()))
+            hessian.append(torch.autograd.grad(train_ce, st.alpha)[0])
+        with torch.no_grad():
+            for p, w in zip(params, saved):
+                p.copy_(w)
+        return dalpha - xi * (hessian[0] - hessian[1]) / (2 * eps), loss, acc
 
     def expected_costs(self) -> dict:
         """The whole net's expected MFLOPs (always) and predicted latency (with --cost latency) under p."""
@@ -412,7 +591,8 @@ class Search:
                 "remaining": [[names[m] for m in st.remaining_paths(l)] for l in range(st.num_blocks)],
                 "phase1_counts": st.phase1_counts.tolist(), "phase2_counts": st.phase2_counts.tolist(),
                 **self.expected_costs(), "beta": self.beta,
-                "drops": [dict(d, op=names[d["path"]]) for d in drops]}
+                "drops": [dict(d, op=names[d["path"]]) for d in drops],
+                **self.strategy.record(st, epoch, self.space)}
 
     # --- results ----------------------------------------------------------------------------------------------
     def evaluate(self, arch: List[int], split, seed: Optional[int] = None,
