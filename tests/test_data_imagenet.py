@@ -283,12 +283,13 @@ def test_sharded_streams_split_every_global_batch(tree, kind, n):
     from betanas_fast.data.stream import BatchStream
     from betanas_fast.runs.ranks import Ranks
     _, _, index = tree
-    split = split_class(kind)(index, range(n), 32, "train", False)
-    whole, labels = split.batch(torch.arange(n), train=False)
     world, batch = 2, 8
+    # each rank (a process of its own) has its own split: one DALI pipeline must not serve two prefetch threads
+    splits = [split_class(kind)(index, range(n), 32, "train", False) for _ in range(world)]
+    whole, labels = splits[0].batch(torch.arange(n), train=False)
     reference = BatchOrder(n, batch, seed=3)
-    streams = [BatchStream(split, BatchOrder(n, batch, seed=3), train=False, shard=Ranks(rank=r, world=world).shard)
-               for r in range(world)]
+    streams = [BatchStream(splits[r], BatchOrder(n, batch, seed=3), train=False,
+                           shard=Ranks(rank=r, world=world).shard) for r in range(world)]
     epochs = []
     try:
         for _ in range(2):
