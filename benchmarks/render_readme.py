@@ -42,6 +42,7 @@ WRITERS = {
     "study_seeds_mnist_cluttered.json": "python benchmarks/record.py studies --studies seeds-cluttered",
     "supernet_learning_mnist_cluttered.json": "python benchmarks/supernet_learning.py",
     "precision.json": "python benchmarks/precision.py",
+    "mixture_demo.json": "python benchmarks/mixture_demo.py",
     "null_tests.json": "python benchmarks/null_tests.py",
     "cpu.json": "pytest benchmarks/test_bench_iteration.py benchmarks/test_bench_search_step.py "
                 "benchmarks/test_bench_phase1.py benchmarks/test_bench_alpha_grad.py benchmarks/test_bench_dw_bn_act.py "
@@ -268,6 +269,30 @@ def render_precision(doc: dict) -> str:
 EXTRA_SUMMARY.append(("Phase 2's α-gradient signs vs a float64 oracle", "precision.json",
                       lambda d: f"engine (fp32) {pct(d['engine_agreement'])}, bf16 Phase 2 "
                                 f"{pct(d['bf16_agreement'])} of {d['entries_that_matter']} entries"))
+
+
+@renderer("mixture_demo", "mixture_demo.json")
+def render_mixture_demo(doc: dict) -> str:
+    s = doc["settings"]
+    rows = ["| strategy | peak memory (RSS) | per iteration | searched net | identity argmax | val acc (inherited) |",
+            "|---|---|---|---|---|---|"]
+    base = doc["runs"]["betanas"]["peak_rss_mib"]
+    for name, r in doc["runs"].items():
+        rows.append(f"| {name} | {r['peak_rss_mib']:.0f} MiB ({r['peak_rss_mib'] / base:.2f}× betanas) | "
+                    f"{r['iteration_ms_mean']:.0f} ms | {r['mflops']:.3f} MFLOPs | {r['argmax_skips']} blocks | "
+                    f"{pct(r['val_acc'])} |")
+    mix = doc["runs"]["darts"]["mixture_memory"]
+    checks = "; ".join(f"{n} {c['float64_error']:.1e}" for n, c in doc["gradient_checks"].items())
+    f32 = doc["gradient_checks"]["darts first order"].get("float32_error")
+    return ("\n".join(rows) + "\n\n"
+            f"The demo ({s['epochs']} epochs, {s['warmup_epochs']} of them warm-up, seed {s['seed']}, {s['threads']} "
+            f"threads; an iteration is its weight steps plus, after the warm-up, its α step). The mixture's "
+            f"activations, measured before the run: {mix['per_image_bytes'] / 2**20:.2f} MiB per image, "
+            f"**{mix['ratio_to_one_path']:.1f}×** one path's. α-gradient checks against the float64 oracle "
+            f"(largest difference relative to the oracle's largest entry, the network in float64): {checks}"
+            + (f"; darts first order with the network in float32, as a run computes it: {f32:.1e}" if f32 else "")
+            + f". Load average before/after: {doc['load_average']['before'][0]}/{doc['load_average']['after'][0]}."
+            "\n\n" + source("mixture_demo.json", doc))
 
 
 @renderer("studies_summary")

@@ -309,24 +309,15 @@ class Search:
         with timer.part("data"):
             x, y = self.train_stream.next()
             x, y = self._on_device(x), y.to(self.device)
-        lr = self._phase1_lr()
-        self.model.train()
-        self.sgd.zero_grad(set_to_none=True)  # unchosen paths keep grad None: SGD skips them entirely
-        with timer.part("phase1/forward"):
-            with self._autocast():
-                logits = self.model.forward_per_sample(x, paths) if per_sample else self.model(x, paths)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        with timer.part("phase1/backward"):
-            self.scaler.scale(loss).backward()
-        scalars = torch.stack([loss.detach().float(), (logits.argmax(1) == y).float().mean()])
-        if self.ranks.active:
-            with timer.part("phase1/gradient sync"):
-                distributed.check_paths(self.ranks, global_paths, self.iteration + 1, self.device)
-                used = distributed.used_paths(paths, global_paths if per_sample else None)
-                scalars = self.grad_sync(self.model, distributed.step_modules(self.model, used), scalars, per_sample)
-        with timer.part("phase1/optimizer"):
-            self.scaler.step(self.sgd)
-            self.scaler.update()
+
+        def step_modules():
+            distributed.check_paths(self.ranks, global_paths, self.iteration + 1, self.device)
+            used = distributed.used_paths(paths, global_paths if per_sample else None)
+            return distributed.step_modules(self.model, used)
+
+        scalars, lr = self._weight_step(
+            x, y, lambda x: self.model.forward_per_sample(x, paths) if per_sample else self.model(x, paths),
+            step_modules, per_sample)
         if per_sample:  # counted in samples, over the global batch
             st.phase1_counts.scatter_add_(1, global_paths, torch.ones_like(global_paths))
             st.phase1_weight.scatter_add_(1, global_paths, torch.full(global_paths.shape, 1 / global_paths.shape[1],
@@ -338,6 +329,28 @@ class Search:
         self.phase1_steps += 1
         loss_value, acc_value = scalars.tolist()
         return loss_value, acc_value, lr
+
+    def _weight_step(self, x, y, forward, step_modules, per_sample: bool = False):
+        """One SGD step of the weights on (x, y) through `forward(x)`, the gradients of `step_modules()` (the
+        modules the step ran) averaged over ranks; returns ([loss, accuracy], learning rate)."""
+        cfg, timer = self.cfg, self.timer
+        lr = self._phase1_lr()
+        self.model.train()
+        self.sgd.zero_grad(set_to_none=True)  # paths the step does not run keep grad None: SGD skips them entirely
+        with timer.part("phase1/forward"):
+            with self._autocast():
+                logits = forward(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        with timer.part("phase1/backward"):
+            self.scaler.scale(loss).backward()
+        scalars = torch.stack([loss.detach().float(), (logits.argmax(1) == y).float().mean()])
+        if self.ranks.active:
+            with timer.part("phase1/gradient sync"):
+                scalars = self.grad_sync(self.model, step_modules(), scalars, per_sample)
+        with timer.part("phase1/optimizer"):
+            self.scaler.step(self.sgd)
+            self.scaler.update()
+        return scalars, lr
 
     def _phase1_lr(self) -> float:
         """The cosine schedule's learning rate of the next weight step, set on the optimiser."""
@@ -359,22 +372,9 @@ class Search:
             x, y = self.train_stream.next()
             x, y = self._on_device(x), y.to(self.device)
         self._last_train_batch = (x, y)
-        lr = self._phase1_lr()
-        self.model.train()
-        self.sgd.zero_grad(set_to_none=True)  # dropped candidates keep grad None
-        with timer.part("phase1/forward"):
-            with self._autocast():
-                logits = self.model.forward_mixture(x, weights, st.remaining, cfg.mixture_recompute)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        with timer.part("phase1/backward"):
-            self.scaler.scale(loss).backward()
-        scalars = torch.stack([loss.detach().float(), (logits.argmax(1) == y).float().mean()])
-        if self.ranks.active:
-            with timer.part("phase1/gradient sync"):
-                scalars = self.grad_sync(self.model, self._remaining_modules(), scalars, False)
-        with timer.part("phase1/optimizer"):
-            self.scaler.step(self.sgd)
-            self.scaler.update()
+        scalars, lr = self._weight_step(
+            x, y, lambda x: self.model.forward_mixture(x, weights, st.remaining, cfg.mixture_recompute),
+            self._remaining_modules)
         st.phase1_counts += st.remaining.long()
         st.phase1_weight += weights.to(torch.float64) * st.remaining
         self.phase1_steps += 1
