@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import resource
 import subprocess
 import sys
@@ -86,9 +87,9 @@ def main(argv=None) -> dict:
     checks = {}
     with tempfile.TemporaryDirectory() as work:
         for i, name in enumerate(CHECKS):
-            r = check(name, os.path.join(work, str(i)))
+            r = check(name, pathlib.Path(work) / str(i))
             checks[name] = {"float64_error": r["error"], "oracle_largest": r["scale"]}
-        checks["darts first order"]["float32_error"] = check("darts first order", os.path.join(work, "f32"),
+        checks["darts first order"]["float32_error"] = check("darts first order", pathlib.Path(work) / "f32",
                                                              dtype=torch.float32)["error"]
     data = {"settings": {"epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "seed": args.seed,
                          "threads": args.threads, "space": "demo", "data": "digits"},
