@@ -273,8 +273,7 @@ def load_search(run_dir: str, device: Optional[str] = None) -> FinishedSearch:
     configure_process(dev, config["threads"],
                       config["deterministic"] if config["deterministic"] is not None else dev.type == "cpu")
     with ranks.main_first():
-        space0 = space_from_settings(config)
-        data = search_data(config, run_dir, space0.config.resolution, dev.type, ranks.is_main)
+        data = search_data(config, run_dir, dev.type, ranks.is_main)
     space = space_from_settings(config, num_classes=data.num_classes)
     torch.manual_seed(config["seed"])
     model = Supernet(space).to(dev, memory_format=torch.channels_last if dev.type == "cpu" else torch.contiguous_format)

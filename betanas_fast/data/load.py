@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional, Tuple
 
 from ..runs import files
-from .base import ImageSplit, SearchData, build_data, get_dataset, load_test_split
+from .base import ImageSplit, SearchData, build_data, load_test_split
 
 
 def data_source(dataset: str, data: Optional[str]) -> str:
@@ -26,10 +26,12 @@ def _imagenet(root: str, run_dir: Optional[str], is_main: bool):
     return imagenet, index
 
 
-def search_data(config: Mapping, run_dir: str, resolution: int, device_type: str = "cpu",
-                is_main: bool = True) -> SearchData:
+def search_data(config: Mapping, run_dir: str, device_type: str = "cpu", is_main: bool = True) -> SearchData:
     """A search's weight-train / held-out / validation splits, from its configuration (`config`: the search's
-    settings as saved in config.json). The same call sets up a search and loads a finished one to score it."""
+    settings as saved in config.json), at its space's resolution. The same call sets up a search and loads a
+    finished one to score it."""
+    from ..space import SPACES
+    resolution = config["resolution"] or SPACES[config["space"]].resolution
     dataset = data_source(config["dataset"], config["data"])
     kwargs = dict(seed=config["seed"], heldout=config["heldout"], val=config["val"], resolution=resolution,
                   augment=config["augment"], root=config["data"])
@@ -86,4 +88,4 @@ def training_data(dataset: str, root: Optional[str], *, seed: int, val: Optional
     return data
 
 
-__all__ = ["TrainingData", "data_source", "get_dataset", "load_test_split", "search_data", "training_data"]
+__all__ = ["TrainingData", "data_source", "load_test_split", "search_data", "training_data"]

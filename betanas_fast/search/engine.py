@@ -28,7 +28,7 @@ from ..runs.runtime import TimedStep, autocast, configure_process, forward_backw
 from ..runs.session import RunSession, continued_settings
 from ..runs.timing import MIXTURE, NoTimer
 from ..scoring import Evaluation, search_scorer
-from ..space import SPACES, space_from_settings
+from ..space import space_from_settings
 from . import distributed
 from .arch_state import ArchState, masked_list
 from .config import RUN_ONLY_FIELDS, SearchConfig, check_noise_floor, validate_config
@@ -43,7 +43,6 @@ def supernet_step(space, split, batch_size: int, device: torch.device, memory_fo
     2 (BatchNorm's batch statistics), at most `batch_size`. That keeps a call well under a second on a CPU, and
     the whole measurement to a few seconds. Nothing of the run is touched: the supernet is built under a forked
     random generator."""
-    from ..nn.supernet import Supernet
     resolution = space.config.resolution
     n = min(max(2, pixels // (resolution * resolution)), batch_size, len(split))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -84,10 +83,10 @@ class Search:
         self.session = RunSession(cfg.out, cfg.resume, cfg.strategy, self.ranks)
         self.out = self.session.dir
         self.dataset_name = data_source(cfg.dataset, cfg.data)
+        settings = cfg.to_dict()
         with self.ranks.main_first():  # rank 0 writes the file index cache and the held-out split first
-            self.data = search_data(cfg.to_dict(), self.out, cfg.resolution or SPACES[cfg.space].resolution,
-                                    self.device.type, self.ranks.is_main)
-        self.space = space_from_settings(cfg.to_dict(), num_classes=self.data.num_classes)
+            self.data = search_data(settings, self.out, self.device.type, self.ranks.is_main)
+        self.space = space_from_settings(settings, num_classes=self.data.num_classes)
         if cfg.path_sampling == "per-sample" and self.local_batch < 2 * self.space.num_candidates:
             raise ValueError(f"per-sample path sampling needs a batch of at least 2 x the number of candidates "
                              f"({2 * self.space.num_candidates}) per process, so that every path gets at least 2 "
@@ -148,9 +147,10 @@ class Search:
             with self._autocast():
                 return saved_activation_bytes(run, params)
 
-        per_image = (saved(4, True) - saved(2, True)) / 2
+        two = saved(2, True)
+        per_image = (saved(4, True) - two) / 2
         path_per_image = max((saved(4, False) - saved(2, False)) / 2, 1.0)
-        activations = saved(2, True) + per_image * (batch - 2)
+        activations = two + per_image * (batch - 2)
         weights_bytes = 4 * sum(p.numel() * p.element_size() for p in params)  # weights, grads, momentum, a copy
         free = ops.default_phase2_budget(device, fraction=0.9)
         report = {"activation_bytes": int(activations), "per_image_bytes": int(per_image),
@@ -438,7 +438,7 @@ class Search:
         self.model.train()
         set_bn_batch_stats_frozen(self.model, True)
         try:
-            if getattr(strategy, "order", 1) == 2:
+            if strategy.order == 2:
                 return self._unrolled_alpha_grad(x, y)
             weights = strategy.mixture_weights(self.state, self.path_gen, self.epoch())
             ce, acc = self._mixture_loss(x, y, weights)

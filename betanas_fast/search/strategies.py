@@ -51,6 +51,7 @@ class Strategy:
     drops_paths = False     # selective drop after each α step
     mixture = False         # both steps run the weighted mixture of every remaining candidate (DARTS family)
     recentres = True        # each block's remaining α re-centred to mean 0 after an α step (p unchanged)
+    order = 1               # the mixture's α gradient: 1, or 2 through one unrolled weight step (DARTS's)
 
     def __init__(self, cfg):
         self.cfg = cfg
