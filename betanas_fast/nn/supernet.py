@@ -119,11 +119,12 @@ class ChoiceBlock(nn.Module):
         return self.path(choice)(x)
 
     def forward_mixture(self, x: torch.Tensor, weights: torch.Tensor, paths: Sequence[int],
-                        recompute: bool = False) -> torch.Tensor:
+                        recompute: bool = False, skip_dropout: float = 0.0) -> torch.Tensor:
         """The DARTS family's block: Σ_m weights[m] · o_m(x) over `paths` (its remaining candidates), every
         candidate in the autograd graph. With `recompute`, a candidate's activations are not kept for the
         backward pass but recomputed there (torch.utils.checkpoint): the block then holds one candidate's at a
-        time instead of all of them."""
+        time instead of all of them. `skip_dropout`: dropout at that rate on the identity path's output in
+        training mode (P-DARTS's regularisation of skip connections)."""
         out = None
         for m in paths:
             op = self.path(m)
@@ -134,6 +135,8 @@ class ChoiceBlock(nn.Module):
                     context_fn=lambda op=op: (contextlib.nullcontext(), _bn_stats_kept(op)))
             else:
                 y = op(x)
+            if skip_dropout > 0 and isinstance(op, nn.Identity):
+                y = F.dropout(y, skip_dropout, self.training)
             term = weights[m] * y
             out = term if out is None else out + term
         return out
@@ -246,12 +249,13 @@ class Supernet(_Body):
         return self._head(x)
 
     def forward_mixture(self, x: torch.Tensor, weights: torch.Tensor, remaining: torch.Tensor,
-                        recompute: bool = False) -> torch.Tensor:
+                        recompute: bool = False, skip_dropout: float = 0.0) -> torch.Tensor:
         """Every choice block as the weighted mixture of its remaining candidates (`weights`, `remaining`:
         [L, M]; ChoiceBlock.forward_mixture)."""
         x = self.first(self.stem(x))
         for l, block in enumerate(self.blocks):
-            x = block.forward_mixture(x, weights[l], remaining[l].nonzero().flatten().tolist(), recompute)
+            x = block.forward_mixture(x, weights[l], remaining[l].nonzero().flatten().tolist(), recompute,
+                                      skip_dropout)
         return self._head(x)
 
     def forward_with_blocks(self, x: torch.Tensor, arch: Sequence[int]

@@ -14,7 +14,7 @@ from ..cost.objective import COSTS
 from ..data.base import dataset_names
 from ..runs.options import add_config_arguments, option, parse_size, validate_choices
 from ..space import SPACES
-from .strategies import STRATEGIES
+from .strategies import STRATEGIES, stage_bounds
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
 PATH_SAMPLING = ("per-batch", "per-sample")
@@ -28,7 +28,9 @@ class SearchConfig:
                                     "in proportion to p), spos (uniform training, then evolution under the "
                                     "FLOPs budget), random (random architectures under the budget), darts (the mixture of "
                                     "every remaining candidate, α by backpropagation through softmax(α); first or "
-                                    "second order), fbnet (a Gumbel-softmax mixture, loss CE·a·log(cost)^b)",
+                                    "second order), fbnet (a Gumbel-softmax mixture, loss CE·a·log(cost)^b), pdarts (DARTS in "
+                                    "stages, top-k paths kept after each), dartsplus (DARTS with early stopping), "
+                                    "hmnas (DARTS with binarised op masks)",
                          choices=lambda: tuple(STRATEGIES))
     space: str = option("demo", "a named space: demo (8 blocks, 32x32), cluttered (the demo's at 48x48), bench (the "
                               "speed benchmark's 8 blocks, 32x32, stem stride 1) or mobile (the paper's 21 blocks)",
@@ -105,7 +107,7 @@ class SearchConfig:
     spos_parents: int = option(10, "spos: the top architectures kept as parents each generation")
     spos_mutation_prob: float = option(0.1, "spos: per-block mutation probability")
     # the DARTS family: every remaining candidate of a block runs, weighted, in both steps
-    mixture_recompute: bool = option(False, "darts, fbnet: recompute each candidate's activations in the backward "
+    mixture_recompute: bool = option(False, "the DARTS family: recompute each candidate's activations in the backward "
                                             "pass instead of keeping them (about one candidate's activations per "
                                             "block instead of all of them, for about one more forward)")
     darts_order: int = option(1, "darts: 1 (first order) or 2 (α's gradient through one unrolled weight step, the "
@@ -118,6 +120,20 @@ class SearchConfig:
                                                    "(the paper's)")
     fbnet_a: float = option(0.2, "fbnet: a of the loss CE · a · log(cost)^b (the paper's)")
     fbnet_b: float = option(0.6, "fbnet: b of the loss CE · a · log(cost)^b (the paper's)")
+    pdarts_keep: List[int] = option([4, 2], "pdarts: the paths each block keeps at the end of each stage but the "
+                                            "last (one stage more than entries; P-DARTS's 8 -> 5 -> 3 mapped to 7)",
+                                    type=int, nargs="+")
+    pdarts_skip_dropout: List[float] = option([0.1, 0.4, 0.7], "pdarts: dropout on the identity path's output at "
+                                                               "each stage's start, decaying to 0 over the stage "
+                                                               "(P-DARTS's)", type=float, nargs="+")
+    pdarts_max_skips: int = option(2, "pdarts: the most identity blocks the result may hold (P-DARTS's M; -1: no cap)")
+    pdarts_arch_lr: float = option(6e-4, "pdarts: Adam learning rate of α (P-DARTS's code)")
+    dartsplus_max_skips: int = option(2, "dartsplus: stop when a stage of the space holds this many identity blocks "
+                                         "(DARTS+'s two per cell)")
+    dartsplus_stable_epochs: int = option(10, "dartsplus: stop when every block's argmax has held this many epochs "
+                                              "(DARTS+'s)")
+    hmnas_mask_init: float = option(1e-2, "hmnas: the op-mask scores' start (Piggyback's)")
+    hmnas_mask_threshold: float = option(5e-3, "hmnas: a mask is on where its score is at least this (Piggyback's)")
     bn_recalib_batches: int = option(4, "training batches that recompute BatchNorm statistics before a sub-net "
                                       "is scored")
     # run
@@ -205,7 +221,15 @@ def validate_config(cfg: SearchConfig) -> None:
     if STRATEGIES[cfg.strategy].mixture and cfg.path_sampling == "per-sample":
         raise ValueError(f"--strategy {cfg.strategy} runs every remaining candidate on every sample (the mixture): "
                          f"--path-sampling per-sample does not apply")
-    for name in ("darts_arch_lr", "fbnet_arch_lr", "fbnet_temperature"):
+    if cfg.darts_order == 2 and cfg.strategy != "darts":
+        raise ValueError(f"--darts-order 2 is darts's; --strategy {cfg.strategy} is first order")
+    if cfg.strategy == "pdarts":
+        check_pdarts(cfg)
+    if cfg.dartsplus_max_skips < 1 or cfg.dartsplus_stable_epochs < 1:
+        raise ValueError("dartsplus_max_skips and dartsplus_stable_epochs must be >= 1")
+    if not 0 < cfg.hmnas_mask_threshold:
+        raise ValueError(f"hmnas_mask_threshold must be positive, got {cfg.hmnas_mask_threshold}")
+    for name in ("darts_arch_lr", "fbnet_arch_lr", "fbnet_temperature", "pdarts_arch_lr"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.darts_arch_weight_decay < 0 or cfg.fbnet_temperature_decay < 0:
@@ -243,6 +267,25 @@ def validate_config(cfg: SearchConfig) -> None:
         parse_size(cfg.phase2_memory)
     if cfg.beta_adapt < 0:
         raise ValueError(f"beta_adapt must be >= 0, got {cfg.beta_adapt}")
+
+
+def check_pdarts(cfg: SearchConfig) -> None:
+    """P-DARTS's schedule: shrinking keeps, a dropout rate per stage, stages no shorter than an epoch, and α trained
+    in the first stage before it ends."""
+    keep, rates = cfg.pdarts_keep, cfg.pdarts_skip_dropout
+    if not keep or any(k < 1 for k in keep) or any(b >= a for a, b in zip(keep, keep[1:])):
+        raise ValueError(f"pdarts_keep must be positive and decreasing, got {keep}")
+    if len(rates) != len(keep) + 1:
+        raise ValueError(f"pdarts_skip_dropout needs one rate per stage ({len(keep) + 1} stages for "
+                         f"pdarts_keep={keep}), got {rates}")
+    if any(not 0 <= r < 1 for r in rates):
+        raise ValueError(f"pdarts_skip_dropout rates must be in [0, 1), got {rates}")
+    if cfg.epochs < len(keep) + 1:
+        raise ValueError(f"pdarts needs at least one epoch per stage: {len(keep) + 1} stages, epochs={cfg.epochs}")
+    first_end = stage_bounds(cfg.epochs, len(keep) + 1)[1]
+    if cfg.warmup_epochs >= first_end:
+        raise ValueError(f"pdarts: warmup_epochs ({cfg.warmup_epochs}) must end before the first stage does (epoch "
+                         f"{first_end} of {cfg.epochs}), or its top-k would rank untrained α")
 
 
 def check_noise_floor(cfg: SearchConfig, alpha_steps: int) -> None:

@@ -33,7 +33,7 @@ from . import distributed
 from .arch_state import ArchState, masked_list
 from .config import RUN_ONLY_FIELDS, SearchConfig, check_noise_floor, validate_config
 from .report import arch_summary, cost_caption, format_table
-from .strategies import Selection, make_strategy
+from .strategies import Selection, make_strategy, skip_blocks
 
 
 def supernet_step(space, split, batch_size: int, device: torch.device, memory_format=torch.preserve_format,
@@ -189,7 +189,7 @@ class Search:
     def _alpha_step_at(self, iteration: int) -> bool:
         """Whether iteration `iteration` (1-based) ends with an α step: after the warm-up epochs only."""
         phase1_steps = min(iteration * self.cfg.phase_ratio, self.total_phase1)
-        return self.strategy.trains_alpha and self._epoch_of(phase1_steps) >= self.cfg.warmup_epochs
+        return self.strategy.trains_alpha and self.strategy.trains_alpha_in(self._epoch_of(phase1_steps))
 
     def log(self, *args) -> None:
         """print, on rank 0 only."""
@@ -206,7 +206,8 @@ class Search:
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         self.model = Supernet(self.space).to(self.device, memory_format=self.memory_format)
         self.grad_sync = distributed.GradientSync(self.ranks)
-        self.state = ArchState(self.space.allowed_mask(), **self.strategy.alpha_optimizer())
+        self.state = ArchState(self.space.allowed_mask(), **self.strategy.alpha_optimizer(),
+                               mask_init=self.strategy.mask_init)
         self.sgd = torch.optim.SGD(self._weight_groups(), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov and cfg.momentum > 0)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16
@@ -225,6 +226,9 @@ class Search:
         self.beta = self.initial_beta
         self.iteration = 0
         self.phase1_steps = 0
+        self.epochs_done = 0          # epochs whose end the strategy and the stability counters have seen
+        self.alpha_moved = False      # whether α stepped in the current epoch
+        self.stopped: Optional[dict] = None  # the strategy's early stop (DARTS+): where and why
         self.timer = NoTimer()  # a StepTimer here measures each part of the step (benchmarks)
         # scores architectures with the supernet's weights: the final choice and score, SPOS's evolution
         self.scorer = search_scorer(self.model, self.data, cfg.to_dict(), self.device, self._autocast(), self.ranks)
@@ -249,6 +253,7 @@ class Search:
                              "dtype": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else None},
                 "train_stream": {"order": train["order"], "generators": self.ranks.all_gather_object(train["generator"])},
                 "heldout_stream": self.heldout_stream.state_dict(),
+                "epochs_done": self.epochs_done, "alpha_moved": self.alpha_moved, "stopped": self.stopped,
                 "rng": files.rng_state({"path": self.path_gen})}
 
     def _save_checkpoint(self) -> None:
@@ -270,6 +275,9 @@ class Search:
             self.aug_gen.set_state(s["train_stream"]["generators"][self.ranks.rank])
         self.heldout_stream.load_state_dict(s["heldout_stream"])
         self.iteration, self.phase1_steps, self.beta = int(s["iteration"]), int(s["phase1_steps"]), float(s["beta"])
+        # (checkpoints written before epochs' ends were kept: every finished epoch's end seen)
+        self.epochs_done = int(s.get("epochs_done", self.phase1_steps // self.bpe))
+        self.alpha_moved, self.stopped = bool(s.get("alpha_moved", False)), s.get("stopped")
         self.log(f"resumed from {path} at iteration {self.iteration}")
         if not same_world:
             self.log(f"note: the checkpoint was written by {saved_world} process(es) and this run has "
@@ -367,13 +375,15 @@ class Search:
         """A weight step of the DARTS family: every remaining candidate runs, weighted by the strategy's mixture
         weights (α not trained here)."""
         cfg, st, timer = self.cfg, self.state, self.timer
-        weights = self.strategy.mixture_weights(st, self.path_gen, self.epoch()).detach()
+        epoch = self._epoch_of(self.phase1_steps + 1)
+        weights = self.strategy.mixture_weights(st, self.path_gen, epoch).detach()
         with timer.part("data"):
             x, y = self.train_stream.next()
             x, y = self._on_device(x), y.to(self.device)
         self._last_train_batch = (x, y)
         scalars, lr = self._weight_step(
-            x, y, lambda x: self.model.forward_mixture(x, weights, st.remaining, cfg.mixture_recompute),
+            x, y, lambda x: self.model.forward_mixture(x, weights, st.remaining, cfg.mixture_recompute,
+                                                       self.strategy.skip_dropout(epoch)),
             self._remaining_modules)
         st.phase1_counts += st.remaining.long()
         st.phase1_weight += weights.to(torch.float64) * st.remaining
@@ -408,7 +418,8 @@ class Search:
         """(cross-entropy, accuracy) of the mixture on (x, y), BatchNorm on batch statistics with its running
         ones untouched (the α step must not move the weights' state)."""
         with self._phase2_autocast():
-            logits = self.model.forward_mixture(x, weights, self.state.remaining, self.cfg.mixture_recompute)
+            logits = self.model.forward_mixture(x, weights, self.state.remaining, self.cfg.mixture_recompute,
+                                                self.strategy.skip_dropout(self.epoch()))
         return F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).float().mean()
 
     def mixture_alpha_step(self):
@@ -425,7 +436,7 @@ class Search:
         if self.ranks.active:
             with self.timer.part("phase2/table sync"):
                 packed = run_ranks.all_reduce_mean(self.ranks, packed, self.device)
-        grad, (loss, acc) = packed[:-2].view_as(st.alpha), packed[-2:].tolist()
+        grad, (loss, acc) = packed[:-2].view(-1, st.alpha.shape[1]), packed[-2:].tolist()
         with self.timer.part("phase2/alpha update"):
             st.apply_grad(grad, recentre=strategy.recentres)
         self.beta = self.cost.adapted_beta(self.beta, st.probs(), self.cfg.beta_adapt)
@@ -433,7 +444,8 @@ class Search:
 
     def mixture_alpha_grad(self, x: torch.Tensor, y: torch.Tensor):
         """(dL/dα, loss, accuracy) on the held-out batch (x, y) of this process: first order, or DARTS's second
-        order. BatchNorm normalises with batch statistics and its running ones stay as they are."""
+        order; with HM-NAS's op masks, dL/d(mask scores) stacked under dL/dα (ArchState.values). BatchNorm
+        normalises with batch statistics and its running ones stay as they are."""
         strategy = self.strategy
         self.model.train()
         set_bn_batch_stats_frozen(self.model, True)
@@ -443,8 +455,8 @@ class Search:
             weights = strategy.mixture_weights(self.state, self.path_gen, self.epoch())
             ce, acc = self._mixture_loss(x, y, weights)
             loss = strategy.arch_loss(ce, weights, self.cost, self.beta)
-            (grad,) = torch.autograd.grad(loss, self.state.alpha)
-            return grad, loss, acc
+            grads = torch.autograd.grad(loss, self.state.parameters())
+            return torch.cat(grads), loss, acc
         finally:
             set_bn_batch_stats_frozen(self.model, False)
 
@@ -528,7 +540,7 @@ class Search:
             from tqdm import tqdm
             bar = tqdm(total=self.iterations, initial=self.iteration, desc=cfg.strategy, dynamic_ncols=True)
         try:
-            while self.iteration < self.iterations:
+            while self.iteration < self.iterations and self.stopped is None:
                 if cfg.stop_after is not None and self.iteration >= cfg.stop_after:
                     self.log(f"stopped after iteration {self.iteration} (--stop-after): no final outputs")
                     return None
@@ -547,6 +559,9 @@ class Search:
                                     rem=int(self.state.remaining.sum()))
                 if self.iteration % cfg.checkpoint_every == 0 and self.iteration < self.iterations:
                     self._save_checkpoint()
+            if self.stopped is not None:
+                self.log(f"stopped early at the end of epoch {self.stopped['epoch']} (iteration "
+                         f"{self.stopped['step']} of {self.iterations}): {self.stopped['reason']}")
         finally:
             if bar:
                 bar.close()
@@ -563,7 +578,7 @@ class Search:
         """Under torchrun: every rank's digest of (α, remaining paths, path generator, step, weights) must be
         rank 0's, or the run stops naming the step and the ranks."""
         if self.ranks.active:
-            local = distributed.digest(self.state.alpha, self.state.remaining, self.path_gen, self.iteration,
+            local = distributed.digest(self.state.values(), self.state.remaining, self.path_gen, self.iteration,
                                        self.model)
             distributed.check_agreement(self.ranks, local, self.iteration, self.device)
 
@@ -581,7 +596,9 @@ class Search:
         drops = []
         if self._alpha_step_at(self.iteration):
             loss2, acc2 = self.phase2_step()
+            self.alpha_moved = True
             drops = self.strategy.after_alpha_step(st, self.iteration)
+        drops += self._end_epochs()
         names = self.space.candidate_names
         return {"step": self.iteration, "epoch": epoch, "phase1_steps": self.phase1_steps, "lr": lr,
                 "phase1_loss": float(np.mean(losses)), "phase1_acc": float(np.mean(accs)),
@@ -592,7 +609,37 @@ class Search:
                 "phase1_counts": st.phase1_counts.tolist(), "phase2_counts": st.phase2_counts.tolist(),
                 **self.expected_costs(), "beta": self.beta,
                 "drops": [dict(d, op=names[d["path"]]) for d in drops],
-                **self.strategy.record(st, epoch, self.space)}
+                **self.choice_record(), **self.strategy.record(st, epoch, self.space),
+                **({"stopped": self.stopped["reason"]} if self.stopped and self.stopped["step"] == self.iteration
+                   else {})}
+
+    def _end_epochs(self) -> List[dict]:
+        """Each epoch finished since the last call: the stability counters, then the strategy's end of epoch (its
+        drops are returned) and its early stop."""
+        made = []
+        while self.epochs_done < self.phase1_steps // self.bpe:
+            epoch = self.epochs_done
+            self.state.end_epoch(self.alpha_moved)
+            self.alpha_moved = False
+            made += self.strategy.end_epoch(self.state, epoch, self.iteration)
+            self.epochs_done += 1
+            reason = self.strategy.stop_reason(self.state, epoch, self.space) if self.stopped is None else None
+            if reason:
+                self.stopped = {"epoch": epoch, "step": self.iteration, "phase1_steps": self.phase1_steps,
+                                "reason": reason}
+        return made
+
+    def choice_record(self) -> dict:
+        """What every strategy's history holds of its choice per block: each path's share of the weight steps'
+        weight (Fig. 5's measure: 1 per step on the sampled path, the mixture's weight in the DARTS family), how
+        many blocks' argmax is the identity path (the DARTS family's collapse), and for how many epochs each
+        block's argmax and whole ranking by α have held."""
+        st = self.state
+        share = st.phase1_weight / st.phase1_weight.sum(1, keepdim=True).clamp_min(1e-12)
+        return {"phase1_weight_share": masked_list(share, st.remaining, 6),
+                "argmax_skips": int(sum(self.space.candidates[m].is_skip for m in st.argmax_arch())),
+                "argmax_stable_epochs": st.argmax_stable_epochs.tolist(),
+                "ranking_stable_epochs": st.ranking_stable_epochs.tolist()}
 
     # --- results ----------------------------------------------------------------------------------------------
     def evaluate(self, arch: List[int], split, seed: Optional[int] = None,
@@ -605,8 +652,10 @@ class Search:
         cfg = self.cfg
         selection = Selection(score=lambda a: self.evaluate(a, self.data.heldout).top1, cost=self.cost.of_arch,
                               budget=self.cost.target, unit=self.cost.unit,
-                              generator=torch.Generator().manual_seed(cfg.seed + 6), log=self.log)
+                              generator=torch.Generator().manual_seed(cfg.seed + 6), log=self.log, space=self.space)
         arch, extra = self.strategy.select(self.state, selection)
+        extra = dict(extra, skips=len(skip_blocks(self.space, arch)),
+                     **({"stopped": self.stopped} if self.stopped is not None else {}))
         val_split = self.data.val if len(self.data.val) else self.data.heldout
         val_acc = self.evaluate(arch, val_split).top1 if self.total_phase1 else None
         summary = arch_summary(self.space, self.state, arch, cfg.strategy, val_acc, self.cost, extra)

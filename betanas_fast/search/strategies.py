@@ -16,6 +16,16 @@ weights w the strategy gives (`mixture_weights`), with the loss it gives (`arch_
   with the finite-difference Hessian-vector product; argmax at the end.
 - `FBNet`: w a Gumbel-softmax sample at temperature 5·exp(−0.045·epoch), in both steps; the loss
   CE · a · log(cost)^b of the sampled net's cost.
+- `PDARTS`: DARTS in stages; after each, every block keeps its top-k paths by α and α starts again; dropout on
+  the identity path; a cap on the identity blocks of the result.
+- `DARTSPlus`: DARTS that stops early, when a stage of the space holds too many identity blocks or every block's
+  argmax has held for a number of epochs.
+- `HMNAS`: DARTS with learned op masks binarised by a threshold (straight-through gradient); the result is each
+  block's best path among those its mask keeps.
+
+Every strategy may also say when α trains (`trains_alpha_in`), what happens at an epoch's end (`end_epoch`: P-DARTS's
+stages), when the run stops early (`stop_reason`: DARTS+) and how much dropout the identity path gets
+(`skip_dropout`); the engine asks, and the run's checkpoint holds what it needs to resume exactly.
 """
 from __future__ import annotations
 
@@ -42,6 +52,7 @@ class Selection:
     generator: torch.Generator
     log: Callable[[str], None] = print
     unit: str = "MFLOPs"
+    space: object = None
 
 
 class Strategy:
@@ -52,9 +63,26 @@ class Strategy:
     mixture = False         # both steps run the weighted mixture of every remaining candidate (DARTS family)
     recentres = True        # each block's remaining α re-centred to mean 0 after an α step (p unchanged)
     order = 1               # the mixture's α gradient: 1, or 2 through one unrolled weight step (DARTS's)
+    mask_init: Optional[float] = None  # op-mask scores trained beside α, from this value (HM-NAS's)
 
     def __init__(self, cfg):
         self.cfg = cfg
+
+    def trains_alpha_in(self, epoch: int) -> bool:
+        """Whether α steps are taken in `epoch` (0-based): after the warm-up."""
+        return epoch >= self.cfg.warmup_epochs
+
+    def skip_dropout(self, epoch: int) -> float:
+        """The dropout rate on the identity path's output in the mixture during `epoch`."""
+        return 0.0
+
+    def end_epoch(self, state: ArchState, epoch: int, step: int) -> List[dict]:
+        """What follows the end of `epoch` (the stability counters already updated): the drops made."""
+        return []
+
+    def stop_reason(self, state: ArchState, epoch: int, space) -> Optional[str]:
+        """Why the search stops at the end of `epoch`, or None to go on."""
+        return None
 
     def alpha_optimizer(self) -> dict:
         """Adam's settings for α: the search's --arch-* flags (the DARTS family has its own)."""
@@ -117,19 +145,10 @@ def masked_softmax(alpha: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor
 
 
 class MixtureStrategy(Strategy):
-    """The DARTS family's common part: α trained through the mixture, no re-centring, no drop; the history adds
-    each path's share of the weight steps' mixture weight (Fig. 5's measure) and how many blocks' argmax is the
-    identity (the family's collapse into skip connections)."""
+    """The DARTS family's common part: α trained through the mixture, no re-centring, no drop."""
     trains_alpha = True
     mixture = True
     recentres = False
-
-    def record(self, state, epoch, space):
-        share = state.phase1_weight / state.phase1_weight.sum(1, keepdim=True).clamp_min(1e-12)
-        skips = sum(space.candidates[m].is_skip for m in state.argmax_arch())
-        return {"phase1_weight_share": [[round(float(v), 6) if ok else None for v, ok in zip(row, rem)]
-                                        for row, rem in zip(share.tolist(), state.remaining.tolist())],
-                "argmax_skips": int(skips)}
 
 
 class DARTS(MixtureStrategy):
@@ -198,6 +217,148 @@ class FBNet(MixtureStrategy):
         return ce * self.cfg.fbnet_a * torch.log(total) ** self.cfg.fbnet_b
 
 
+def skip_blocks(space, arch: List[int]) -> List[int]:
+    """The blocks whose choice in `arch` is the identity path."""
+    return [l for l, m in enumerate(arch) if space.candidates[m].is_skip]
+
+
+def stage_bounds(epochs: int, stages: int) -> List[int]:
+    """The first epoch of each of `stages` near-equal stages of `epochs`, and `epochs` last."""
+    return [round(s * epochs / stages) for s in range(stages + 1)]
+
+
+class PDARTS(DARTS):
+    """Progressive DARTS (Chen et al., ICCV 2019) on this supernet: DARTS in stages. The run's epochs split into
+    len(--pdarts-keep) + 1 near-equal stages; at the end of each stage but the last, every block keeps its top-k
+    remaining paths by α (`--pdarts-keep`, default 4 then 2: P-DARTS's 8 → 5 → 3 candidates per edge, about 60 %
+    kept each time, mapped to this space's 6-7) and α starts again from 0 with a fresh Adam, as each of P-DARTS's
+    stages builds new architecture parameters. P-DARTS also deepens the network each stage (5 → 11 → 17 cells) and
+    so rebuilds the weights with a warm-up of 10 weight-only epochs per stage; this supernet's depth is fixed, so
+    the weights carry over and only the first stage has the warm-up (--warmup-epochs). Search-space
+    regularisation: dropout on the identity path's output in both steps, at rate r_s · (1 − (e + 1)/E_s) in epoch
+    e of stage s's E_s epochs (its code's decay), r = 0.1, 0.4, 0.7 (`--pdarts-skip-dropout`, its code's CIFAR-10
+    command); and at the end at most `--pdarts-max-skips` identity blocks (2, the paper's M): while there are more,
+    the identity block whose identity has the lowest p takes its best other path (its code's
+    `delete_min_sk_prob`, one block at a time). α by Adam, lr 6e-4 (`--pdarts-arch-lr`, its code's), betas (0.5,
+    0.999), weight decay 1e-3; first order, as its code is."""
+    name = "pdarts"
+    order = 1
+
+    def alpha_optimizer(self) -> dict:
+        return dict(super().alpha_optimizer(), lr=self.cfg.pdarts_arch_lr)
+
+    def bounds(self) -> List[int]:
+        return stage_bounds(self.cfg.epochs, len(self.cfg.pdarts_keep) + 1)
+
+    def stage_of(self, epoch: int) -> int:
+        bounds = self.bounds()
+        return max(s for s in range(len(bounds) - 1) if bounds[s] <= epoch)
+
+    def trains_alpha_in(self, epoch):
+        return self.stage_of(epoch) > 0 or epoch >= self.cfg.warmup_epochs
+
+    def skip_dropout(self, epoch):
+        s = self.stage_of(epoch)
+        start, end = self.bounds()[s:s + 2]
+        return self.cfg.pdarts_skip_dropout[s] * (1 - (epoch - start + 1) / (end - start))
+
+    def record(self, state, epoch, space):
+        return {"stage": self.stage_of(epoch), "skip_dropout": self.skip_dropout(epoch)}
+
+    def end_epoch(self, state, epoch, step):
+        s = self.stage_of(epoch)
+        if epoch + 1 != self.bounds()[s + 1] or s == len(self.cfg.pdarts_keep):
+            return []
+        made = state.keep_top(self.cfg.pdarts_keep[s], step, reason=f"end of stage {s}")
+        state.restart_alpha()
+        return made
+
+    def select(self, state, selection):
+        arch, space = state.argmax_arch(), selection.space
+        p, replaced = state.probs(), []
+        cap = self.cfg.pdarts_max_skips
+        while cap >= 0 and len(skip_blocks(space, arch)) > cap:
+            weakest = min(skip_blocks(space, arch), key=lambda l: (float(p[l, arch[l]]), l))
+            others = [m for m in state.remaining_paths(weakest) if not space.candidates[m].is_skip]
+            if not others:  # the block kept only its identity path: nothing can replace it
+                break
+            arch[weakest] = max(others, key=lambda m: (float(state.alpha[weakest, m]), -m))
+            replaced.append(weakest)
+        return arch, {"skip_cap": cap, "skip_cap_replaced": replaced}
+
+
+class DARTSPlus(DARTS):
+    """DARTS+ (Liang et al., 2019) on this supernet: DARTS (its defaults, first order) that stops early, checked at
+    each epoch's end once α trains. Its two criteria, adapted to one choice per block: (1) a stage of the space (the
+    blocks of one width and resolution, the analogue of a cell) whose argmax holds `--dartsplus-max-skips` (2, the
+    paper's "two or more skip-connects in one normal cell") identity blocks; (2) every block's argmax unchanged for
+    `--dartsplus-stable-epochs` (10, the paper's) epochs (the argmax, not the whole ranking: here the argmax is all
+    the result takes). The architecture at the stop is the result; the learning rate keeps its planned schedule."""
+    name = "dartsplus"
+    order = 1
+
+    def stop_reason(self, state, epoch, space):
+        arch = state.argmax_arch()
+        per_stage: Dict[int, int] = {}
+        for l in skip_blocks(space, arch):
+            per_stage[space.blocks[l].stage] = per_stage.get(space.blocks[l].stage, 0) + 1
+        full = {s: n for s, n in per_stage.items() if n >= self.cfg.dartsplus_max_skips}
+        if full:
+            stage, n = min(full.items())
+            return f"stage {stage} of the space holds {n} identity blocks (--dartsplus-max-skips)"
+        stable = int(state.argmax_stable_epochs.min())
+        if stable >= self.cfg.dartsplus_stable_epochs:
+            return f"every block's argmax unchanged for {stable} epochs (--dartsplus-stable-epochs)"
+        return None
+
+
+def binary_masks(state: ArchState, threshold: float) -> torch.Tensor:
+    """HM-NAS's binarised op masks [L, M]: 1 where the mask score is at least `threshold` and the path remains,
+    and in each block at least its highest-scored remaining path; the straight-through estimator passes the
+    gradient to the scores unchanged (the value stays exactly 0 or 1)."""
+    scores = state.mask_scores
+    remaining = state.remaining
+    on = (scores.detach() >= threshold) & remaining
+    best = scores.detach().masked_fill(~remaining, float("-inf")).argmax(1)
+    on[torch.arange(on.shape[0]), best] = True
+    return on.to(scores.dtype) + (scores - scores.detach())
+
+
+class HMNAS(DARTS):
+    """HM-NAS (Yan et al., ICCV Workshops 2019) on this supernet: DARTS's mixture with every op weight multiplied
+    by a learned binary op mask, w = softmax(α) ⊙ b, b = 1[s ≥ θ] of real-valued mask scores s trained with α by
+    the straight-through estimator (∂L/∂s = ∂L/∂b). HM-NAS also masks edges, which a chain of blocks does not
+    have, and lets a kept edge hold several ops; here a block holds one, so the result is each block's
+    largest-α path among those its mask keeps. What the paper leaves open, and how it is fixed here: the masks'
+    start and threshold (s = 1e-2, θ = 5e-3: Piggyback's, the binarised-mask method HM-NAS's masks follow;
+    `--hmnas-mask-init`, `--hmnas-mask-threshold`); the masks' optimiser (α's Adam, without weight decay on the
+    masks, which would pull every score under θ); a block whose masks would all be 0 (its highest-scored path
+    stays on, so no block outputs nothing); the weights train on the masked mixture. α as DARTS's (lr 3e-4,
+    betas (0.5, 0.999), weight decay 1e-3), first order."""
+    name = "hmnas"
+    order = 1
+
+    @property
+    def mask_init(self) -> float:
+        return self.cfg.hmnas_mask_init
+
+    def mixture_weights(self, state, generator, epoch):
+        return masked_softmax(state.alpha, state.remaining) * binary_masks(state, self.cfg.hmnas_mask_threshold)
+
+    def masked_on(self, state: ArchState) -> torch.Tensor:
+        return binary_masks(state, self.cfg.hmnas_mask_threshold).detach().bool()
+
+    def record(self, state, epoch, space):
+        return {"masks_on": [[bool(v) if ok else None for v, ok in zip(row, rem)]
+                             for row, rem in zip(self.masked_on(state).tolist(), state.remaining.tolist())]}
+
+    def select(self, state, selection):
+        on = self.masked_on(state)
+        a = state.alpha.detach().masked_fill(~on, float("-inf"))
+        return a.argmax(1).tolist(), {"masks_on": [[selection.space.candidate_names[m] for m in row.nonzero().flatten()
+                                                    .tolist()] for row in on]}
+
+
 class SPOS(Strategy):
     name = "spos"
 
@@ -219,7 +380,8 @@ class Random(Strategy):
         return sample_within_budget(state.allowed, selection.generator, selection.cost, selection.budget), {}
 
 
-STRATEGIES: Dict[str, type] = {cls.name: cls for cls in (BetaNAS, Proxyless, SPOS, Random, DARTS, FBNet)}
+STRATEGIES: Dict[str, type] = {cls.name: cls for cls in (BetaNAS, Proxyless, SPOS, Random, DARTS, FBNet, PDARTS,
+                                                         DARTSPlus, HMNAS)}
 
 
 def make_strategy(cfg) -> Strategy:
