@@ -41,8 +41,10 @@ def run_case(out: str, case: str) -> dict:
         kw.update(path_sampling="per-sample", batch_size=32)
     elif case in ("spos", "proxyless"):
         kw.update(strategy=case, spos_population=4, spos_parents=2, spos_generations=2)
-    elif case in ("darts", "fbnet"):  # the mixture: every remaining candidate in both steps (darts: second order)
-        kw.update(strategy=case, epochs=1, warmup_epochs=0, darts_order=2)
+    elif case in ("darts", "fbnet", "hmnas"):  # the mixture: every remaining candidate in both steps (darts: second order)
+        kw.update(strategy=case, epochs=1, warmup_epochs=0, darts_order=2 if case == "darts" else 1)
+    elif case == "pdarts":  # three stages of one epoch: the top-k drops and α's restarts
+        kw.update(strategy=case, epochs=3, warmup_epochs=0, pdarts_arch_lr=0.01)
     s = Search(tiny(None, **kw))
     rank = s.ranks.rank
     record = {"phase1_paths": [], "phase2_paths": []}
@@ -81,7 +83,7 @@ def run_case(out: str, case: str) -> dict:
     record.update(
         iterations=s.iteration, drops=[dict(d) for d in s.state.drops], arch=result and result["arch"],
         weights=checksum(s.model.parameters()), buffers=checksum(s.model.buffers()),
-        alpha=checksum([s.state.alpha]), sgd=checksum(optimizer_tensors(s.sgd)),
+        alpha=checksum([s.state.values()]), sgd=checksum(optimizer_tensors(s.sgd)),
         adam=checksum(optimizer_tensors(s.state.optimizer)), remaining=s.state.remaining.tolist())
     return record
 

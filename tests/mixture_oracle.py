@@ -15,17 +15,23 @@ from common import tiny
 from float64_supernet import GatedSupernet
 
 
-def prepared(out, dtype=torch.float64, **kw):
-    """A tiny search of a DARTS-family strategy after three weight steps, with random α, and a held-out batch; the
-    network then in `dtype`. In float64 the engine's own code (mixture, loss, unrolled step, autograd) meets the
-    oracle free of float32 rounding, which the α gradient's cancellations amplify to about 1e-3 of its largest
-    entry."""
+def prepared(out, dtype=torch.float64, keep=None, **kw):
+    """A tiny search of a DARTS-family strategy after three weight steps, with random α (and random HM-NAS mask
+    scores about its threshold), each block then keeping its `keep` best paths (P-DARTS's stage end) where given,
+    and a held-out batch; the network then in `dtype`. In float64 the engine's own code (mixture, loss, unrolled
+    step, autograd) meets the oracle free of float32 rounding, which the α gradient's cancellations amplify to
+    about 1e-3 of its largest entry."""
     s = Search(tiny(out, **kw))
     s._build()
     for _ in range(3):
         s.phase1_step()
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        s.state.alpha.copy_(torch.randn(s.state.alpha.shape, generator=torch.Generator().manual_seed(0)))
+        s.state.alpha.copy_(torch.randn(s.state.alpha.shape, generator=g))
+        if s.state.mask_scores is not None:
+            s.state.mask_scores.copy_(s.cfg.hmnas_mask_threshold * (1 + torch.randn(s.state.alpha.shape, generator=g)))
+    if keep is not None:
+        s.state.keep_top(keep, step=0, reason="test")
     s.model.to(dtype)
     s._last_train_batch = (s._last_train_batch[0].to(dtype), s._last_train_batch[1])
     x, y = s.heldout_stream.next()
@@ -94,13 +100,37 @@ def fbnet(s, x, y, noise: torch.Generator) -> torch.Tensor:
     return torch.autograd.grad(oracle.loss(x, y, w, rem) * cfg.fbnet_a * torch.log(cost) ** cfg.fbnet_b, a)[0]
 
 
+def hmnas(s, x, y) -> torch.Tensor:
+    """d/d(α, mask scores) of the held-out loss at w = softmax(α) ⊙ b, b = 1[score ≥ θ] (and each block's
+    top-scored remaining path on), through b by the straight-through estimator written out: b's gradient is the
+    scores'. Stacked as the engine stacks them."""
+    rem, theta = s.state.remaining, s.cfg.hmnas_mask_threshold
+    scores = s.state.mask_scores.detach().double()
+    on = (scores >= theta) & rem
+    on[torch.arange(on.shape[0]), scores.masked_fill(~rem, float("-inf")).argmax(1)] = True
+    a = s.state.alpha.detach().double().requires_grad_()
+    b = on.double().requires_grad_()
+    w = softmax64(a, rem) * b
+    loss = GatedSupernet.from_engine(s.model).loss(x, y, w, rem) + _cost_term(s, w)
+    da, db = torch.autograd.grad(loss, [a, b])
+    return torch.cat([da, db])
+
+
 CHECKS: Dict[str, tuple] = {
     # name: (search settings, oracle)
     "darts first order": (dict(strategy="darts", beta=0.05), darts_first_order),
     "darts second order": (dict(strategy="darts", darts_order=2, momentum=0.0, weight_decay=1e-3, beta=0.05),
                            darts_second_order),
     "fbnet": (dict(strategy="fbnet"), fbnet),
+    # P-DARTS after a stage's end (4 paths kept per block), in its first stage's last epoch (skip dropout 0 there)
+    "pdarts": (dict(strategy="pdarts", epochs=3, warmup_epochs=0, beta=0.05, keep=4), darts_first_order),
+    "dartsplus": (dict(strategy="dartsplus", beta=0.05), darts_first_order),
+    "hmnas": (dict(strategy="hmnas", beta=0.05), hmnas),
 }
+
+
+def rem_rows(s) -> int:
+    return s.state.remaining.shape[0]
 
 
 def check(name: str, out, dtype=torch.float64) -> dict:
@@ -112,7 +142,8 @@ def check(name: str, out, dtype=torch.float64) -> dict:
     noise.set_state(s.path_gen.get_state())
     got, _, _ = s.mixture_alpha_grad(x, y)
     want = oracle(s, x, y, noise) if oracle is fbnet else oracle(s, x, y)
-    return {"error": relative_error(got, want, s.state.remaining), "scale": float(want.abs().max()),
+    rem = s.state.remaining.repeat(got.shape[0] // rem_rows(s), 1)
+    return {"error": relative_error(got, want, rem), "scale": float(want.abs().max()),
             "engine": got, "oracle": want, "search": s}
 
 

@@ -47,12 +47,16 @@ def test_second_order_restores_the_weights_exactly(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(buffers, s.model.buffers()))  # BatchNorm's statistics too
 
 
-@pytest.mark.parametrize("strategy, extra", [("darts", {"darts_order": 2}), ("fbnet", {})])
+@pytest.mark.parametrize("strategy, extra", [
+    ("darts", {"darts_order": 2}), ("fbnet", {}), ("hmnas", {}),
+    # stopped in its second stage (epochs of 2 with dropout on the identity), after the first stage's drops and α's restart
+    ("pdarts", {"epochs": 6, "stop_after": 35})])
 def test_resume_equals_uninterrupted(tmp_path, strategy, extra):
-    kw = dict(strategy=strategy, epochs=1, warmup_epochs=0, checkpoint_every=5, **extra)
+    kw = dict(dict(strategy=strategy, epochs=1, warmup_epochs=0, checkpoint_every=5), **extra)
+    stop_after = kw.pop("stop_after", 12)
     full = Search(tiny(tmp_path / "full", **kw))
     full.run()
-    part = Search(tiny(tmp_path / "part", stop_after=12, **kw))
+    part = Search(tiny(tmp_path / "part", stop_after=stop_after, **kw))
     assert part.run() is None
     Search(SearchConfig(resume=part.out, progress=False)).run()
     for name in ("history.jsonl", "arch.json"):
@@ -60,7 +64,7 @@ def test_resume_equals_uninterrupted(tmp_path, strategy, extra):
             assert a.read() == b.read(), name
     history = [json.loads(ln) for ln in open(os.path.join(full.out, "history.jsonl"))]
     assert any(r["phase2_loss"] is not None for r in history)
-    assert {"phase1_weight_share", "argmax_skips"} <= set(history[-1])
+    assert {"phase1_weight_share", "argmax_skips", "argmax_stable_epochs", "ranking_stable_epochs"} <= set(history[-1])
 
 
 def test_recomputing_the_candidates_changes_nothing(tmp_path):

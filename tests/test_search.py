@@ -268,7 +268,8 @@ def test_every_flag_comes_from_the_config_fields():
     assert set(flags) == {f.name for f in fields(SearchConfig)}
     for f in fields(SearchConfig):
         assert f.metadata["help"] and flags[f.name].help.startswith(f.metadata["help"]), f.name
-    assert flags["strategy"].choices == ("betanas", "proxyless", "spos", "random", "darts", "fbnet")
+    assert flags["strategy"].choices == ("betanas", "proxyless", "spos", "random", "darts", "fbnet", "pdarts",
+                                         "dartsplus", "hmnas")
     assert flags["stage_depths"].nargs == "+" and flags["stage_depths"].type is int
     assert flags["flops_target"].type is float
     with pytest.raises(SystemExit):

@@ -11,11 +11,14 @@ from common import built, tiny
 
 
 def test_strategy_table():
-    assert set(STRATEGIES) == {"betanas", "proxyless", "spos", "random", "darts", "fbnet"}
+    assert set(STRATEGIES) == {"betanas", "proxyless", "spos", "random", "darts", "fbnet", "pdarts", "dartsplus",
+                               "hmnas"}
     traits = {n: (c.trains_weights, c.trains_alpha, c.drops_paths, c.mixture) for n, c in STRATEGIES.items()}
     assert traits == {"betanas": (True, True, True, False), "proxyless": (True, True, False, False),
                       "spos": (True, False, False, False), "random": (False, False, False, False),
-                      "darts": (True, True, False, True), "fbnet": (True, True, False, True)}
+                      "darts": (True, True, False, True), "fbnet": (True, True, False, True),
+                      "pdarts": (True, True, False, True), "dartsplus": (True, True, False, True),
+                      "hmnas": (True, True, False, True)}
 
 
 def test_engine_runs_a_strategy_it_does_not_know(tmp_path, monkeypatch):

@@ -282,7 +282,7 @@ class PDARTS(DARTS):
             others = [m for m in state.remaining_paths(weakest) if not space.candidates[m].is_skip]
             if not others:  # the block kept only its identity path: nothing can replace it
                 break
-            arch[weakest] = max(others, key=lambda m: (float(state.alpha[weakest, m]), -m))
+            arch[weakest] = max(others, key=lambda m: (float(state.alpha.detach()[weakest, m]), -m))
             replaced.append(weakest)
         return arch, {"skip_cap": cap, "skip_cap_replaced": replaced}
 
