@@ -1,11 +1,12 @@
 """The DARTS family against betanas on the demo; writes benchmarks/results/mixture_demo.json.
 
-    python benchmarks/mixture_demo.py [--epochs 10] [--warmup-epochs 5] [--seed 0] [--threads 2]
+    python benchmarks/mixture_demo.py [--epochs 6] [--warmup-epochs 1] [--seed 0] [--threads 2]
 
-Each strategy (betanas, darts first and second order, fbnet) runs the demo search with the same settings, each in
+Each strategy (betanas, darts first and second order, fbnet, pdarts, dartsplus, hmnas) runs the demo search with the same settings, each in
 a process of its own: its peak resident memory (the process's maximum RSS, torch and the data included), the mean
 wall time of an iteration (its weight steps and, after the warm-up, its α step), where it ends (the architecture,
-the blocks whose argmax is the identity, the validation accuracy with inherited weights), and, for the mixtures,
+the blocks whose argmax is the identity, the validation accuracy with inherited weights, the paths each block still
+holds, an early stop), and, for the mixtures,
 the activation estimate the search makes before it starts. Then the α-gradient checks of tests/mixture_oracle.py
 (the engine against the float64 oracle), in float64 and, for darts first order, in float32. The load average
 before and after is recorded: another job on the machine inflates the times.
@@ -31,7 +32,8 @@ from betanas_fast.runs.provenance import write_results  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "mixture_demo.json")
 RUNS = {"betanas": [], "darts": ["--strategy", "darts"], "darts-2nd-order": ["--strategy", "darts", "--darts-order", "2"],
-        "fbnet": ["--strategy", "fbnet"]}
+        "fbnet": ["--strategy", "fbnet"], "pdarts": ["--strategy", "pdarts"], "dartsplus": ["--strategy", "dartsplus"],
+        "hmnas": ["--strategy", "hmnas"]}
 
 
 def one(argv) -> None:
@@ -48,18 +50,19 @@ def one(argv) -> None:
     s._iteration = timed
     result = s.run()
     history = [json.loads(ln) for ln in open(os.path.join(s.out, "history.jsonl"))]
-    skips = sum(s.space.candidates[m].is_skip for m in result["choices"])
     print(json.dumps({"iterations": len(times), "iteration_ms_mean": 1e3 * sum(times) / len(times),
                       "alpha_steps": sum(r["phase2_loss"] is not None for r in history),
-                      "arch": result["arch"], "argmax_skips": skips, "val_acc": result["val_acc"],
+                      "arch": result["arch"], "argmax_skips": result["skips"], "val_acc": result["val_acc"],
+                      "remaining_paths": [len(r) for r in history[-1]["remaining"]],
+                      "stopped": result.get("stopped"),
                       "mflops": result["mflops"], "mixture_memory": s.mixture_memory,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--warmup-epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--warmup-epochs", type=int, default=1, help="(pdarts: before its first stage ends)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=RESULTS)

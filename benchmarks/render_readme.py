@@ -44,6 +44,7 @@ WRITERS = {
     "precision.json": "python benchmarks/precision.py",
     "mixture_demo.json": "python benchmarks/mixture_demo.py",
     "null_tests.json": "python benchmarks/null_tests.py",
+    "strategy_null.json": "python benchmarks/strategy_null.py",
     "cpu.json": "pytest benchmarks/test_bench_iteration.py benchmarks/test_bench_search_step.py "
                 "benchmarks/test_bench_phase1.py benchmarks/test_bench_alpha_grad.py benchmarks/test_bench_dw_bn_act.py "
                 "--benchmark-only --results-json benchmarks/results/cpu.json --results-md benchmarks/results/cpu.md",
@@ -274,12 +275,16 @@ EXTRA_SUMMARY.append(("Phase 2's α-gradient signs vs a float64 oracle", "precis
 @renderer("mixture_demo", "mixture_demo.json")
 def render_mixture_demo(doc: dict) -> str:
     s = doc["settings"]
-    rows = ["| strategy | peak memory (RSS) | per iteration | searched net | identity argmax | val acc (inherited) |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| strategy | peak memory (RSS) | per iteration | searched net | identity blocks | paths left per block "
+            "| early stop | val acc (inherited) |", "|---|---|---|---|---|---|---|---|"]
     base = doc["runs"]["betanas"]["peak_rss_mib"]
     for name, r in doc["runs"].items():
+        left = r.get("remaining_paths")
+        stop = r.get("stopped")
         rows.append(f"| {name} | {r['peak_rss_mib']:.0f} MiB ({r['peak_rss_mib'] / base:.2f}× betanas) | "
-                    f"{r['iteration_ms_mean']:.0f} ms | {r['mflops']:.3f} MFLOPs | {r['argmax_skips']} blocks | "
+                    f"{r['iteration_ms_mean']:.0f} ms | {r['mflops']:.3f} MFLOPs | {r['argmax_skips']} | "
+                    f"{'-' if left is None else ' '.join(map(str, left))} | "
+                    f"{'-' if not stop else 'epoch ' + str(stop['epoch']) + ': ' + stop['reason']} | "
                     f"{pct(r['val_acc'])} |")
     mix = doc["runs"]["darts"]["mixture_memory"]
     checks = "; ".join(f"{n} {c['float64_error']:.1e}" for n, c in doc["gradient_checks"].items())
@@ -293,6 +298,31 @@ def render_mixture_demo(doc: dict) -> str:
             + (f"; darts first order with the network in float32, as a run computes it: {f32:.1e}" if f32 else "")
             + f". Load average before/after: {doc['load_average']['before'][0]}/{doc['load_average']['after'][0]}."
             "\n\n" + source("mixture_demo.json", doc))
+
+
+@renderer("strategy_null", "strategy_null.json")
+def render_strategy_null(doc: dict) -> str:
+    st = doc["settings"]
+    rows = ["| strategy | seeds agreeing per block, permuted labels, β = 0 (null) | with the cost term (control) | "
+            "true labels, β = 0 | identity share, null (chance) | drops beyond the schedule |",
+            "|---|---|---|---|---|---|"]
+    for name, c in doc["strategies"].items():
+        null, cost, true = c["null"], c["cost"], c["true"]
+        identity = null.get("identity_share_of_skip_legal")
+        identity = "-" if identity is None else f"{identity:.2f} ({null['identity_chance']:.2f})"
+        beyond = null.get("drops_beyond_schedule")
+        rows.append(f"| {name} | {null['pair_agreement']:.2f} (chance {null['chance']:.2f}) | "
+                    f"{cost['pair_agreement']:.2f} | {true['pair_agreement']:.2f} | "
+                    f"{identity} | "
+                    f"{'-' if beyond is None else ', '.join(map(str, beyond))} |")
+    return ("\n".join(rows) + "\n\n"
+            f"{st['seeds']} seeds per strategy and condition, the demo shortened to {st['epochs']} epochs "
+            f"({st['warmup_epochs']} warm-up). \"Seeds agreeing\": the fraction of seed pairs whose final argmax is the "
+            "same, averaged over the blocks; chance is the mean of 1/M over the blocks. The control keeps the permuted "
+            f"labels and turns the cost term on (β = {st['control_beta']} per MFLOP, 10× the demo's; fbnet its own "
+            "b): one pressure shared by every seed, which the measure must register. "
+            "\"Drops beyond the schedule\": pdarts's drops minus those its top-k schedule forces, per seed."
+            "\n\n" + source("strategy_null.json", doc))
 
 
 @renderer("studies_summary")

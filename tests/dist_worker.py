@@ -45,6 +45,8 @@ def run_case(out: str, case: str) -> dict:
         kw.update(strategy=case, epochs=1, warmup_epochs=0, darts_order=2 if case == "darts" else 1)
     elif case == "pdarts":  # three stages of one epoch: the top-k drops and α's restarts
         kw.update(strategy=case, epochs=3, warmup_epochs=0, pdarts_arch_lr=0.01)
+    elif case == "dartsplus":  # stops early, on every rank at the same step
+        kw.update(strategy=case, epochs=6, warmup_epochs=0, darts_arch_lr=0.05, dartsplus_stable_epochs=1)
     s = Search(tiny(None, **kw))
     rank = s.ranks.rank
     record = {"phase1_paths": [], "phase2_paths": []}
@@ -81,7 +83,7 @@ def run_case(out: str, case: str) -> dict:
         record["error"] = str(e)
         result = None
     record.update(
-        iterations=s.iteration, drops=[dict(d) for d in s.state.drops], arch=result and result["arch"],
+        iterations=s.iteration, stopped=s.stopped, drops=[dict(d) for d in s.state.drops], arch=result and result["arch"],
         weights=checksum(s.model.parameters()), buffers=checksum(s.model.buffers()),
         alpha=checksum([s.state.values()]), sgd=checksum(optimizer_tensors(s.sgd)),
         adam=checksum(optimizer_tensors(s.state.optimizer)), remaining=s.state.remaining.tolist())

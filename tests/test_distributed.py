@@ -54,8 +54,8 @@ def search_args(out, *more):
 # --- 1, 2: agreement ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ranks_agree_for_every_strategy_and_divergence_is_caught(tmp_path):
-    cases = ["betanas", "per-sample", "proxyless", "spos", "darts", "fbnet", "pdarts", "hmnas", "diverge"]
-    mixtures = ("darts", "fbnet", "pdarts", "hmnas")
+    cases = ["betanas", "per-sample", "proxyless", "spos", "darts", "fbnet", "pdarts", "dartsplus", "hmnas", "diverge"]
+    mixtures = ("darts", "fbnet", "pdarts", "dartsplus", "hmnas")
     r = torchrun([os.path.join(HERE, "dist_worker.py"), str(tmp_path), *cases])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ranks = [json.load(open(tmp_path / f"rank{i}.json")) for i in range(2)]
@@ -66,10 +66,11 @@ def test_ranks_agree_for_every_strategy_and_divergence_is_caught(tmp_path):
         if case not in mixtures:  # (the mixture samples no path: its weights come from α and the path generator)
             assert len(a["phase1_paths"]) >= 60 and a["phase1_paths"] == b["phase1_paths"], case
         assert a["phase2_paths"] == b["phase2_paths"], case
-        for key in ("drops", "arch", "weights", "buffers", "alpha", "sgd", "adam", "remaining"):
+        for key in ("drops", "arch", "weights", "buffers", "alpha", "sgd", "adam", "remaining", "stopped"):
             assert a[key] == b[key], (case, key)
     assert ranks[0]["betanas"]["drops"], "the run exercised drops"
     assert {d["reason"] for d in ranks[0]["pdarts"]["drops"]} == {"end of stage 0", "end of stage 1"}
+    assert ranks[0]["dartsplus"]["stopped"] is not None  # the early stop, at the same step on both ranks
     assert ranks[0]["betanas"]["phase2_paths"] and ranks[0]["spos"]["phase2_paths"] == []
     per_sample = ranks[0]["per-sample"]["phase1_paths"][0]
     assert len(per_sample) == 5 and len(per_sample[0]) == 32  # the global [blocks, batch] assignment
