@@ -39,6 +39,8 @@ def run_case(out: str, case: str) -> dict:
               drop_threshold=-0.02, arch_lr=0.03, threads=1, out=os.path.join(out, case))
     if case == "per-sample":
         kw.update(path_sampling="per-sample", batch_size=32)
+    elif case == "gdas":  # one Gumbel-max path per step, α straight through it
+        kw.update(strategy=case, gdas_arch_lr=0.01)
     elif case in ("spos", "proxyless"):
         kw.update(strategy=case, spos_population=4, spos_parents=2, spos_generations=2)
     elif case in ("darts", "fbnet", "hmnas"):  # the mixture: every remaining candidate in both steps (darts: second order)

@@ -111,8 +111,10 @@ class GatedSupernet:
         out = _bn(F.conv2d(h, w), g, b)
         return out + x if p["residual"] else out
 
-    def logits(self, x: torch.Tensor, gates: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
-        """Block l outputs Σ_{m remaining} gates[l, m] · o_lm(x_l); everything in self.dtype."""
+    def logits(self, x: torch.Tensor, gates: torch.Tensor, remaining: torch.Tensor,
+               shifts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Block l outputs Σ_{m remaining} gates[l, m] · o_lm(x_l) (plus the scalar shifts[l] where given: its
+        gradient is the sum of the block output's); everything in self.dtype."""
         x = x.to(self.dtype).contiguous()
         w, g, b = self.stem
         x = F.relu6(_bn(F.conv2d(x, w, stride=self.stem_stride, padding=w.shape[-1] // 2), g, b))
@@ -123,6 +125,8 @@ class GatedSupernet:
             if unknown:
                 raise ValueError(f"block {l}: remaining columns {unknown} are not candidates of the block")
             x = torch.stack([gates[l, m] * self._run_mbconv(cands[m], x) for m in columns]).sum(0)
+            if shifts is not None:
+                x = x + shifts[l]
         w, g, b = self.head
         x = F.relu6(_bn(F.conv2d(x, w), g, b))
         return F.linear(x.mean((2, 3)), *self.classifier)
@@ -155,8 +159,9 @@ class GatedSupernet:
             for k, v in parts.items():
                 setattr(self, k, v)
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, gates: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(x, gates, remaining), y)
+    def loss(self, x: torch.Tensor, y: torch.Tensor, gates: torch.Tensor, remaining: torch.Tensor,
+             shifts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.cross_entropy(self.logits(x, gates, remaining, shifts), y)
 
     def one_hot_gates(self, arch: Sequence[int]) -> torch.Tensor:
         gates = torch.zeros(len(self.blocks), self.num_columns, dtype=self.dtype)

@@ -33,7 +33,8 @@ def prepared(out, dtype=torch.float64, keep=None, **kw):
     if keep is not None:
         s.state.keep_top(keep, step=0, reason="test")
     s.model.to(dtype)
-    s._last_train_batch = (s._last_train_batch[0].to(dtype), s._last_train_batch[1])
+    if s.strategy.mixture:  # (DARTS's second order takes its training batch)
+        s._last_train_batch = (s._last_train_batch[0].to(dtype), s._last_train_batch[1])
     x, y = s.heldout_stream.next()
     return s, s._on_device(x).to(dtype), y
 
@@ -116,6 +117,26 @@ def hmnas(s, x, y) -> torch.Tensor:
     return torch.cat([da, db])
 
 
+def gdas(s, x, y, noise: torch.Generator) -> torch.Tensor:
+    """GDAS's estimator at the Gumbel sample the step draws from `noise`: soft = softmax((α + g)/τ), k its argmax;
+    the held-out loss's gradient in the straight-through weights h written out from the oracle: for the chosen
+    candidate its gate gradient at the one-hot gates of k, for every other remaining one the sum of the block
+    output's gradient (a scalar shift's), plus β·cost; then through soft to α."""
+    rem, cfg = s.state.remaining, s.cfg
+    u = torch.rand(s.state.alpha.shape, generator=noise).clamp(1e-10, 1 - 1e-10).double()
+    tau = cfg.gdas_tau_max - (cfg.gdas_tau_max - cfg.gdas_tau_min) * s.epoch() / max(cfg.epochs - 1, 1)
+    a = s.state.alpha.detach().double().requires_grad_()
+    soft = softmax64((a - torch.log(-torch.log(u))) / tau, rem)
+    arch = soft.detach().argmax(1).tolist()
+    oracle = GatedSupernet.from_engine(s.model)
+    gates = oracle.one_hot_gates(arch).requires_grad_()
+    shifts = torch.zeros(len(arch), dtype=torch.float64, requires_grad=True)
+    dgates, dshifts = torch.autograd.grad(oracle.loss(x, y, gates, rem, shifts), [gates, shifts])
+    dh = torch.where(gates.detach().bool(), dgates, dshifts[:, None].expand_as(dgates)) * rem
+    dh = dh + s.beta * s.cost.table.double() * rem
+    return torch.autograd.grad((dh * soft).sum(), a)[0]
+
+
 CHECKS: Dict[str, tuple] = {
     # name: (search settings, oracle)
     "darts first order": (dict(strategy="darts", beta=0.05), darts_first_order),
@@ -126,6 +147,7 @@ CHECKS: Dict[str, tuple] = {
     "pdarts": (dict(strategy="pdarts", epochs=3, warmup_epochs=0, beta=0.05, keep=4), darts_first_order),
     "dartsplus": (dict(strategy="dartsplus", beta=0.05), darts_first_order),
     "hmnas": (dict(strategy="hmnas", beta=0.05), hmnas),
+    "gdas": (dict(strategy="gdas", beta=0.05, gdas_tau_max=2.0, gdas_tau_min=0.5), gdas),
 }
 
 
@@ -140,8 +162,8 @@ def check(name: str, out, dtype=torch.float64) -> dict:
     s, x, y = prepared(out, dtype=dtype, **settings)
     noise = torch.Generator()
     noise.set_state(s.path_gen.get_state())
-    got, _, _ = s.mixture_alpha_grad(x, y)
-    want = oracle(s, x, y, noise) if oracle is fbnet else oracle(s, x, y)
+    got, _, _ = s.arch_grad(x, y)
+    want = oracle(s, x, y, noise) if oracle in (fbnet, gdas) else oracle(s, x, y)
     rem = s.state.remaining.repeat(got.shape[0] // rem_rows(s), 1)
     return {"error": relative_error(got, want, rem), "scale": float(want.abs().max()),
             "engine": got, "oracle": want, "search": s}

@@ -214,3 +214,13 @@ def test_every_strategy_logs_its_choice_per_block(tmp_path):
         with open(os.path.join(s.out, "arch.json")) as f:
             assert json.load(f)["skips"] == sum(s.space.candidates[m].is_skip for m in json.load(
                 open(os.path.join(s.out, "arch.json")))["choices"])
+
+
+@pytest.mark.parametrize("strategy", ["darts", "fbnet", "pdarts", "dartsplus", "hmnas"])
+def test_the_demo_defaults_take_every_strategy(tmp_path, strategy):
+    """`python -m betanas_fast.search --strategy S` as typed: the demo's settings pass every check of S (P-DARTS's
+    first stage ends after the warm-up; the mixture fits in memory)."""
+    s = Search(SearchConfig(strategy=strategy, out=str(tmp_path / "run"), progress=False))
+    assert s.alpha_steps > 0 and s.mixture_memory["ratio_to_one_path"] > 3
+    if strategy == "pdarts":
+        assert stage_bounds(s.cfg.epochs, 3)[1] > s.cfg.warmup_epochs

@@ -54,7 +54,8 @@ def search_args(out, *more):
 # --- 1, 2: agreement ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ranks_agree_for_every_strategy_and_divergence_is_caught(tmp_path):
-    cases = ["betanas", "per-sample", "proxyless", "spos", "darts", "fbnet", "pdarts", "dartsplus", "hmnas", "diverge"]
+    cases = ["betanas", "per-sample", "proxyless", "spos", "gdas", "darts", "fbnet", "pdarts", "dartsplus", "hmnas",
+             "diverge"]
     mixtures = ("darts", "fbnet", "pdarts", "dartsplus", "hmnas")
     r = torchrun([os.path.join(HERE, "dist_worker.py"), str(tmp_path), *cases])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -93,3 +93,27 @@ def test_the_mixture_that_does_not_fit_stops_before_the_run(tmp_path, monkeypatc
         Search(tiny(tmp_path, strategy="darts"))
     with pytest.raises(ValueError, match="--path-sampling per-sample does not apply"):
         Search(tiny(tmp_path, strategy="fbnet", path_sampling="per-sample"))
+
+
+def test_gdas_estimator_is_its_codes_not_the_full_straight_through(tmp_path):
+    """GDAS's unchosen weights get the sum of the block output's gradient (its code's scalar terms), not their
+    candidates' gate gradients (which would need every candidate to run): the two differ, so the oracle check
+    above could fail on either."""
+    from float64_supernet import GatedSupernet
+    r = check("gdas", tmp_path)
+    s = r["search"]
+    x, y = s.heldout_stream.next()  # (another batch: the difference does not hinge on one)
+    x = s._on_device(x).double()
+    noise = torch.Generator()
+    noise.set_state(s.path_gen.get_state())
+    got, _, _ = s.arch_grad(x, y)
+    rem, cfg = s.state.remaining, s.cfg
+    u = torch.rand(s.state.alpha.shape, generator=noise).clamp(1e-10, 1 - 1e-10).double()
+    tau = cfg.gdas_tau_max - (cfg.gdas_tau_max - cfg.gdas_tau_min) * s.epoch() / max(cfg.epochs - 1, 1)
+    a = s.state.alpha.detach().double().requires_grad_()
+    soft = torch.softmax(((a - torch.log(-torch.log(u))) / tau).masked_fill(~rem, float("-inf")), 1)
+    oracle = GatedSupernet.from_engine(s.model)
+    gates = oracle.one_hot_gates(soft.detach().argmax(1).tolist()).requires_grad_()
+    (dgates,) = torch.autograd.grad(oracle.loss(x, y, gates, rem), gates)
+    full = torch.autograd.grad(((dgates * rem + s.beta * s.cost.table.double() * rem) * soft).sum(), a)[0]
+    assert r["error"] < 1e-5 and relative_error(got, full, rem) > 1e-2

@@ -12,13 +12,13 @@ from common import built, tiny
 
 def test_strategy_table():
     assert set(STRATEGIES) == {"betanas", "proxyless", "spos", "random", "darts", "fbnet", "pdarts", "dartsplus",
-                               "hmnas"}
+                               "hmnas", "gdas"}
     traits = {n: (c.trains_weights, c.trains_alpha, c.drops_paths, c.mixture) for n, c in STRATEGIES.items()}
     assert traits == {"betanas": (True, True, True, False), "proxyless": (True, True, False, False),
                       "spos": (True, False, False, False), "random": (False, False, False, False),
                       "darts": (True, True, False, True), "fbnet": (True, True, False, True),
                       "pdarts": (True, True, False, True), "dartsplus": (True, True, False, True),
-                      "hmnas": (True, True, False, True)}
+                      "hmnas": (True, True, False, True), "gdas": (True, True, False, False)}
 
 
 def test_engine_runs_a_strategy_it_does_not_know(tmp_path, monkeypatch):
@@ -117,3 +117,27 @@ def test_arch_state_step_freezes_dropped_and_recentres():
     for s_ in (st, restored):
         s_.step(gate, torch.zeros(2, 4), 0.0)
     assert torch.equal(st.alpha.detach(), restored.alpha.detach())
+
+
+def test_gdas_samples_one_path_and_resumes_exactly(tmp_path):
+    """GDAS: Phase 1 trains one Gumbel-max path per block per step, α moves by its straight-through gradient, the
+    temperature falls linearly from --gdas-tau-max to --gdas-tau-min, and a resumed run is the uninterrupted one."""
+    import json
+    import os
+    from betanas_fast.search import SearchConfig
+    kw = dict(strategy="gdas", epochs=2, warmup_epochs=0, checkpoint_every=5, gdas_arch_lr=0.01)
+    full = Search(tiny(tmp_path / "full", **kw))
+    full.run()
+    history = [json.loads(ln) for ln in open(os.path.join(full.out, "history.jsonl"))]
+    assert (full.state.phase1_counts.sum(1) == full.phase1_steps).all()  # one path per block per step
+    assert (full.state.phase2_counts.sum(1) == full.alpha_steps).all()   # and one sampled sub-net per α step
+    assert [history[0]["temperature"], history[-1]["temperature"]] == pytest.approx([10.0, 0.1])
+    assert full.state.alpha.detach().abs().max() > 1e-3
+    part = Search(tiny(tmp_path / "part", stop_after=12, **kw))
+    assert part.run() is None
+    Search(SearchConfig(resume=part.out, progress=False)).run()
+    for name in ("history.jsonl", "arch.json"):
+        with open(os.path.join(full.out, name)) as a, open(os.path.join(part.out, name)) as b:
+            assert a.read() == b.read(), name
+    with pytest.raises(ValueError, match="samples one sub-net per step"):
+        Search(tiny(tmp_path / "bad", strategy="gdas", path_sampling="per-sample"))

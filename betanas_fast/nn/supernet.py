@@ -141,6 +141,12 @@ class ChoiceBlock(nn.Module):
             out = term if out is None else out + term
         return out
 
+    def forward_hard(self, x: torch.Tensor, choice: int, weights: torch.Tensor) -> torch.Tensor:
+        """GDAS's block: weights[choice] · o_choice(x) plus every other weight as a scalar. Only the chosen candidate
+        runs; with straight-through one-hot weights the value is o_choice(x), and each other weight's gradient is
+        the sum of the output's (GDAS's code adds the unchosen weights so)."""
+        return weights[choice] * self.path(choice)(x) + (weights.sum() - weights[choice])
+
     def forward_per_sample(self, x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
         """Sample i through candidate `paths[i]` (LongTensor [N]); each candidate sees only its samples."""
         return choice_block_per_sample(self.candidates, self.names, x, paths)
@@ -256,6 +262,14 @@ class Supernet(_Body):
         for l, block in enumerate(self.blocks):
             x = block.forward_mixture(x, weights[l], remaining[l].nonzero().flatten().tolist(), recompute,
                                       skip_dropout)
+        return self._head(x)
+
+    def forward_hard(self, x: torch.Tensor, arch: Sequence[int], weights: torch.Tensor) -> torch.Tensor:
+        """The sub-net `arch` with each block scaled by its straight-through weights ([L, M];
+        ChoiceBlock.forward_hard): GDAS's forward."""
+        x = self.first(self.stem(x))
+        for l, (block, choice) in enumerate(zip(self.blocks, arch)):
+            x = block.forward_hard(x, choice, weights[l])
         return self._head(x)
 
     def forward_with_blocks(self, x: torch.Tensor, arch: Sequence[int]

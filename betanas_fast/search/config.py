@@ -30,7 +30,8 @@ class SearchConfig:
                                     "every remaining candidate, α by backpropagation through softmax(α); first or "
                                     "second order), fbnet (a Gumbel-softmax mixture, loss CE·a·log(cost)^b), pdarts (DARTS in "
                                     "stages, top-k paths kept after each), dartsplus (DARTS with early stopping), "
-                                    "hmnas (DARTS with binarised op masks)",
+                                    "hmnas (DARTS with binarised op masks), gdas (one Gumbel-max sampled path per "
+                                    "step, α straight through its weights)",
                          choices=lambda: tuple(STRATEGIES))
     space: str = option("demo", "a named space: demo (8 blocks, 32x32), cluttered (the demo's at 48x48), bench (the "
                               "speed benchmark's 8 blocks, 32x32, stem stride 1) or mobile (the paper's 21 blocks)",
@@ -133,6 +134,10 @@ class SearchConfig:
     dartsplus_stable_epochs: int = option(10, "dartsplus: stop when every block's argmax has held this many epochs "
                                               "(DARTS+'s)")
     hmnas_mask_init: float = option(1e-2, "hmnas: the op-mask scores' start (Piggyback's)")
+    gdas_arch_lr: float = option(3e-4, "gdas: Adam learning rate of α (its settings; betas 0.5, 0.999, weight decay "
+                                       "1e-3)")
+    gdas_tau_max: float = option(10.0, "gdas: the Gumbel-softmax temperature at the first epoch (GDAS's)")
+    gdas_tau_min: float = option(0.1, "gdas: the temperature at the last epoch, reached linearly (GDAS's)")
     hmnas_mask_threshold: float = option(5e-3, "hmnas: a mask is on where its score is at least this (Piggyback's)")
     bn_recalib_batches: int = option(4, "training batches that recompute BatchNorm statistics before a sub-net "
                                       "is scored")
@@ -221,6 +226,12 @@ def validate_config(cfg: SearchConfig) -> None:
     if STRATEGIES[cfg.strategy].mixture and cfg.path_sampling == "per-sample":
         raise ValueError(f"--strategy {cfg.strategy} runs every remaining candidate on every sample (the mixture): "
                          f"--path-sampling per-sample does not apply")
+    if STRATEGIES[cfg.strategy].straight_through and cfg.path_sampling == "per-sample":
+        raise ValueError(f"--strategy {cfg.strategy} samples one sub-net per step: --path-sampling per-sample does "
+                         f"not apply")
+    if not 0 < cfg.gdas_tau_min <= cfg.gdas_tau_max:
+        raise ValueError(f"gdas temperatures must satisfy 0 < gdas_tau_min ({cfg.gdas_tau_min}) <= gdas_tau_max "
+                         f"({cfg.gdas_tau_max})")
     if cfg.darts_order == 2 and cfg.strategy != "darts":
         raise ValueError(f"--darts-order 2 is darts's; --strategy {cfg.strategy} is first order")
     if cfg.strategy == "pdarts":
@@ -229,7 +240,7 @@ def validate_config(cfg: SearchConfig) -> None:
         raise ValueError("dartsplus_max_skips and dartsplus_stable_epochs must be >= 1")
     if not 0 < cfg.hmnas_mask_threshold:
         raise ValueError(f"hmnas_mask_threshold must be positive, got {cfg.hmnas_mask_threshold}")
-    for name in ("darts_arch_lr", "fbnet_arch_lr", "fbnet_temperature", "pdarts_arch_lr"):
+    for name in ("darts_arch_lr", "fbnet_arch_lr", "fbnet_temperature", "pdarts_arch_lr", "gdas_arch_lr"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.darts_arch_weight_decay < 0 or cfg.fbnet_temperature_decay < 0:

@@ -187,7 +187,8 @@ class Search:
         return cost
 
     def _alpha_step_at(self, iteration: int) -> bool:
-        """Whether iteration `iteration` (1-based) ends with an α step: after the warm-up epochs only."""
+        """Whether iteration `iteration` (1-based) ends with an α step: in the epochs the strategy trains α in (after
+        the warm-up)."""
         phase1_steps = min(iteration * self.cfg.phase_ratio, self.total_phase1)
         return self.strategy.trains_alpha and self.strategy.trains_alpha_in(self._epoch_of(phase1_steps))
 
@@ -392,8 +393,8 @@ class Search:
         return loss_value, acc_value, lr
 
     def phase2_step(self):
-        if self.strategy.mixture:
-            return self.mixture_alpha_step()
+        if self.strategy.mixture or self.strategy.straight_through:
+            return self.autograd_alpha_step()
         cfg, st = self.cfg, self.state
         arch = st.sample_from_p(self.path_gen)
         for l, m in enumerate(arch):
@@ -422,16 +423,16 @@ class Search:
                                                 self.strategy.skip_dropout(self.epoch()))
         return F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).float().mean()
 
-    def mixture_alpha_step(self):
-        """dL/dα by backpropagation through the mixture on a held-out batch (first order), or through one
-        unrolled weight step (DARTS's second order); averaged over ranks; an Adam step."""
+    def autograd_alpha_step(self):
+        """dL/dα by backpropagation on a held-out batch, through the mixture (first order, or through one unrolled
+        weight step: DARTS's second order) or through a sampled sub-net's straight-through weights (GDAS);
+        averaged over ranks; an Adam step."""
         st, strategy = self.state, self.strategy
-        st.phase2_counts += st.remaining.long()
         with self.timer.part("data"):
             x, y = self.heldout_stream.next()
             x, y = self._on_device(x), y.to(self.device)
         with self.timer.part(MIXTURE):
-            grad, loss, acc = self.mixture_alpha_grad(x, y)
+            grad, loss, acc = self.arch_grad(x, y)
         packed = torch.cat([grad.detach().float().flatten(), torch.stack([loss.detach().float(), acc.float()]).cpu()])
         if self.ranks.active:
             with self.timer.part("phase2/table sync"):
@@ -441,6 +442,34 @@ class Search:
             st.apply_grad(grad, recentre=strategy.recentres)
         self.beta = self.cost.adapted_beta(self.beta, st.probs(), self.cfg.beta_adapt)
         return loss, acc
+
+    def arch_grad(self, x: torch.Tensor, y: torch.Tensor):
+        """(dL/dα, loss, accuracy) on this process's held-out batch, by the strategy's estimator (the Phase-2 counts
+        updated: every remaining path for the mixture, the sampled one for GDAS)."""
+        if self.strategy.straight_through:
+            return self.straight_through_alpha_grad(x, y)
+        self.state.phase2_counts += self.state.remaining.long()
+        return self.mixture_alpha_grad(x, y)
+
+    def straight_through_alpha_grad(self, x: torch.Tensor, y: torch.Tensor):
+        """GDAS: a Gumbel-max sample of the sub-net, its straight-through weights h, the held-out loss of
+        Supernet.forward_hard plus β·Σ h·cost, differentiated in α. BatchNorm on batch statistics, its running ones
+        untouched; no weight gets a gradient."""
+        st, strategy = self.state, self.strategy
+        arch, weights = strategy.hard_weights(st, self.path_gen, strategy.temperature(self.epoch()))
+        for l, m in enumerate(arch):
+            st.phase2_counts[l, m] += 1
+        self.model.train()
+        set_bn_batch_stats_frozen(self.model, True)
+        try:
+            with self._phase2_autocast():
+                logits = self.model.forward_hard(x, arch, weights)
+            ce = F.cross_entropy(logits.float(), y)
+            loss = strategy.arch_loss(ce, weights, self.cost, self.beta)
+            (grad,) = torch.autograd.grad(loss, st.alpha)
+        finally:
+            set_bn_batch_stats_frozen(self.model, False)
+        return grad, loss, (logits.argmax(1) == y).float().mean()
 
     def mixture_alpha_grad(self, x: torch.Tensor, y: torch.Tensor):
         """(dL/dα, loss, accuracy) on the held-out batch (x, y) of this process: first order, or DARTS's second

@@ -20,6 +20,8 @@ weights w the strategy gives (`mixture_weights`), with the loss it gives (`arch_
   the identity path; a cap on the identity blocks of the result.
 - `DARTSPlus`: DARTS that stops early, when a stage of the space holds too many identity blocks or every block's
   argmax has held for a number of epochs.
+- `GDAS`: one path per block per step, a hard Gumbel-max sample of α, α's gradient straight through the
+  sample's weights (a single-path method, not the mixture).
 - `HMNAS`: DARTS with learned op masks binarised by a threshold (straight-through gradient); the result is each
   block's best path among those its mask keeps.
 
@@ -64,6 +66,7 @@ class Strategy:
     recentres = True        # each block's remaining α re-centred to mean 0 after an α step (p unchanged)
     order = 1               # the mixture's α gradient: 1, or 2 through one unrolled weight step (DARTS's)
     mask_init: Optional[float] = None  # op-mask scores trained beside α, from this value (HM-NAS's)
+    straight_through = False  # α's gradient through a sampled sub-net's straight-through weights (GDAS's)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -201,10 +204,7 @@ class FBNet(MixtureStrategy):
         return dict(super().record(state, epoch, space), temperature=self.temperature(epoch))
 
     def mixture_weights(self, state, generator, epoch):
-        u = torch.rand(state.alpha.shape, generator=generator).clamp_(1e-10, 1 - 1e-10)
-        gumbel = -torch.log(-torch.log(u))
-        logits = (state.alpha + gumbel) / self.temperature(epoch)
-        return masked_softmax(logits, state.remaining)
+        return masked_softmax(gumbel_logits(state, generator, self.temperature(epoch)), state.remaining)
 
     def cost_unit(self, cost) -> float:
         """The unit of cost in the loss: the paper's (ms, or MFLOPs) when the space's smallest net costs at least
@@ -359,6 +359,50 @@ class HMNAS(DARTS):
                                                     .tolist()] for row in on]}
 
 
+def gumbel_logits(state: ArchState, generator: torch.Generator, temperature: float) -> torch.Tensor:
+    """(α + g) / τ with g Gumbel noise from `generator` (differentiable in α)."""
+    u = torch.rand(state.alpha.shape, generator=generator).clamp_(1e-10, 1 - 1e-10)
+    return (state.alpha - torch.log(-torch.log(u))) / temperature
+
+
+class GDAS(Strategy):
+    """GDAS (Dong & Yang, CVPR 2019) on this supernet: each step samples one path per block by the Gumbel-max of
+    α, h = one_hot(argmax(α + g)) with the straight-through gradient of softmax((α + g)/τ), in both steps (a
+    fresh sample for each). The weights train on the sampled sub-net; α's gradient flows through h on a held-out
+    batch, only the sampled candidate running: as in the authors' code (D-X-Y/AutoDL-Projects, `search_cells.py`,
+    `forward_gdas`), each block outputs h_k · o_k(x) + Σ_{m≠k} h_m, so an unchosen weight's gradient is the sum of
+    the block output's gradient. τ falls linearly from 10 to 0.1 over the epochs (`--gdas-tau-max`,
+    `--gdas-tau-min`, its NAS-Bench-201 settings). α by Adam, lr 3e-4, betas (0.5, 0.999), weight decay 1e-3
+    (`--gdas-arch-lr`, its settings); the cost term β·Σ h·cost of Eq. 6 is added to the held-out loss. Argmax at
+    the end."""
+    name = "gdas"
+    trains_alpha = True
+    recentres = False
+    straight_through = True
+
+    def alpha_optimizer(self) -> dict:
+        return dict(lr=self.cfg.gdas_arch_lr, betas=(0.5, 0.999), eps=1e-8, weight_decay=1e-3)
+
+    def temperature(self, epoch: int) -> float:
+        cfg = self.cfg
+        return cfg.gdas_tau_max - (cfg.gdas_tau_max - cfg.gdas_tau_min) * epoch / max(cfg.epochs - 1, 1)
+
+    def record(self, state, epoch, space):
+        return {"temperature": self.temperature(epoch)}
+
+    def sample_phase1(self, state, generator, batch_size, per_sample, shards=1):
+        arch, _ = self.hard_weights(state, generator, 1.0)
+        return arch
+
+    def hard_weights(self, state: ArchState, generator: torch.Generator, temperature: float):
+        """(the sampled path of each block, [L, M] straight-through weights: one-hot in value, the gradient of
+        softmax((α + g)/τ) over the remaining paths)."""
+        soft = masked_softmax(gumbel_logits(state, generator, temperature), state.remaining)
+        arch = soft.detach().argmax(1)
+        hard = torch.zeros_like(soft).scatter_(1, arch[:, None], 1.0)
+        return arch.tolist(), hard - soft.detach() + soft
+
+
 class SPOS(Strategy):
     name = "spos"
 
@@ -381,7 +425,7 @@ class Random(Strategy):
 
 
 STRATEGIES: Dict[str, type] = {cls.name: cls for cls in (BetaNAS, Proxyless, SPOS, Random, DARTS, FBNet, PDARTS,
-                                                         DARTSPlus, HMNAS)}
+                                                         DARTSPlus, HMNAS, GDAS)}
 
 
 def make_strategy(cfg) -> Strategy:
