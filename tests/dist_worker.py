@@ -41,6 +41,8 @@ def run_case(out: str, case: str) -> dict:
         kw.update(path_sampling="per-sample", batch_size=32)
     elif case == "gdas":  # one Gumbel-max path per step, α straight through it
         kw.update(strategy=case, gdas_arch_lr=0.01)
+    elif case == "enas":  # the controller's samples, REINFORCE on the reward averaged over ranks, the derivation
+        kw.update(strategy=case, enas_controller_lr=0.01, enas_derive_samples=3)
     elif case in ("spos", "proxyless"):
         kw.update(strategy=case, spos_population=4, spos_parents=2, spos_generations=2)
     elif case in ("darts", "fbnet", "hmnas"):  # the mixture: every remaining candidate in both steps (darts: second order)
@@ -88,7 +90,8 @@ def run_case(out: str, case: str) -> dict:
         iterations=s.iteration, stopped=s.stopped, drops=[dict(d) for d in s.state.drops], arch=result and result["arch"],
         weights=checksum(s.model.parameters()), buffers=checksum(s.model.buffers()),
         alpha=checksum([s.state.values()]), sgd=checksum(optimizer_tensors(s.sgd)),
-        adam=checksum(optimizer_tensors(s.state.optimizer)), remaining=s.state.remaining.tolist())
+        adam=checksum(optimizer_tensors(s.state.optimizer)),
+        controller=checksum(s.strategy.policy.controller.parameters()) if case == "enas" else None, remaining=s.state.remaining.tolist())
     return record
 
 

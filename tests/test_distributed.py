@@ -54,7 +54,7 @@ def search_args(out, *more):
 # --- 1, 2: agreement ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ranks_agree_for_every_strategy_and_divergence_is_caught(tmp_path):
-    cases = ["betanas", "per-sample", "proxyless", "spos", "gdas", "darts", "fbnet", "pdarts", "dartsplus", "hmnas",
+    cases = ["betanas", "per-sample", "proxyless", "spos", "gdas", "enas", "darts", "fbnet", "pdarts", "dartsplus", "hmnas",
              "diverge"]
     mixtures = ("darts", "fbnet", "pdarts", "dartsplus", "hmnas")
     r = torchrun([os.path.join(HERE, "dist_worker.py"), str(tmp_path), *cases])
@@ -67,7 +67,8 @@ def test_ranks_agree_for_every_strategy_and_divergence_is_caught(tmp_path):
         if case not in mixtures:  # (the mixture samples no path: its weights come from α and the path generator)
             assert len(a["phase1_paths"]) >= 60 and a["phase1_paths"] == b["phase1_paths"], case
         assert a["phase2_paths"] == b["phase2_paths"], case
-        for key in ("drops", "arch", "weights", "buffers", "alpha", "sgd", "adam", "remaining", "stopped"):
+        for key in ("drops", "arch", "weights", "buffers", "alpha", "sgd", "adam", "remaining", "stopped",
+                    "controller"):
             assert a[key] == b[key], (case, key)
     assert ranks[0]["betanas"]["drops"], "the run exercised drops"
     assert {d["reason"] for d in ranks[0]["pdarts"]["drops"]} == {"end of stage 0", "end of stage 1"}

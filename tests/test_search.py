@@ -269,7 +269,7 @@ def test_every_flag_comes_from_the_config_fields():
     for f in fields(SearchConfig):
         assert f.metadata["help"] and flags[f.name].help.startswith(f.metadata["help"]), f.name
     assert flags["strategy"].choices == ("betanas", "proxyless", "spos", "random", "darts", "fbnet", "pdarts",
-                                         "dartsplus", "hmnas", "gdas")
+                                         "dartsplus", "hmnas", "gdas", "enas")
     assert flags["stage_depths"].nargs == "+" and flags["stage_depths"].type is int
     assert flags["flops_target"].type is float
     with pytest.raises(SystemExit):

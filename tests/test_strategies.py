@@ -12,13 +12,14 @@ from common import built, tiny
 
 def test_strategy_table():
     assert set(STRATEGIES) == {"betanas", "proxyless", "spos", "random", "darts", "fbnet", "pdarts", "dartsplus",
-                               "hmnas", "gdas"}
+                               "hmnas", "gdas", "enas"}
     traits = {n: (c.trains_weights, c.trains_alpha, c.drops_paths, c.mixture) for n, c in STRATEGIES.items()}
     assert traits == {"betanas": (True, True, True, False), "proxyless": (True, True, False, False),
                       "spos": (True, False, False, False), "random": (False, False, False, False),
                       "darts": (True, True, False, True), "fbnet": (True, True, False, True),
                       "pdarts": (True, True, False, True), "dartsplus": (True, True, False, True),
-                      "hmnas": (True, True, False, True), "gdas": (True, True, False, False)}
+                      "hmnas": (True, True, False, True), "gdas": (True, True, False, False),
+                      "enas": (True, True, False, False)}
 
 
 def test_engine_runs_a_strategy_it_does_not_know(tmp_path, monkeypatch):
@@ -141,3 +142,50 @@ def test_gdas_samples_one_path_and_resumes_exactly(tmp_path):
             assert a.read() == b.read(), name
     with pytest.raises(ValueError, match="samples one sub-net per step"):
         Search(tiny(tmp_path / "bad", strategy="gdas", path_sampling="per-sample"))
+
+
+def test_enas_reinforce_finds_a_known_optimum_and_its_sign_is_right():
+    """The controller and its REINFORCE update on a toy reward with a known optimum, the fraction of blocks that
+    choose a planted path: the controller's most likely architecture becomes the planted one. With the reward
+    negated the planted paths become the least likely: the sign convention is the reference's (a reward above the
+    baseline makes the sample more likely)."""
+    from betanas_fast.search.controller import Controller, Reinforce
+    remaining = torch.ones(5, 7, dtype=torch.bool)
+    remaining[0, 6] = remaining[3, 6] = False
+    planted = [2, 5, 0, 3, 6]
+    for sign in (1.0, -1.0):
+        torch.manual_seed(0)
+        # (3x the reference's learning rate and a faster baseline, so that 1000 steps suffice)
+        policy = Reinforce(Controller(5, 7), lr=3e-3, entropy_weight=1e-4, baseline_decay=0.9)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(1000):
+            arch, log_prob, entropy, _ = policy.controller(remaining, g)
+            policy.step(log_prob, entropy, sign * sum(a == b for a, b in zip(arch, planted)) / 5)
+        with torch.no_grad():
+            greedy, _, entropy, logits = policy.controller(remaining, greedy=True)
+        if sign > 0:
+            assert greedy == planted and float(entropy) < 5 * 1.5
+        else:
+            probs = torch.softmax(logits, 1)
+            assert all(probs[l, m] < 0.05 for l, m in enumerate(planted))
+
+
+def test_enas_runs_derives_and_resumes_exactly(tmp_path):
+    import json
+    import os
+    from betanas_fast.search import SearchConfig
+    kw = dict(strategy="enas", epochs=2, warmup_epochs=0, checkpoint_every=5, enas_derive_samples=4)
+    full = Search(tiny(tmp_path / "full", **kw))
+    summary = full.run()
+    history = [json.loads(ln) for ln in open(os.path.join(full.out, "history.jsonl"))]
+    assert history[-1]["controller"]["baseline"] != 0
+    assert 1 <= len(summary["derived_from"]) <= 4
+    assert summary["heldout_acc"] == max(d["heldout_acc"] for d in summary["derived_from"])
+    assert summary["choices"] in [d["arch"] for d in summary["derived_from"]]
+    assert (full.state.phase2_counts.sum(1) == full.alpha_steps).all()
+    part = Search(tiny(tmp_path / "part", stop_after=12, **kw))
+    assert part.run() is None
+    Search(SearchConfig(resume=part.out, progress=False)).run()
+    for name in ("history.jsonl", "arch.json"):
+        with open(os.path.join(full.out, name)) as a, open(os.path.join(part.out, name)) as b:
+            assert a.read() == b.read(), name

@@ -31,7 +31,8 @@ class SearchConfig:
                                     "second order), fbnet (a Gumbel-softmax mixture, loss CE·a·log(cost)^b), pdarts (DARTS in "
                                     "stages, top-k paths kept after each), dartsplus (DARTS with early stopping), "
                                     "hmnas (DARTS with binarised op masks), gdas (one Gumbel-max sampled path per "
-                                    "step, α straight through its weights)",
+                                    "step, α straight through its weights), enas (an LSTM controller trained by "
+                                    "REINFORCE)",
                          choices=lambda: tuple(STRATEGIES))
     space: str = option("demo", "a named space: demo (8 blocks, 32x32), cluttered (the demo's at 48x48), bench (the "
                               "speed benchmark's 8 blocks, 32x32, stem stride 1) or mobile (the paper's 21 blocks)",
@@ -138,6 +139,11 @@ class SearchConfig:
                                        "1e-3)")
     gdas_tau_max: float = option(10.0, "gdas: the Gumbel-softmax temperature at the first epoch (GDAS's)")
     gdas_tau_min: float = option(0.1, "gdas: the temperature at the last epoch, reached linearly (GDAS's)")
+    enas_controller_lr: float = option(1e-3, "enas: Adam learning rate of the controller (the reference's)")
+    enas_entropy_weight: float = option(1e-4, "enas: weight of the controller's entropy in the reward (the reference's)")
+    enas_baseline_decay: float = option(0.99, "enas: decay of the reward's moving-average baseline (the reference's)")
+    enas_derive_samples: int = option(10, "enas: architectures sampled from the trained controller; the best on the "
+                                          "held-out split is the result")
     hmnas_mask_threshold: float = option(5e-3, "hmnas: a mask is on where its score is at least this (Piggyback's)")
     bn_recalib_batches: int = option(4, "training batches that recompute BatchNorm statistics before a sub-net "
                                       "is scored")
@@ -226,7 +232,8 @@ def validate_config(cfg: SearchConfig) -> None:
     if STRATEGIES[cfg.strategy].mixture and cfg.path_sampling == "per-sample":
         raise ValueError(f"--strategy {cfg.strategy} runs every remaining candidate on every sample (the mixture): "
                          f"--path-sampling per-sample does not apply")
-    if STRATEGIES[cfg.strategy].straight_through and cfg.path_sampling == "per-sample":
+    if ((STRATEGIES[cfg.strategy].straight_through or STRATEGIES[cfg.strategy].policy_gradient)
+            and cfg.path_sampling == "per-sample"):
         raise ValueError(f"--strategy {cfg.strategy} samples one sub-net per step: --path-sampling per-sample does "
                          f"not apply")
     if not 0 < cfg.gdas_tau_min <= cfg.gdas_tau_max:
@@ -240,7 +247,10 @@ def validate_config(cfg: SearchConfig) -> None:
         raise ValueError("dartsplus_max_skips and dartsplus_stable_epochs must be >= 1")
     if not 0 < cfg.hmnas_mask_threshold:
         raise ValueError(f"hmnas_mask_threshold must be positive, got {cfg.hmnas_mask_threshold}")
-    for name in ("darts_arch_lr", "fbnet_arch_lr", "fbnet_temperature", "pdarts_arch_lr", "gdas_arch_lr"):
+    if not 0 <= cfg.enas_baseline_decay < 1 or cfg.enas_entropy_weight < 0 or cfg.enas_derive_samples < 1:
+        raise ValueError("enas: baseline decay must be in [0, 1), entropy weight >= 0, derive samples >= 1")
+    for name in ("darts_arch_lr", "fbnet_arch_lr", "fbnet_temperature", "pdarts_arch_lr", "gdas_arch_lr",
+                 "enas_controller_lr"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.darts_arch_weight_decay < 0 or cfg.fbnet_temperature_decay < 0:

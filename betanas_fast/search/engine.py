@@ -209,6 +209,7 @@ class Search:
         self.grad_sync = distributed.GradientSync(self.ranks)
         self.state = ArchState(self.space.allowed_mask(), **self.strategy.alpha_optimizer(),
                                mask_init=self.strategy.mask_init)
+        self.strategy.build(self.space.num_blocks, self.space.num_candidates)
         self.sgd = torch.optim.SGD(self._weight_groups(), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov and cfg.momentum > 0)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16
@@ -255,6 +256,7 @@ class Search:
                 "train_stream": {"order": train["order"], "generators": self.ranks.all_gather_object(train["generator"])},
                 "heldout_stream": self.heldout_stream.state_dict(),
                 "epochs_done": self.epochs_done, "alpha_moved": self.alpha_moved, "stopped": self.stopped,
+                "strategy": self.strategy.state_dict(),
                 "rng": files.rng_state({"path": self.path_gen})}
 
     def _save_checkpoint(self) -> None:
@@ -267,6 +269,7 @@ class Search:
         if s["scaler"]:
             self.scaler.load_state_dict(s["scaler"])
         self.state.load_state_dict(s["arch"])
+        self.strategy.load_state_dict(s.get("strategy", {}))
         files.set_rng_state(s["rng"], {"path": self.path_gen})
         saved_world = int(s["world_size"])
         same_world = saved_world == self.ranks.world
@@ -395,6 +398,8 @@ class Search:
     def phase2_step(self):
         if self.strategy.mixture or self.strategy.straight_through:
             return self.autograd_alpha_step()
+        if self.strategy.policy_gradient:
+            return self.policy_step()
         cfg, st = self.cfg, self.state
         arch = st.sample_from_p(self.path_gen)
         for l, m in enumerate(arch):
@@ -412,6 +417,33 @@ class Search:
         with self.timer.part("phase2/alpha update"):
             st.step(gate, self.cost.table, self.beta)
         self.beta = self.cost.adapted_beta(self.beta, st.probs(), cfg.beta_adapt)
+        return loss, acc
+
+    def policy_step(self):
+        """ENAS: a controller sample scored on a held-out batch with the shared weights (no gradient to them,
+        BatchNorm's running statistics untouched), the reward acc − β·(the choice blocks' cost, Eq. 6's part) with
+        acc averaged over ranks, a REINFORCE step."""
+        st, strategy = self.state, self.strategy
+        arch, log_prob, entropy = strategy.sample(st, self.path_gen)
+        for l, m in enumerate(arch):
+            st.phase2_counts[l, m] += 1
+        with self.timer.part("data"):
+            x, y = self.heldout_stream.next()
+            x, y = self._on_device(x), y.to(self.device)
+        self.model.train()
+        set_bn_batch_stats_frozen(self.model, True)
+        try:
+            with torch.no_grad(), self._phase2_autocast():
+                logits = self.model(x, arch)
+            scalars = torch.stack([F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).float().mean()])
+        finally:
+            set_bn_batch_stats_frozen(self.model, False)
+        if self.ranks.active:
+            scalars = run_ranks.all_reduce_mean(self.ranks, scalars, self.device)
+        loss, acc = scalars.tolist()
+        with self.timer.part("phase2/alpha update"):
+            strategy.reinforce(st, log_prob, entropy, acc - self.beta * (self.cost.of_arch(arch) - self.cost.fixed))
+        self.beta = self.cost.adapted_beta(self.beta, st.probs(), self.cfg.beta_adapt)
         return loss, acc
 
     # --- the DARTS family's α step ---------------------------------------------------------------------------

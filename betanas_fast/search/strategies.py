@@ -22,6 +22,8 @@ weights w the strategy gives (`mixture_weights`), with the loss it gives (`arch_
   argmax has held for a number of epochs.
 - `GDAS`: one path per block per step, a hard Gumbel-max sample of α, α's gradient straight through the
   sample's weights (a single-path method, not the mixture).
+- `ENAS`: an LSTM controller samples one path per block, trained by REINFORCE on the held-out accuracy; the
+  result is the best of several of its samples.
 - `HMNAS`: DARTS with learned op masks binarised by a threshold (straight-through gradient); the result is each
   block's best path among those its mask keeps.
 
@@ -67,6 +69,7 @@ class Strategy:
     order = 1               # the mixture's α gradient: 1, or 2 through one unrolled weight step (DARTS's)
     mask_init: Optional[float] = None  # op-mask scores trained beside α, from this value (HM-NAS's)
     straight_through = False  # α's gradient through a sampled sub-net's straight-through weights (GDAS's)
+    policy_gradient = False   # Phase 2 updates a controller by REINFORCE instead of α (ENAS's)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -86,6 +89,16 @@ class Strategy:
     def stop_reason(self, state: ArchState, epoch: int, space) -> Optional[str]:
         """Why the search stops at the end of `epoch`, or None to go on."""
         return None
+
+    def build(self, num_blocks: int, num_candidates: int) -> None:
+        """What the strategy needs of the space before the run (ENAS builds its controller)."""
+
+    def state_dict(self) -> dict:
+        """What the strategy itself holds beyond the α state (ENAS's controller), for the checkpoint."""
+        return {}
+
+    def load_state_dict(self, d: dict) -> None:
+        pass
 
     def alpha_optimizer(self) -> dict:
         """Adam's settings for α: the search's --arch-* flags (the DARTS family has its own)."""
@@ -403,6 +416,80 @@ class GDAS(Strategy):
         return arch.tolist(), hard - soft.detach() + soft
 
 
+class ENAS(Strategy):
+    """ENAS (Pham et al., ICML 2018) on this supernet: an LSTM controller (search/controller.py: 64 units, logits
+    1.5·tanh, the chosen path's embedding fed to the next block) samples one path per block. The weights train on
+    its samples (Phase 1); each α step samples an architecture, scores it on the held-out batch with the shared
+    weights (BatchNorm on batch statistics, its running ones untouched), and REINFORCE updates the controller with
+    the reward acc − β·cost (the FLOPs or latency of Eq. 6; β = 0 gives the paper's reward), a moving-average
+    baseline (decay 0.99) and an entropy bonus of weight 1e-4 added to the reward, by Adam at lr 1e-3: the
+    reference code's defaults (melodyguan/enas, `--controller_lr 0.001`, `--controller_entropy_weight 0.0001`,
+    `--controller_bl_dec 0.99`, `--controller_lstm_size 64`, `--controller_tanh_constant 1.5`;
+    `--enas-controller-lr`, `--enas-entropy-weight`, `--enas-baseline-decay`). The reference aggregates 20 samples
+    per controller step and runs its steps between epochs; here one sample per α step, interleaved with the weight
+    steps as every strategy's are. The result: `--enas-derive-samples` architectures sampled from the trained
+    controller, each scored on the held-out split (BatchNorm recalibrated), the best kept, as ENAS derives. α is
+    not trained: it holds, for the logs, the controller's logits along its most likely architecture."""
+    name = "enas"
+    trains_alpha = True
+    recentres = False
+    policy_gradient = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.policy = None  # built with the space (`build`)
+
+    def build(self, num_blocks: int, num_candidates: int) -> None:
+        from .controller import Controller, Reinforce
+        cfg = self.cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 8)
+            controller = Controller(num_blocks, num_candidates)
+        self.policy = Reinforce(controller, lr=cfg.enas_controller_lr, entropy_weight=cfg.enas_entropy_weight,
+                                baseline_decay=cfg.enas_baseline_decay)
+
+    def sample_phase1(self, state, generator, batch_size, per_sample, shards=1):
+        with torch.no_grad():
+            return self.policy.controller(state.remaining, generator)[0]
+
+    def sample(self, state: ArchState, generator: torch.Generator):
+        """(architecture, log-probability, entropy) of one controller sample, in the autograd graph."""
+        arch, log_prob, entropy, _ = self.policy.controller(state.remaining, generator)
+        return arch, log_prob, entropy
+
+    def reinforce(self, state: ArchState, log_prob, entropy, reward: float) -> dict:
+        """The controller's update from `reward`; α then shows its logits along its most likely architecture."""
+        record = self.policy.step(log_prob, entropy, reward)
+        with torch.no_grad():
+            _, _, _, logits = self.policy.controller(state.remaining, greedy=True)
+            state.alpha.copy_(logits.masked_fill(~state.remaining, 0.0))
+        self.last = record
+        return record
+
+    def record(self, state, epoch, space):
+        return {"controller": getattr(self, "last", None)}
+
+    def select(self, state, selection):
+        seen, scored = set(), []
+        with torch.no_grad():
+            for _ in range(self.cfg.enas_derive_samples):
+                arch = self.policy.controller(state.remaining, selection.generator)[0]
+                if tuple(arch) not in seen:
+                    seen.add(tuple(arch))
+                    scored.append((selection.score(arch), arch))
+        best_score, best = max(scored, key=lambda t: t[0])
+        selection.log(f"enas: {len(scored)} distinct architectures sampled from the controller, best held-out acc "
+                      f"{best_score:.4f}")
+        return best, {"heldout_acc": best_score, "derived_from": [{"arch": a, "heldout_acc": sc} for sc, a in scored]}
+
+    def state_dict(self):
+        return {"policy": self.policy.state_dict(), "last": getattr(self, "last", None)}
+
+    def load_state_dict(self, d):
+        self.policy.load_state_dict(d["policy"])
+        self.last = d["last"]
+
+
 class SPOS(Strategy):
     name = "spos"
 
@@ -425,7 +512,7 @@ class Random(Strategy):
 
 
 STRATEGIES: Dict[str, type] = {cls.name: cls for cls in (BetaNAS, Proxyless, SPOS, Random, DARTS, FBNet, PDARTS,
-                                                         DARTSPlus, HMNAS, GDAS)}
+                                                         DARTSPlus, HMNAS, GDAS, ENAS)}
 
 
 def make_strategy(cfg) -> Strategy:
