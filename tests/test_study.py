@@ -308,3 +308,48 @@ def test_sharing_study_end_to_end(tmp_path, capsys):
     assert set(json.load(open(tmp_path / "s" / "scores" / "B4-seed1_test.json"))) == set(r["labels"])
     assert not any(f.startswith("study_scores") for f in os.listdir(tmp_path / "s" / "B4-seed1"))
     assert os.path.getsize(tmp_path / "s" / "sharing.png") > 10_000
+
+
+def test_holm_adjustment_known_answers():
+    from betanas_fast.study.compare import holm
+    # sorted 0.01, 0.02, 0.04 -> 3x0.01 = 0.03, 2x0.02 = 0.04, 1x0.04 = 0.04 (monotone), in the input's order
+    assert holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm([0.001]) == [0.001]
+
+
+@pytest.mark.slow
+def test_compare_study_end_to_end_and_continued(tmp_path, monkeypatch, capsys):
+    """Four policies (balanced single path, a mixture, GDAS, ENAS) x 2 seeds on one budget: every net retrained and
+    scored on the digits' test split, path-epochs telling the mixture's work apart, betanas tested against each
+    other strategy with Holm's adjustment; the same command again redoes nothing."""
+    argv = ["compare", "--strategies", "betanas", "darts", "gdas", "enas", "--seeds", "2", "--threads", "1",
+            "--no-progress", f"--search-flags={TINY_SEARCH} --enas-derive-samples 2", f"--train-flags={TINY_TRAIN}",
+            "--out", str(tmp_path / "c")]
+    main(argv)
+    r = study_json(tmp_path / "c")
+    assert [(n["strategy"], n["search_seed"]) for n in r["nets"]] == [
+        (s, seed) for s in ("betanas", "darts", "gdas", "enas") for seed in (0, 1)]
+    assert r["scoring"] == {"split": "test", "images": 300}
+    per = {n["strategy"]: n for n in r["nets"]}
+    assert per["betanas"]["paths_per_step"] == 1.0 and per["gdas"]["paths_per_step"] == 1.0
+    assert per["darts"]["paths_per_step"] > 5  # every remaining candidate of every block, each step
+    assert all(n["search_seconds"] > 0 for n in r["nets"])
+    for n in r["nets"]:
+        res = json.load(open(tmp_path / "c" / n["run"] / "result.json"))
+        assert res["last"]["test_top1"] == n["top1"]
+    against = r["tests"]["against"]
+    assert set(against) == {"darts", "gdas", "enas"}
+    b = [n["top1"] for n in r["nets"] if n["strategy"] == "betanas"]
+    for s, t in against.items():
+        other = [n["top1"] for n in r["nets"] if n["strategy"] == s]
+        assert t["mann_whitney"]["p_value"] == stats.mann_whitney_greater(b, other).p_value
+    from betanas_fast.study.compare import holm
+    assert [against[s]["holm_p"] for s in ("darts", "gdas", "enas")] == holm(
+        [against[s]["mann_whitney"]["p_value"] for s in ("darts", "gdas", "enas")])
+    assert os.path.getsize(tmp_path / "c" / "compare.png") > 10_000
+    assert "p(betanas > it)" in capsys.readouterr().out
+    forbid_sub_runs(monkeypatch)
+    main(argv)
+    assert numbers(study_json(tmp_path / "c")) == numbers(r)
+    with pytest.raises(SystemExit, match="must hold betanas"):
+        main(["compare", "--strategies", "darts", "gdas", "--out", str(tmp_path / "d")])

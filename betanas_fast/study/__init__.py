@@ -10,6 +10,10 @@ and the two that measure a task and a supernet against stand-alone training:
     python -m betanas_fast.study groundtruth # N architectures trained alone, >= 2 seeds each: the ground truth
     python -m betanas_fast.study ranking     # Kendall τ-b / Spearman ρ of supernets' inherited accuracies against it
 
+and the experiment of the paper's Table 3:
+
+    python -m betanas_fast.study compare     # every strategy x N seeds, one budget, retrained and tested
+
 Each writes study.json (every number, the configuration, the seeds, the versions) and its figures into
 `--out`, prints its table, and continues a killed study when the same command is typed again. Every flag
 of a study has a default for the embedded digits demo; `--search-flags` / `--train-flags` pass the
@@ -20,11 +24,12 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from . import balance, groundtruth, ranking, seeds, sharing
+from . import balance, compare, groundtruth, ranking, seeds, sharing
 
-STUDIES = {m.NAME: m for m in (balance, seeds, sharing, groundtruth, ranking)}
+STUDIES = {m.NAME: m for m in (balance, seeds, sharing, groundtruth, ranking, compare)}
 CONFIGS = {balance.NAME: balance.BalanceConfig, seeds.NAME: seeds.SeedsConfig, sharing.NAME: sharing.SharingConfig,
-           groundtruth.NAME: groundtruth.GroundtruthConfig, ranking.NAME: ranking.RankingConfig}
+           groundtruth.NAME: groundtruth.GroundtruthConfig, ranking.NAME: ranking.RankingConfig,
+           compare.NAME: compare.CompareConfig}
 
 
 def build_parser() -> argparse.ArgumentParser:

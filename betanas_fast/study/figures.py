@@ -2,7 +2,7 @@
 under weight sharing (Fig. 7), the ground-truth table and the supernets' ranking quality against it."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import matplotlib
 
@@ -161,6 +161,31 @@ def ranking_plot(truth: np.ndarray, inherited: Dict[str, np.ndarray], taus: Dict
         ax.set_xlabel(f"trained alone: {split} top-1 (%)", fontsize=8)
         ax.set_ylabel(f"inherited weights: {split} top-1 (%)", fontsize=8)
         ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def compare_scatter(nets: List[dict], strategies: Sequence[str], path: str, split: str,
+                    cloud: Optional[List[tuple]] = None) -> None:
+    """Each searched net's top-1 against its MFLOPs, one colour per strategy (points: seeds; diamond: the mean),
+    over the ground-truth table's architectures (grey) where given."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    if cloud:
+        ax.scatter([c[0] for c in cloud], [100 * c[1] for c in cloud], color="0.8", s=10,
+                   label="ground truth (trained alone)")
+    cmap = plt.get_cmap("tab20")
+    for i, s in enumerate(strategies):
+        rs = [r for r in nets if r["strategy"] == s]
+        colour = cmap(i % 20)
+        ax.scatter([r["mflops"] for r in rs], [100 * r["top1"] for r in rs], color=colour, s=12, alpha=0.6)
+        ax.scatter([np.mean([r["mflops"] for r in rs])], [100 * np.mean([r["top1"] for r in rs])], color=colour,
+                   s=40, marker="D", edgecolor="black" if s == "betanas" else None, label=s)
+    ax.set_xlabel("MFLOPs (multiply-adds)", fontsize=8)
+    ax.set_ylabel(f"{split} top-1 (%), retrained", fontsize=8)
+    ax.set_title("searched nets by strategy (points: seeds, diamonds: means)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
