@@ -159,6 +159,9 @@ STUDIES = {
     "ranking": ("ranking_mnist_cluttered.json", ["ranking", "--jobs", "2", "--groundtruth", "{dir}/study-groundtruth"]),
     "seeds-cluttered": ("study_seeds_mnist_cluttered.json",
                         ["seeds", "--jobs", "2", *CLUTTERED, "--groundtruth", "{dir}/study-groundtruth"]),
+    # every strategy on the digits demo cut to 20 search epochs (5 of warm-up; the full cluttered run takes hours
+    # on 2 cores)
+    "compare": ("compare_digits.json", ["compare", "--jobs", "2", "--search-flags=--epochs 20 --warmup-epochs 5"]),
 }
 
 

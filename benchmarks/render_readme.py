@@ -45,6 +45,7 @@ WRITERS = {
     "mixture_demo.json": "python benchmarks/mixture_demo.py",
     "null_tests.json": "python benchmarks/null_tests.py",
     "strategy_null.json": "python benchmarks/strategy_null.py",
+    "compare_digits.json": "python benchmarks/record.py studies --studies compare",
     "cpu.json": "pytest benchmarks/test_bench_iteration.py benchmarks/test_bench_search_step.py "
                 "benchmarks/test_bench_phase1.py benchmarks/test_bench_alpha_grad.py benchmarks/test_bench_dw_bn_act.py "
                 "--benchmark-only --results-json benchmarks/results/cpu.json --results-md benchmarks/results/cpu.md",
@@ -323,6 +324,23 @@ def render_strategy_null(doc: dict) -> str:
             "b): one pressure shared by every seed, which the measure must register. "
             "\"Drops beyond the schedule\": pdarts's drops minus those its top-k schedule forces, per seed."
             "\n\n" + source("strategy_null.json", doc))
+
+
+@renderer("compare", "compare_digits.json")
+def render_compare(doc: dict) -> str:
+    study = doc["study"]
+    rows = ["| strategy | top-1 (test, retrained) | MFLOPs | search wall time | path-epochs | p(betanas > it), Holm |",
+            "|---|---|---|---|---|---|"]
+    for s, g in study["summary"].items():
+        t = study["tests"]["against"].get(s)
+        rows.append(f"| {s} | {pct(g['top1_mean'])} ± {100 * g['top1_std']:.1f} | {g['mflops_mean']:.3f} | "
+                    f"{g['search_seconds_mean']:.0f} s | {g['path_epochs_mean']:.1f} | "
+                    f"{'-' if t is None else format(t['holm_p'], '.3f')} |")
+    return ("\n".join(rows) + "\n\n"
+            f"{study['seeds']} seeds per strategy (`{doc['command']}`); {study['scoring']['images']} test images no "
+            f"search loaded; the tests are one-sided Mann–Whitney U (exact), Holm-adjusted over the "
+            f"{len(study['tests']['against'])} comparisons. Wall times from `--jobs` processes on this machine."
+            "\n\n" + source("compare_digits.json", doc))
 
 
 @renderer("studies_summary")
