@@ -134,7 +134,11 @@ def main(argv=None) -> dict:
                          "space": "demo", "data": "digits", "threads_per_search": 1, "jobs": args.jobs},
             "strategies": table,
             "seconds": {s: round(sum(r["seconds"] for r in runs if r["strategy"] == s), 1) for s in args.strategies}}
-    command = " ".join(["python benchmarks/strategy_null.py", *(sys.argv[1:] if argv is None else argv)])
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--runs-dir" in given:  # where the finished searches were kept changes no number (and names a local folder)
+        i = given.index("--runs-dir")
+        del given[i:i + 2]
+    command = " ".join(["python benchmarks/strategy_null.py", *given])
     return write_results(args.out, command, data)
 
 
