@@ -53,3 +53,18 @@ def built(tmp_path, **kw):
 
 def read_history(out):
     return [json.loads(ln) for ln in open(os.path.join(out, "history.jsonl"))]
+
+
+def resumed_equals_uninterrupted(tmp_path, stop_after: int, **kw):
+    """A tiny search run whole, and again stopped after iteration `stop_after` and resumed from its checkpoint:
+    their history.jsonl and arch.json must be byte-identical. Returns the whole run's Search."""
+    from betanas_fast.search import Search, SearchConfig
+    full = Search(tiny(tmp_path / "full", **kw))
+    full.run()
+    part = Search(tiny(tmp_path / "part", stop_after=stop_after, **kw))
+    assert part.run() is None
+    Search(SearchConfig(resume=part.out, progress=False)).run()
+    for name in ("history.jsonl", "arch.json"):
+        with open(os.path.join(full.out, name)) as a, open(os.path.join(part.out, name)) as b:
+            assert a.read() == b.read(), name
+    return full

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from betanas_fast import ops
-from betanas_fast.search import Search, SearchConfig
+from betanas_fast.search import Search
 
-from common import tiny
+from common import resumed_equals_uninterrupted, tiny
 from mixture_oracle import CHECKS, check, prepared, relative_error
 
 
@@ -53,15 +53,7 @@ def test_second_order_restores_the_weights_exactly(tmp_path):
     ("pdarts", {"epochs": 6, "stop_after": 35})])
 def test_resume_equals_uninterrupted(tmp_path, strategy, extra):
     kw = dict(dict(strategy=strategy, epochs=1, warmup_epochs=0, checkpoint_every=5), **extra)
-    stop_after = kw.pop("stop_after", 12)
-    full = Search(tiny(tmp_path / "full", **kw))
-    full.run()
-    part = Search(tiny(tmp_path / "part", stop_after=stop_after, **kw))
-    assert part.run() is None
-    Search(SearchConfig(resume=part.out, progress=False)).run()
-    for name in ("history.jsonl", "arch.json"):
-        with open(os.path.join(full.out, name)) as a, open(os.path.join(part.out, name)) as b:
-            assert a.read() == b.read(), name
+    full = resumed_equals_uninterrupted(tmp_path, kw.pop("stop_after", 12), **kw)
     history = [json.loads(ln) for ln in open(os.path.join(full.out, "history.jsonl"))]
     assert any(r["phase2_loss"] is not None for r in history)
     assert {"phase1_weight_share", "argmax_skips", "argmax_stable_epochs", "ranking_stable_epochs"} <= set(history[-1])

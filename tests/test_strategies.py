@@ -1,5 +1,7 @@
 """The strategy classes as the engine's seams, and SPOS's evolution as ALGORITHM.md fixes it."""
 import itertools
+import json
+import os
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 from betanas_fast.search import STRATEGIES, ArchState, Search, Strategy
 from betanas_fast.search.evolution import evolution_search
 
-from common import built, tiny
+from common import built, read_history, resumed_equals_uninterrupted, tiny
 
 
 def test_strategy_table():
@@ -123,23 +125,13 @@ def test_arch_state_step_freezes_dropped_and_recentres():
 def test_gdas_samples_one_path_and_resumes_exactly(tmp_path):
     """GDAS: Phase 1 trains one Gumbel-max path per block per step, α moves by its straight-through gradient, the
     temperature falls linearly from --gdas-tau-max to --gdas-tau-min, and a resumed run is the uninterrupted one."""
-    import json
-    import os
-    from betanas_fast.search import SearchConfig
     kw = dict(strategy="gdas", epochs=2, warmup_epochs=0, checkpoint_every=5, gdas_arch_lr=0.01)
-    full = Search(tiny(tmp_path / "full", **kw))
-    full.run()
-    history = [json.loads(ln) for ln in open(os.path.join(full.out, "history.jsonl"))]
+    full = resumed_equals_uninterrupted(tmp_path, 12, **kw)
+    history = read_history(full.out)
     assert (full.state.phase1_counts.sum(1) == full.phase1_steps).all()  # one path per block per step
     assert (full.state.phase2_counts.sum(1) == full.alpha_steps).all()   # and one sampled sub-net per α step
     assert [history[0]["temperature"], history[-1]["temperature"]] == pytest.approx([10.0, 0.1])
     assert full.state.alpha.detach().abs().max() > 1e-3
-    part = Search(tiny(tmp_path / "part", stop_after=12, **kw))
-    assert part.run() is None
-    Search(SearchConfig(resume=part.out, progress=False)).run()
-    for name in ("history.jsonl", "arch.json"):
-        with open(os.path.join(full.out, name)) as a, open(os.path.join(part.out, name)) as b:
-            assert a.read() == b.read(), name
     with pytest.raises(ValueError, match="samples one sub-net per step"):
         Search(tiny(tmp_path / "bad", strategy="gdas", path_sampling="per-sample"))
 
@@ -171,21 +163,12 @@ def test_enas_reinforce_finds_a_known_optimum_and_its_sign_is_right():
 
 
 def test_enas_runs_derives_and_resumes_exactly(tmp_path):
-    import json
-    import os
-    from betanas_fast.search import SearchConfig
     kw = dict(strategy="enas", epochs=2, warmup_epochs=0, checkpoint_every=5, enas_derive_samples=4)
-    full = Search(tiny(tmp_path / "full", **kw))
-    summary = full.run()
-    history = [json.loads(ln) for ln in open(os.path.join(full.out, "history.jsonl"))]
+    full = resumed_equals_uninterrupted(tmp_path, 12, **kw)
+    history = read_history(full.out)
+    summary = json.load(open(os.path.join(full.out, "arch.json")))
     assert history[-1]["controller"]["baseline"] != 0
     assert 1 <= len(summary["derived_from"]) <= 4
     assert summary["heldout_acc"] == max(d["heldout_acc"] for d in summary["derived_from"])
     assert summary["choices"] in [d["arch"] for d in summary["derived_from"]]
     assert (full.state.phase2_counts.sum(1) == full.alpha_steps).all()
-    part = Search(tiny(tmp_path / "part", stop_after=12, **kw))
-    assert part.run() is None
-    Search(SearchConfig(resume=part.out, progress=False)).run()
-    for name in ("history.jsonl", "arch.json"):
-        with open(os.path.join(full.out, name)) as a, open(os.path.join(part.out, name)) as b:
-            assert a.read() == b.read(), name
