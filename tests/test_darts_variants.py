@@ -205,7 +205,8 @@ def test_hmnas_run_moves_masks_and_chooses_among_the_kept(tmp_path):
 def test_every_strategy_logs_its_choice_per_block(tmp_path):
     """Fig. 5's measure, the identity count and the stability counters, in every strategy's history."""
     for strategy in ("betanas", "spos", "darts"):
-        s = Search(tiny(tmp_path / strategy, strategy=strategy, epochs=2, warmup_epochs=0))
+        s = Search(tiny(tmp_path / strategy, strategy=strategy, epochs=2, warmup_epochs=0, spos_population=4,
+                        spos_parents=2, spos_generations=2))
         s.run()
         last = read_history(s.out)[-1]
         share = [v for row in last["phase1_weight_share"] for v in row if v is not None]
@@ -216,11 +217,12 @@ def test_every_strategy_logs_its_choice_per_block(tmp_path):
                 open(os.path.join(s.out, "arch.json")))["choices"])
 
 
-@pytest.mark.parametrize("strategy", ["darts", "fbnet", "pdarts", "dartsplus", "hmnas"])
+@pytest.mark.parametrize("strategy", ["darts", "fbnet", "pdarts", "dartsplus", "hmnas", "gdas", "enas"])
 def test_the_demo_defaults_take_every_strategy(tmp_path, strategy):
     """`python -m betanas_fast.search --strategy S` as typed: the demo's settings pass every check of S (P-DARTS's
     first stage ends after the warm-up; the mixture fits in memory)."""
     s = Search(SearchConfig(strategy=strategy, out=str(tmp_path / "run"), progress=False))
-    assert s.alpha_steps > 0 and s.mixture_memory["ratio_to_one_path"] > 3
+    assert s.alpha_steps > 0
+    assert s.mixture_memory is None if strategy in ("gdas", "enas") else s.mixture_memory["ratio_to_one_path"] > 3
     if strategy == "pdarts":
         assert stage_bounds(s.cfg.epochs, 3)[1] > s.cfg.warmup_epochs
