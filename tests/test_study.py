@@ -324,7 +324,7 @@ def test_compare_study_end_to_end_and_continued(tmp_path, monkeypatch, capsys):
     other strategy with Holm's adjustment; the same command again redoes nothing."""
     argv = ["compare", "--strategies", "betanas", "darts", "gdas", "enas", "--seeds", "2", "--threads", "1",
             "--no-progress", f"--search-flags={TINY_SEARCH} --enas-derive-samples 2", f"--train-flags={TINY_TRAIN}",
-            "--out", str(tmp_path / "c")]
+            "--strategy-flags", "darts=--epochs 1 --warmup-epochs 0", "--out", str(tmp_path / "c")]
     main(argv)
     r = study_json(tmp_path / "c")
     assert [(n["strategy"], n["search_seed"]) for n in r["nets"]] == [
@@ -333,6 +333,9 @@ def test_compare_study_end_to_end_and_continued(tmp_path, monkeypatch, capsys):
     per = {n["strategy"]: n for n in r["nets"]}
     assert per["betanas"]["paths_per_step"] == 1.0 and per["gdas"]["paths_per_step"] == 1.0
     assert per["darts"]["paths_per_step"] > 5  # every remaining candidate of every block, each step
+    # darts's own flags (one epoch instead of two): its path-epochs are one epoch's
+    assert per["darts"]["epochs"] == 1 and per["darts"]["path_epochs"] == per["darts"]["paths_per_step"]
+    assert per["betanas"]["epochs"] == 2 and per["betanas"]["path_epochs"] == 2.0
     assert all(n["search_seconds"] > 0 for n in r["nets"])
     for n in r["nets"]:
         res = json.load(open(tmp_path / "c" / n["run"] / "result.json"))
@@ -353,3 +356,9 @@ def test_compare_study_end_to_end_and_continued(tmp_path, monkeypatch, capsys):
     assert numbers(study_json(tmp_path / "c")) == numbers(r)
     with pytest.raises(SystemExit, match="must hold betanas"):
         main(["compare", "--strategies", "darts", "gdas", "--out", str(tmp_path / "d")])
+    with pytest.raises(SystemExit, match="--strategy-flags darts: heldout must be the same for every strategy"):
+        main(["compare", "--strategies", "betanas", "darts", "--strategy-flags", "darts=--heldout 32",
+              "--out", str(tmp_path / "e")])
+    with pytest.raises(SystemExit, match="expected STRATEGY=FLAGS"):
+        main(["compare", "--strategies", "betanas", "darts", "--strategy-flags", "gdas=--epochs 1",
+              "--out", str(tmp_path / "f")])

@@ -25,6 +25,9 @@ from .common import StudyOptions, StudyRun, read_history, run_space, same_data, 
 
 NAME = "compare"
 REFERENCE = "betanas"
+# what every search of the study shares: the data, the space, the cost and its pressure
+SAME_FOR_ALL = ("dataset", "data", "heldout", "val", "space", "stage_depths", "width_mult", "resolution", "candidates",
+                "cost", "latency_table", "flops_target", "beta", "latency_target", "beta_latency")
 DEFAULT_STRATEGIES = ["betanas", "proxyless", "spos", "random", "darts", "fbnet", "pdarts", "dartsplus", "hmnas",
                       "gdas", "enas"]
 
@@ -34,6 +37,10 @@ class CompareConfig(StudyOptions):
     strategies: List[str] = option(list(DEFAULT_STRATEGIES), "the strategies compared (betanas among them: every "
                                                              "other is tested against it)", type=str, nargs="+")
     seeds: int = option(3, "searches per strategy (seeds seed .. seed+N-1)")
+    strategy_flags: List[str] = option([], "more search flags for one strategy, as STRATEGY=FLAGS, e.g. "
+                                           "\"darts=--epochs 15 --warmup-epochs 4\": to compare at equal wall time "
+                                           "or equal path-epochs (the mixtures run ~6.5 paths per block per step)",
+                                       type=str, nargs="+")
     train_flags: str = option("--epochs 20", "flags of `python -m betanas_fast.train` for every retraining, as one "
                                              "string: one recipe and seed for every net (default: \"--epochs 20\", "
                                              "the demo recipe cut to 20 epochs)")
@@ -55,6 +62,19 @@ def holm(p_values: List[float]) -> List[float]:
         running = max(running, min(1.0, (m - rank) * p_values[i]))
         adjusted[i] = running
     return adjusted
+
+
+def strategy_flags(entries: List[str], strategies: List[str]) -> Dict[str, str]:
+    """--strategy-flags STRATEGY=FLAGS ... as {strategy: flags}."""
+    out: Dict[str, str] = {}
+    for entry in entries:
+        name, sep, flags = entry.partition("=")
+        if not sep or name not in strategies:
+            raise ValueError(f"--strategy-flags {entry!r}: expected STRATEGY=FLAGS with STRATEGY one of {strategies}")
+        if name in out:
+            raise ValueError(f"--strategy-flags gives {name} twice")
+        out[name] = flags
+    return out
 
 
 def path_epochs(search_dir: str, config: dict) -> dict:
@@ -102,6 +122,7 @@ def run(cfg: CompareConfig) -> dict:
         raise ValueError(f"--strategies must hold {REFERENCE} and at least one other strategy, got {cfg.strategies}")
     if len(set(cfg.strategies)) != len(cfg.strategies):
         raise ValueError(f"--strategies names a strategy twice: {cfg.strategies}")
+    extra = strategy_flags(cfg.strategy_flags, cfg.strategies)
     if cfg.seeds < 2:
         raise ValueError(f"--seeds must be >= 2 (a test needs two samples per strategy), got {cfg.seeds}")
     study = StudyRun(NAME, cfg)
@@ -111,9 +132,17 @@ def run(cfg: CompareConfig) -> dict:
     split = base_train.score_split
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     pairs = [(s, seed) for s in cfg.strategies for seed in seeds]
-    searches = [study.subrun(f"search-{s}-{seed}", "search", replace(base_search, strategy=s, seed=seed))
+    set_by_study = ("strategy", "seed", "out", "resume")
+    bases = {s: search_config(f"{cfg.search_flags} {extra[s]}", set_by_study) if s in extra else base_search
+             for s in cfg.strategies}
+    for s in extra:  # one data set, supernet and cost for all: a strategy's own flags may change its schedule only
+        differ = [f for f in SAME_FOR_ALL if getattr(bases[s], f) != getattr(base_search, f)]
+        if differ:
+            raise ValueError(f"--strategy-flags {s}: {', '.join(differ)} must be the same for every strategy")
+    searches = [study.subrun(f"search-{s}-{seed}", "search", replace(bases[s], strategy=s, seed=seed))
                 for s, seed in pairs]
-    study.start({"search": base_search.to_dict(), "train": base_train.to_dict()})
+    study.start({"search": base_search.to_dict(), "train": base_train.to_dict(),
+                 **({"search_per_strategy": {s: bases[s].to_dict() for s in extra}} if extra else {})})
     study.run(searches)
     space = run_space(searches[0].out)
     if table is not None and not groundtruth.same_space(table["space_config"], space.config.to_dict()):
