@@ -386,6 +386,18 @@ class Net(_Body):
         return net
 
 
+@contextlib.contextmanager
+def held_out_mode(model: nn.Module):
+    """Training mode with BatchNorm on batch statistics and its running ones untouched, for a step on held-out
+    data (an α step must not leak held-out data into the weights' state)."""
+    model.train()
+    set_bn_batch_stats_frozen(model, True)
+    try:
+        yield
+    finally:
+        set_bn_batch_stats_frozen(model, False)
+
+
 def set_bn_batch_stats_frozen(model: nn.Module, frozen: bool) -> None:
     """frozen=True: BatchNorm normalises with batch statistics but leaves the running ones untouched
     (Phase 2 must not leak held-out data into the weights' state)."""

@@ -116,6 +116,11 @@ class ArchState:
         """LongTensor [L, N]: each sample's path in each block drawn from p independently."""
         return torch.multinomial(self.probs(), batch_size, replacement=True, generator=generator)
 
+    def count_phase2(self, arch: List[int]) -> None:
+        """One Phase-2 sample of `arch` (one path per block)."""
+        for l, m in enumerate(arch):
+            self.phase2_counts[l, m] += 1
+
     def argmax_arch(self) -> List[int]:
         a = self.alpha.detach().masked_fill(~self.remaining, float("-inf"))
         return a.argmax(1).tolist()
@@ -161,9 +166,7 @@ class ArchState:
         one; the others are dropped for good, recorded with `reason`. Returns the drops made."""
         p = self.probs()
         made = []
-        for l in range(self.num_blocks):
-            rem = self.remaining_paths(l)
-            ranked = sorted(rem, key=lambda m: (-float(self.alpha[l, m]), m))
+        for l, ranked in enumerate(self.ranking()):
             for m in ranked[max(keep, 1):]:
                 self.remaining[l, m] = False
                 rec = {"block": l, "path": m, "step": step, "alpha": float(self.alpha[l, m]), "p": float(p[l, m]),

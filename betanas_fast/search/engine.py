@@ -21,7 +21,7 @@ from .. import ops
 from ..data import BatchOrder
 from ..data.load import data_source, search_data
 from ..data.stream import BatchStream
-from ..nn.supernet import Supernet, saved_activation_bytes, set_bn_batch_stats_frozen
+from ..nn.supernet import Supernet, held_out_mode, saved_activation_bytes
 from ..runs import files, ranks as run_ranks
 from ..runs.options import parse_size
 from ..runs.runtime import TimedStep, autocast, configure_process, forward_backward_step, resolve_amp, resolve_device
@@ -289,6 +289,12 @@ class Search:
                      f"process's share, augmentation and BatchNorm statistics differ, so it is not bit-identical to "
                      f"an uninterrupted run")
 
+    def _next_batch(self, stream: BatchStream):
+        """The next batch of `stream` for this process, on the run's device (its time counted as data)."""
+        with self.timer.part("data"):
+            x, y = stream.next()
+            return self._on_device(x), y.to(self.device)
+
     def _on_device(self, x: torch.Tensor) -> torch.Tensor:
         """An input batch on the run's device, in the model's memory format."""
         return x.to(self.device).contiguous(memory_format=self.memory_format)
@@ -317,10 +323,7 @@ class Search:
         shards = {"shards": self.ranks.world} if self.ranks.active else {}  # (a strategy of one process may omit it)
         global_paths = self.strategy.sample_phase1(st, self.path_gen, cfg.batch_size, per_sample, **shards)
         paths = self.ranks.shard(global_paths.T).T if per_sample else global_paths
-        timer = self.timer
-        with timer.part("data"):
-            x, y = self.train_stream.next()
-            x, y = self._on_device(x), y.to(self.device)
+        x, y = self._next_batch(self.train_stream)
 
         def step_modules():
             distributed.check_paths(self.ranks, global_paths, self.iteration + 1, self.device)
@@ -378,12 +381,10 @@ class Search:
     def mixture_phase1_step(self):
         """A weight step of the DARTS family: every remaining candidate runs, weighted by the strategy's mixture
         weights (α not trained here)."""
-        cfg, st, timer = self.cfg, self.state, self.timer
+        cfg, st = self.cfg, self.state
         epoch = self._epoch_of(self.phase1_steps + 1)
         weights = self.strategy.mixture_weights(st, self.path_gen, epoch).detach()
-        with timer.part("data"):
-            x, y = self.train_stream.next()
-            x, y = self._on_device(x), y.to(self.device)
+        x, y = self._next_batch(self.train_stream)
         self._last_train_batch = (x, y)
         scalars, lr = self._weight_step(
             x, y, lambda x: self.model.forward_mixture(x, weights, st.remaining, cfg.mixture_recompute,
@@ -402,11 +403,8 @@ class Search:
             return self.policy_step()
         cfg, st = self.cfg, self.state
         arch = st.sample_from_p(self.path_gen)
-        for l, m in enumerate(arch):
-            st.phase2_counts[l, m] += 1
-        with self.timer.part("data"):
-            x, y = self.heldout_stream.next()
-            x, y = self._on_device(x), y.to(self.device)
+        st.count_phase2(arch)
+        x, y = self._next_batch(self.heldout_stream)
         gate, loss, acc = self.model.gate_grad_table(x, y, arch, st.remaining, autocast=self._phase2_autocast(),
                                                      timer=self.timer, memory_budget=self.phase2_memory)
         if self.ranks.active:  # each rank's table is of its shard: averaged before Eq. 4, α agrees by construction
@@ -425,19 +423,11 @@ class Search:
         acc averaged over ranks, a REINFORCE step."""
         st, strategy = self.state, self.strategy
         arch, log_prob, entropy = strategy.sample(st, self.path_gen)
-        for l, m in enumerate(arch):
-            st.phase2_counts[l, m] += 1
-        with self.timer.part("data"):
-            x, y = self.heldout_stream.next()
-            x, y = self._on_device(x), y.to(self.device)
-        self.model.train()
-        set_bn_batch_stats_frozen(self.model, True)
-        try:
-            with torch.no_grad(), self._phase2_autocast():
-                logits = self.model(x, arch)
-            scalars = torch.stack([F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).float().mean()])
-        finally:
-            set_bn_batch_stats_frozen(self.model, False)
+        st.count_phase2(arch)
+        x, y = self._next_batch(self.heldout_stream)
+        with held_out_mode(self.model), torch.no_grad(), self._phase2_autocast():
+            logits = self.model(x, arch)
+        scalars = torch.stack([F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).float().mean()])
         if self.ranks.active:
             scalars = run_ranks.all_reduce_mean(self.ranks, scalars, self.device)
         loss, acc = scalars.tolist()
@@ -460,9 +450,7 @@ class Search:
         weight step: DARTS's second order) or through a sampled sub-net's straight-through weights (GDAS);
         averaged over ranks; an Adam step."""
         st, strategy = self.state, self.strategy
-        with self.timer.part("data"):
-            x, y = self.heldout_stream.next()
-            x, y = self._on_device(x), y.to(self.device)
+        x, y = self._next_batch(self.heldout_stream)
         with self.timer.part(MIXTURE):
             grad, loss, acc = self.arch_grad(x, y)
         packed = torch.cat([grad.detach().float().flatten(), torch.stack([loss.detach().float(), acc.float()]).cpu()])
@@ -489,18 +477,13 @@ class Search:
         untouched; no weight gets a gradient."""
         st, strategy = self.state, self.strategy
         arch, weights = strategy.hard_weights(st, self.path_gen, strategy.temperature(self.epoch()))
-        for l, m in enumerate(arch):
-            st.phase2_counts[l, m] += 1
-        self.model.train()
-        set_bn_batch_stats_frozen(self.model, True)
-        try:
+        st.count_phase2(arch)
+        with held_out_mode(self.model):
             with self._phase2_autocast():
                 logits = self.model.forward_hard(x, arch, weights)
             ce = F.cross_entropy(logits.float(), y)
             loss = strategy.arch_loss(ce, weights, self.cost, self.beta)
             (grad,) = torch.autograd.grad(loss, st.alpha)
-        finally:
-            set_bn_batch_stats_frozen(self.model, False)
         return grad, loss, (logits.argmax(1) == y).float().mean()
 
     def mixture_alpha_grad(self, x: torch.Tensor, y: torch.Tensor):
@@ -508,9 +491,7 @@ class Search:
         order; with HM-NAS's op masks, dL/d(mask scores) stacked under dL/dα (ArchState.values). BatchNorm
         normalises with batch statistics and its running ones stay as they are."""
         strategy = self.strategy
-        self.model.train()
-        set_bn_batch_stats_frozen(self.model, True)
-        try:
+        with held_out_mode(self.model):
             if strategy.order == 2:
                 return self._unrolled_alpha_grad(x, y)
             weights = strategy.mixture_weights(self.state, self.path_gen, self.epoch())
@@ -518,8 +499,6 @@ class Search:
             loss = strategy.arch_loss(ce, weights, self.cost, self.beta)
             grads = torch.autograd.grad(loss, self.state.parameters())
             return torch.cat(grads), loss, acc
-        finally:
-            set_bn_batch_stats_frozen(self.model, False)
 
     def _unrolled_alpha_grad(self, x_val, y_val):
         """DARTS's second-order α gradient: ∇_α L_val(w', α) − ξ · (∇_α L_train(w⁺) − ∇_α L_train(w⁻)) / 2ε, with
@@ -698,7 +677,7 @@ class Search:
         st = self.state
         share = st.phase1_weight / st.phase1_weight.sum(1, keepdim=True).clamp_min(1e-12)
         return {"phase1_weight_share": masked_list(share, st.remaining, 6),
-                "argmax_skips": int(sum(self.space.candidates[m].is_skip for m in st.argmax_arch())),
+                "argmax_skips": len(skip_blocks(self.space, st.argmax_arch())),
                 "argmax_stable_epochs": st.argmax_stable_epochs.tolist(),
                 "ranking_stable_epochs": st.ranking_stable_epochs.tolist()}
 

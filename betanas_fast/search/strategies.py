@@ -33,6 +33,7 @@ stages), when the run stops early (`stop_reason`: DARTS+) and how much dropout t
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -292,10 +293,10 @@ class PDARTS(DARTS):
         cap = self.cfg.pdarts_max_skips
         while cap >= 0 and len(skip_blocks(space, arch)) > cap:
             weakest = min(skip_blocks(space, arch), key=lambda l: (float(p[l, arch[l]]), l))
-            others = [m for m in state.remaining_paths(weakest) if not space.candidates[m].is_skip]
+            others = [m for m in state.ranking()[weakest] if not space.candidates[m].is_skip]
             if not others:  # the block kept only its identity path: nothing can replace it
                 break
-            arch[weakest] = max(others, key=lambda m: (float(state.alpha.detach()[weakest, m]), -m))
+            arch[weakest] = others[0]
             replaced.append(weakest)
         return arch, {"skip_cap": cap, "skip_cap_replaced": replaced}
 
@@ -311,10 +312,7 @@ class DARTSPlus(DARTS):
     order = 1
 
     def stop_reason(self, state, epoch, space):
-        arch = state.argmax_arch()
-        per_stage: Dict[int, int] = {}
-        for l in skip_blocks(space, arch):
-            per_stage[space.blocks[l].stage] = per_stage.get(space.blocks[l].stage, 0) + 1
+        per_stage = Counter(space.blocks[l].stage for l in skip_blocks(space, state.argmax_arch()))
         full = {s: n for s, n in per_stage.items() if n >= self.cfg.dartsplus_max_skips}
         if full:
             stage, n = min(full.items())
@@ -438,6 +436,7 @@ class ENAS(Strategy):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.policy = None  # built with the space (`build`)
+        self.last: Optional[dict] = None  # the last controller update, for the history
 
     def build(self, num_blocks: int, num_candidates: int) -> None:
         from .controller import Controller, Reinforce
@@ -467,7 +466,7 @@ class ENAS(Strategy):
         return record
 
     def record(self, state, epoch, space):
-        return {"controller": getattr(self, "last", None)}
+        return {"controller": self.last}
 
     def select(self, state, selection):
         seen, scored = set(), []
@@ -483,7 +482,7 @@ class ENAS(Strategy):
         return best, {"heldout_acc": best_score, "derived_from": [{"arch": a, "heldout_acc": sc} for sc, a in scored]}
 
     def state_dict(self):
-        return {"policy": self.policy.state_dict(), "last": getattr(self, "last", None)}
+        return {"policy": self.policy.state_dict(), "last": self.last}
 
     def load_state_dict(self, d):
         self.policy.load_state_dict(d["policy"])
