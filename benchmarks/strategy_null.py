@@ -39,7 +39,6 @@ CONTROL_BETA = 0.5  # the positive control's cost weight per MFLOP: 10x the demo
 def search(out: str, strategy: str, condition: str, seed: int, epochs: int, warmup: int) -> dict:
     """One search of `strategy` under `condition`; what it chose and how."""
     from betanas_fast.search import Search, SearchConfig
-    from betanas_fast.search.strategies import PDARTS
     cost_on = condition == "cost"
     cfg = SearchConfig(out=out, strategy=strategy, seed=seed, epochs=epochs, warmup_epochs=warmup, threads=1,
                        progress=False, plots=False, tensorboard=False,
@@ -55,7 +54,7 @@ def search(out: str, strategy: str, condition: str, seed: int, epochs: int, warm
     forced = None
     if strategy == "pdarts":  # the schedule's drops: each stage end cuts every block to its keep
         left, forced = allowed.sum(1), 0
-        for keep in PDARTS(s.cfg).cfg.pdarts_keep:
+        for keep in s.cfg.pdarts_keep:
             forced += int((left - left.clamp(max=keep)).sum())
             left = left.clamp(max=keep)
     return {"strategy": strategy, "condition": condition, "seed": seed, "choices": res["choices"],

@@ -135,6 +135,7 @@ class SearchConfig:
     dartsplus_stable_epochs: int = option(10, "dartsplus: stop when every block's argmax has held this many epochs "
                                               "(DARTS+'s)")
     hmnas_mask_init: float = option(1e-2, "hmnas: the op-mask scores' start (Piggyback's)")
+    hmnas_mask_threshold: float = option(5e-3, "hmnas: a mask is on where its score is at least this (Piggyback's)")
     gdas_arch_lr: float = option(3e-4, "gdas: Adam learning rate of α (its settings; betas 0.5, 0.999, weight decay "
                                        "1e-3)")
     gdas_tau_max: float = option(10.0, "gdas: the Gumbel-softmax temperature at the first epoch (GDAS's)")
@@ -144,7 +145,6 @@ class SearchConfig:
     enas_baseline_decay: float = option(0.99, "enas: decay of the reward's moving-average baseline (the reference's)")
     enas_derive_samples: int = option(10, "enas: architectures sampled from the trained controller; the best on the "
                                           "held-out split is the result")
-    hmnas_mask_threshold: float = option(5e-3, "hmnas: a mask is on where its score is at least this (Piggyback's)")
     bn_recalib_batches: int = option(4, "training batches that recompute BatchNorm statistics before a sub-net "
                                       "is scored")
     # run
@@ -229,13 +229,11 @@ def validate_config(cfg: SearchConfig) -> None:
                  "spos_population", "spos_generations", "spos_parents"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if STRATEGIES[cfg.strategy].mixture and cfg.path_sampling == "per-sample":
-        raise ValueError(f"--strategy {cfg.strategy} runs every remaining candidate on every sample (the mixture): "
-                         f"--path-sampling per-sample does not apply")
-    if ((STRATEGIES[cfg.strategy].straight_through or STRATEGIES[cfg.strategy].policy_gradient)
-            and cfg.path_sampling == "per-sample"):
-        raise ValueError(f"--strategy {cfg.strategy} samples one sub-net per step: --path-sampling per-sample does "
-                         f"not apply")
+    kind = STRATEGIES[cfg.strategy]
+    if cfg.path_sampling == "per-sample" and (kind.mixture or kind.straight_through or kind.policy_gradient):
+        what = ("runs every remaining candidate on every sample (the mixture)" if kind.mixture
+                else "samples one sub-net per step")
+        raise ValueError(f"--strategy {cfg.strategy} {what}: --path-sampling per-sample does not apply")
     if not 0 < cfg.gdas_tau_min <= cfg.gdas_tau_max:
         raise ValueError(f"gdas temperatures must satisfy 0 < gdas_tau_min ({cfg.gdas_tau_min}) <= gdas_tau_max "
                          f"({cfg.gdas_tau_max})")

@@ -126,13 +126,13 @@ def run(cfg: CompareConfig) -> dict:
     if cfg.seeds < 2:
         raise ValueError(f"--seeds must be >= 2 (a test needs two samples per strategy), got {cfg.seeds}")
     study = StudyRun(NAME, cfg)
-    base_search = search_config(cfg.search_flags, ("strategy", "seed", "out", "resume"))
+    set_by_study = ("strategy", "seed", "out", "resume")
+    base_search = search_config(cfg.search_flags, set_by_study)
     base_train = same_data(base_search, train_config(cfg.train_flags, ("arch", "out", "resume")))
     table = groundtruth.load_table(cfg.groundtruth) if cfg.groundtruth else None
     split = base_train.score_split
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     pairs = [(s, seed) for s in cfg.strategies for seed in seeds]
-    set_by_study = ("strategy", "seed", "out", "resume")
     bases = {s: search_config(f"{cfg.search_flags} {extra[s]}", set_by_study) if s in extra else base_search
              for s in cfg.strategies}
     for s in extra:  # one data set, supernet and cost for all: a strategy's own flags may change its schedule only
