@@ -46,6 +46,8 @@ WRITERS = {
     "null_tests.json": "python benchmarks/null_tests.py",
     "strategy_null.json": "python benchmarks/strategy_null.py",
     "compare_digits.json": "python benchmarks/record.py studies --studies compare",
+    "compare_mnist_cluttered.json": "python benchmarks/record.py studies --studies compare-cluttered",
+    "compare_mnist_cluttered_wall.json": "python benchmarks/record.py studies --studies compare-cluttered-wall",
     "cpu.json": "pytest benchmarks/test_bench_iteration.py benchmarks/test_bench_search_step.py "
                 "benchmarks/test_bench_phase1.py benchmarks/test_bench_alpha_grad.py benchmarks/test_bench_dw_bn_act.py "
                 "--benchmark-only --results-json benchmarks/results/cpu.json --results-md benchmarks/results/cpu.md",
@@ -326,21 +328,65 @@ def render_strategy_null(doc: dict) -> str:
             "\n\n" + source("strategy_null.json", doc))
 
 
-@renderer("compare", "compare_digits.json")
-def render_compare(doc: dict) -> str:
+def _compare_block(doc: dict, name: str) -> str:
+    """The compare study's table per strategy; with a ground-truth table, each net's percentile among the
+    trained-alone architectures of about its MFLOPs, averaged per strategy."""
     study = doc["study"]
-    rows = ["| strategy | top-1 (test, retrained) | MFLOPs | search wall time | path-epochs | p(betanas > it), Holm |",
-            "|---|---|---|---|---|---|"]
+    gt = all(r.get("groundtruth_percentile") is not None for r in study["nets"])
+    rows = ["| strategy | top-1 (test, retrained) | MFLOPs | search wall time | path-epochs | "
+            + ("ground-truth percentile at its MFLOPs | " if gt else "") + "p(betanas > it), Holm |",
+            "|---|---|---|---|---|" + ("---|" if gt else "") + "---|"]
     for s, g in study["summary"].items():
         t = study["tests"]["against"].get(s)
+        rs = [r for r in study["nets"] if r["strategy"] == s]
         rows.append(f"| {s} | {pct(g['top1_mean'])} ± {100 * g['top1_std']:.1f} | {g['mflops_mean']:.3f} | "
                     f"{g['search_seconds_mean']:.0f} s | {g['path_epochs_mean']:.1f} | "
-                    f"{'-' if t is None else format(t['holm_p'], '.3f')} |")
+                    + (f"{sum(r['groundtruth_percentile'] for r in rs) / len(rs):.0f} | " if gt else "")
+                    + f"{'-' if t is None else format(t['holm_p'], '.3f')} |")
+    tests = study["tests"]
+    pooled = tests["pooled"]
     return ("\n".join(rows) + "\n\n"
             f"{study['seeds']} seeds per strategy (`{doc['command']}`); {study['scoring']['images']} test images no "
             f"search loaded; the tests are one-sided Mann–Whitney U (exact), Holm-adjusted over the "
-            f"{len(study['tests']['against'])} comparisons. Wall times from `--jobs` processes on this machine."
-            "\n\n" + source("compare_digits.json", doc))
+            f"{len(tests['against'])} comparisons: with {study['seeds']} seeds none can go below "
+            f"{tests['smallest_p']:.3f}, nor below {tests['smallest_holm_p']:.3f} after the adjustment. Against the "
+            f"{pooled['nets']} nets of the other strategies pooled: p = {pooled['mann_whitney']['p_value']:.3f} "
+            f"(Mann–Whitney), {pooled['permutation']['p_value']:.3f} (permutation on the mean). Wall times from "
+            f"`--jobs` processes on this machine."
+            + (" The percentile: where a net's top-1 falls among the ground-truth table's architectures of about its "
+               "MFLOPs (50: as good as the typical one)." if gt else "")
+            + "\n\n" + source(name, doc))
+
+
+@renderer("compare", "compare_digits.json")
+def render_compare(doc: dict) -> str:
+    return _compare_block(doc, "compare_digits.json")
+
+
+@renderer("compare_cluttered", "compare_mnist_cluttered.json")
+def render_compare_cluttered(doc: dict) -> str:
+    return _compare_block(doc, "compare_mnist_cluttered.json")
+
+
+@renderer("compare_cluttered_wall", "compare_mnist_cluttered_wall.json")
+def render_compare_cluttered_wall(doc: dict) -> str:
+    return _compare_block(doc, "compare_mnist_cluttered_wall.json")
+
+
+def _compare_text(doc: dict) -> str:
+    """The compare study in one line: betanas, the best other strategy, how many tests reject at 5 %."""
+    study = doc["study"]
+    summary, against = study["summary"], study["tests"]["against"]
+    ref = summary["betanas"]
+    best = max((s for s in summary if s != "betanas"), key=lambda s: summary[s]["top1_mean"])
+    below = sum(t["holm_p"] < 0.05 for t in against.values())
+    pooled = study["tests"]["pooled"]
+    return (f"{len(summary)} strategies × {study['seeds']} seeds, retrained: betanas {pct(ref['top1_mean'])} ± "
+            f"{100 * ref['top1_std']:.1f} at {ref['mflops_mean']:.2f} MFLOPs; best other {best} "
+            f"{pct(summary[best]['top1_mean'])} ± {100 * summary[best]['top1_std']:.1f} at "
+            f"{summary[best]['mflops_mean']:.2f} MFLOPs; betanas better than {below} of {len(against)} at Holm-adjusted "
+            f"p < 0.05 (smallest attainable {study['tests']['smallest_holm_p']:.2f}); than all others pooled: "
+            f"one-sided Mann–Whitney p = {pooled['mann_whitney']['p_value']:.3f}")
 
 
 @renderer("studies_summary")
@@ -475,6 +521,8 @@ def _summary_rows() -> List[tuple]:
     row("mnist-cluttered: ground truth", "groundtruth_mnist_cluttered.json", _calibration_text)
     row("mnist-cluttered: supernet ranking", "ranking_mnist_cluttered.json", _ranking_text)
     row("mnist-cluttered: seeds study (Fig. 6)", "study_seeds_mnist_cluttered.json", lambda d: _seeds_text(d["study"]))
+    row("mnist-cluttered: strategies compared (Table 3)", "compare_mnist_cluttered.json", _compare_text)
+    row("mnist-cluttered: betanas and DARTS at equal search time", "compare_mnist_cluttered_wall.json", _compare_text)
     return rows
 
 

@@ -317,6 +317,38 @@ def test_holm_adjustment_known_answers():
     assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm([0.001]) == [0.001]
 
 
+def test_a_study_made_before_an_option_existed_continues_at_its_default(tmp_path):
+    """A study directory written before an option was added lacks its key: continued when the option is given its
+    default (the setting the study ran with), refused when it is given another value."""
+    from betanas_fast.study import common
+    from betanas_fast.study.compare import CompareConfig
+    resolved = {"search": {"data": None, "dataset": "digits"}, "train": {"data": None}}
+    common.StudyRun("compare", CompareConfig(out=str(tmp_path / "c"))).start(resolved)
+    path = tmp_path / "c" / common.STUDY_CONFIG
+    saved = json.load(open(path))
+    del saved["strategy_flags"]
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="strategy_flags: saved None, given \\['darts=--epochs 1'\\]"):
+        common.StudyRun("compare", CompareConfig(out=str(tmp_path / "c"),
+                                                 strategy_flags=["darts=--epochs 1"])).start(resolved)
+    common.StudyRun("compare", CompareConfig(out=str(tmp_path / "c"))).start(resolved)
+
+
+@pytest.mark.parametrize("n,m", [(2, 2), (3, 3), (3, 7)])
+def test_smallest_p_is_the_exact_tests_floor(n, m):
+    """The floor the compare study reports is what the exact tests give for fully separated samples, and a
+    sample that is not fully separated gives more."""
+    from betanas_fast.study.compare import smallest_p
+    rng = np.random.default_rng(n * 10 + m)
+    low = rng.random(m)
+    high = 1 + rng.random(n)
+    floor = smallest_p(n, m)
+    assert stats.mann_whitney_greater(high, low).p_value == pytest.approx(floor)
+    assert stats.permutation_greater(high, low).p_value == pytest.approx(floor)
+    high[0] = low.min() - 1  # one of the first sample now below every value of the second
+    assert stats.mann_whitney_greater(high, low).p_value > floor
+
+
 @pytest.mark.slow
 def test_compare_study_end_to_end_and_continued(tmp_path, monkeypatch, capsys):
     """Four policies (balanced single path, a mixture, GDAS, ENAS) x 2 seeds on one budget: every net retrained and
@@ -349,8 +381,14 @@ def test_compare_study_end_to_end_and_continued(tmp_path, monkeypatch, capsys):
     from betanas_fast.study.compare import holm
     assert [against[s]["holm_p"] for s in ("darts", "gdas", "enas")] == holm(
         [against[s]["mann_whitney"]["p_value"] for s in ("darts", "gdas", "enas")])
+    # 2 against 2 nets: no exact one-sided test can go below 1 / C(4, 2); Holm over 3 comparisons triples that
+    assert r["tests"]["smallest_p"] == pytest.approx(1 / 6) and r["tests"]["smallest_holm_p"] == pytest.approx(0.5)
+    pool = [n["top1"] for n in r["nets"] if n["strategy"] != "betanas"]
+    assert r["tests"]["pooled"]["nets"] == 6 and r["tests"]["pooled"]["smallest_p"] == pytest.approx(1 / 28)
+    assert r["tests"]["pooled"]["mann_whitney"]["p_value"] == stats.mann_whitney_greater(b, pool).p_value
     assert os.path.getsize(tmp_path / "c" / "compare.png") > 10_000
-    assert "p(betanas > it)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "p(betanas > it)" in out and "cannot give p below 1/C(4, 2)" in out
     forbid_sub_runs(monkeypatch)
     main(argv)
     assert numbers(study_json(tmp_path / "c")) == numbers(r)

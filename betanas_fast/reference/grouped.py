@@ -14,7 +14,7 @@ Block gate gradients (Phase 2): for one choice block, sum(o_j(x) * grad_out) for
 given as parameter lists, BatchNorm with batch statistics, without autograd; plus sum(x * grad_out),
 the identity path's value (0 when the shapes differ).
 """
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -239,7 +239,15 @@ class StudyRun:
         if os.path.exists(saved_path):
             saved = read_json(saved_path)
             free = RUN_ONLY + self.cfg.analysis_only
-            differ = [k for k in sorted(set(saved) | set(config)) if k not in free and saved.get(k) != config.get(k)]
+            defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()
+                        for f in fields(self.cfg)}
+
+            def same(k: str) -> bool:
+                if k in saved:
+                    return saved[k] == config.get(k)
+                # an option added since the study was made is the same setting where it is given its default
+                return k in defaults and config.get(k) == defaults[k]
+            differ = [k for k in sorted(set(saved) | set(config)) if k not in free and not same(k)]
             if differ:
                 detail = ", ".join(f"{k}: saved {saved.get(k)!r}, given {config.get(k)!r}" for k in differ[:4])
                 raise ValueError(f"{self.out} holds a study with other settings ({detail}); use another --out")

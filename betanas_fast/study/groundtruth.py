@@ -112,7 +112,7 @@ def calibration(means: np.ndarray, per_seed: np.ndarray, decile: float) -> dict:
 
 
 def format_table(result: dict) -> str:
-    names, scoring, c = result["candidates"], result["scoring"], result["calibration"]
+    scoring, c = result["scoring"], result["calibration"]
     rows = [f"ground truth: {len(result['architectures'])} architectures of the {result['space']} space, each trained "
             f"{result['train_seeds']} times alone (final top-1 on the {scoring['images']} images of the "
             f"{scoring['split']} split)",
