@@ -146,6 +146,11 @@ def test_a_study_under_another_split_definition_is_refused(tmp_path, monkeypatch
         registered, splits=dict(digits.SPLITS, version=digits.SPLITS["version"] + 1)))
     with pytest.raises(ValueError, match="other settings \\(data_splits: saved"):
         common.StudyRun("seeds", cfg).start(resolved)
+    # per-strategy configurations ({strategy: configuration}) are read as configurations, not as one without data
+    assert common.data_splits({"search": {"data": None, "dataset": "mnist-cluttered"},
+                               "train": {"data": None, "dataset": "mnist-cluttered"},
+                               "search_per_strategy": {"pdarts": {"data": None, "dataset": "mnist-cluttered"}}}
+                              ) == {"mnist-cluttered": data_base.get_dataset("mnist-cluttered").splits}
     # a study on other data records no digits split definition
     other = SeedsConfig(out=str(tmp_path / "other"))
     common.StudyRun("seeds", other).start({"search": {"data": "/data/imagenet", "dataset": "digits"},

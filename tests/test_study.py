@@ -397,6 +397,12 @@ def test_compare_study_end_to_end_and_continued(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="--strategy-flags darts: heldout must be the same for every strategy"):
         main(["compare", "--strategies", "betanas", "darts", "--strategy-flags", "darts=--heldout 32",
               "--out", str(tmp_path / "e")])
+    # a strategy's own checks run before any sub-run: P-DARTS's three stages need three epochs
+    with pytest.raises(SystemExit, match="--strategies pdarts: pdarts needs at least one epoch per stage.*"
+                                         "--strategy-flags"):
+        main(["compare", "--strategies", "betanas", "pdarts", f"--search-flags={TINY_SEARCH} --warmup-epochs 1",
+              "--out", str(tmp_path / "g")])
+    assert not os.path.exists(tmp_path / "g" / "search-betanas-0")
     with pytest.raises(SystemExit, match="expected STRATEGY=FLAGS"):
         main(["compare", "--strategies", "betanas", "darts", "--strategy-flags", "gdas=--epochs 1",
               "--out", str(tmp_path / "f")])

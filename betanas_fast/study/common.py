@@ -138,8 +138,12 @@ def data_splits(resolved: dict) -> Optional[dict]:
     """The split definitions of the embedded data sets the study's sub-runs use (searches or trainings without
     --data), else None."""
     from ..data import EMBEDDED, get_dataset
-    names = sorted({c.get("dataset", "digits") for c in resolved.values() if isinstance(c, dict)
-                    and c.get("data") is None and c.get("dataset", "digits") in EMBEDDED})
+    configs = []
+    for c in resolved.values():  # a run's configuration, or one per strategy ({name: configuration})
+        if isinstance(c, dict):
+            configs += [c] if "data" in c else [v for v in c.values() if isinstance(v, dict) and "data" in v]
+    names = sorted({c.get("dataset", "digits") for c in configs
+                    if c.get("data") is None and c.get("dataset", "digits") in EMBEDDED})
     splits = {n: get_dataset(n).splits for n in names}
     return splits or None
 

@@ -131,6 +131,7 @@ def format_table(result: dict) -> str:
 
 
 def run(cfg: CompareConfig) -> dict:
+    from ..search.config import validate_config
     from ..search.strategies import STRATEGIES
     unknown = [s for s in cfg.strategies if s not in STRATEGIES]
     if unknown:
@@ -156,6 +157,12 @@ def run(cfg: CompareConfig) -> dict:
         differ = [f for f in SAME_FOR_ALL if getattr(bases[s], f) != getattr(base_search, f)]
         if differ:
             raise ValueError(f"--strategy-flags {s}: {', '.join(differ)} must be the same for every strategy")
+    for s in cfg.strategies:  # a strategy's own checks (P-DARTS's stages against the warm-up...) before any sub-run
+        try:
+            validate_config(replace(bases[s], strategy=s))
+        except ValueError as e:
+            raise ValueError(f"--strategies {s}: {e}" + ("" if s in extra else f"; give it its own schedule with "
+                                                                             f"--strategy-flags \"{s}=...\"")) from e
     searches = [study.subrun(f"search-{s}-{seed}", "search", replace(bases[s], strategy=s, seed=seed))
                 for s, seed in pairs]
     study.start({"search": base_search.to_dict(), "train": base_train.to_dict(),
