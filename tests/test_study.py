@@ -4,6 +4,7 @@ finished sub-runs, the same numbers with --jobs 2)."""
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -332,6 +333,32 @@ def test_a_study_made_before_an_option_existed_continues_at_its_default(tmp_path
         common.StudyRun("compare", CompareConfig(out=str(tmp_path / "c"),
                                                  strategy_flags=["darts=--epochs 1"])).start(resolved)
     common.StudyRun("compare", CompareConfig(out=str(tmp_path / "c"))).start(resolved)
+
+
+def test_a_stopped_sub_runs_time_is_kept_and_a_continued_one_without_it_is_flagged(tmp_path, monkeypatch):
+    """A sub-run stopped because another failed keeps the time it ran, added when it finishes; a sub-run continued
+    from a checkpoint that no stop recorded (the study was killed) is listed as continued, its time partial."""
+    from betanas_fast.runs import files
+    from betanas_fast.study.compare import CompareConfig
+    study = common.StudyRun("compare", CompareConfig(out=str(tmp_path / "c"), jobs=2))
+    slow, failing, killed = (common.SubRun(n, "search", SearchConfig(out=str(tmp_path / "c" / n)))
+                             for n in ("slow", "failing", "killed"))
+    commands = {"slow": "import time; time.sleep(60)", "failing": "import time, sys; time.sleep(1); sys.exit(3)",
+                "killed": "pass"}
+    monkeypatch.setattr(common.SubRun, "argv", lambda self: [sys.executable, "-c", commands[self.name]])
+    with pytest.raises(RuntimeError, match="sub-run failing failed \\(exit status 3\\)"):
+        study.run([slow, failing])
+    ran = study.timing["stopped"]["slow"]
+    assert 0.5 < ran < 30 and "slow" not in study.timing
+    for s in (slow, killed):  # each leaves a checkpoint behind; only "slow"'s stop was recorded
+        os.makedirs(files.checkpoint_dir(s.out), exist_ok=True)
+        open(os.path.join(files.checkpoint_dir(s.out), "ckpt_00000001.pt"), "w").close()
+    commands["slow"] = "pass"
+    monkeypatch.setattr(common.SubRun, "finished", lambda self: self.name in study.timing)
+    study.run([slow, killed])
+    assert study.timing["slow"] > ran and "stopped" not in study.timing
+    assert study.timing["continued"] == ["killed"]
+    assert json.load(open(tmp_path / "c" / common.TIMING))["continued"] == ["killed"]
 
 
 @pytest.mark.parametrize("n,m", [(2, 2), (3, 3), (3, 7)])

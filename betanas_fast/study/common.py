@@ -277,6 +277,15 @@ class StudyRun:
         todo = [s for s in subruns if not s.finished()]
         if len(todo) < len(subruns):
             self.log(f"{len(subruns) - len(todo)} of {len(subruns)} sub-runs finished before: not redone")
+        continued = set(self.timing.get("continued", []))
+        for s in todo:  # continued from a checkpoint that no stop of this study's own left a time for
+            if not files.list_checkpoints(files.checkpoint_dir(s.out)):
+                continued.discard(s.name)  # (re)started from scratch: its time will be whole
+            elif s.name not in self.timing.get("stopped", {}):
+                continued.add(s.name)
+        self.timing.pop("continued", None)
+        if continued:
+            self.timing["continued"] = sorted(continued)
         if self.cfg.jobs == 1:
             for s in todo:
                 self.log(f"--- sub-run {s.name}: python -m betanas_fast.{s.command} {shlex.join(to_argv(s.config))}")
@@ -290,8 +299,17 @@ class StudyRun:
         if missing:
             raise RuntimeError(f"sub-runs {missing} ended without their result file")
 
-    def _record(self, s: SubRun, seconds: float) -> None:
-        self.timing[s.name] = round(seconds, 1)
+    def _record(self, s: SubRun, seconds: float, finished: bool = True) -> None:
+        """A sub-run's wall time: a stopped one's part is kept under "stopped" and added when it finishes; one
+        continued from a checkpoint whose earlier part is unknown (the study was killed) is listed under
+        "continued", its time only the continuation's."""
+        stopped = self.timing.setdefault("stopped", {})
+        if finished:
+            self.timing[s.name] = round(seconds + stopped.pop(s.name, 0.0), 1)
+        else:
+            stopped[s.name] = round(seconds + stopped.get(s.name, 0.0), 1)
+        if not stopped:
+            del self.timing["stopped"]
         if self.ranks.is_main:
             write_json(self.timing_path, self.timing)
 
@@ -319,10 +337,11 @@ class StudyRun:
                     self._record(s, time.perf_counter() - start)
                     self.log(f"--- sub-run {s.name} finished ({self.timing[s.name]:.0f} s)")
         finally:
-            for proc, (s, _, log_file) in running.items():  # an error or an interrupt: stop the others
+            for proc, (s, start, log_file) in running.items():  # an error or an interrupt: stop the others
                 proc.terminate()
                 proc.wait()
                 log_file.close()
+                self._record(s, time.perf_counter() - start, finished=False)
 
     def finish(self, result: dict, table: str, figures: Callable[[str], List[str]]) -> dict:
         """Writes study.json and the figures (rank 0), prints the table, and leaves the process group."""

@@ -183,7 +183,8 @@ def run(cfg: CompareConfig) -> dict:
                      "mflops": arch["mflops"], "params": arch["params"], "skips": arch.get("skips"),
                      "stopped": arch.get("stopped"), "top1": result["last"][f"{split}_top1"],
                      "best_top1": result[f"best_{split}_top1"],
-                     "search_seconds": study.timing.get(search.name),
+                     "search_seconds": (None if search.name in study.timing.get("continued", [])
+                                        else study.timing.get(search.name)),
                      **path_epochs(search.out, files.read_config(search.out)),
                      "run": os.path.relpath(training.out, study.out)})
     summary: Dict[str, dict] = {}
@@ -193,6 +194,7 @@ def run(cfg: CompareConfig) -> dict:
         timed = [r["search_seconds"] for r in rs if r["search_seconds"] is not None]
         summary[s] = {"top1_mean": tm, "top1_std": ts, "mflops_mean": mm, "mflops_std": ms,
                       "search_seconds_mean": sum(timed) / len(timed) if timed else float("nan"),
+                      "searches_timed": len(timed),
                       "path_epochs_mean": sum(r["path_epochs"] for r in rs) / len(rs)}
     reference = [r["top1"] for r in nets if r["strategy"] == REFERENCE]
     others = [s for s in cfg.strategies if s != REFERENCE]
@@ -225,7 +227,8 @@ def run(cfg: CompareConfig) -> dict:
                                       f"{min(1.0, len(others) * floor):.4f}: more seeds, or the pooled test",
                         "pooled": {"alternative": f"{REFERENCE} > a net of any other strategy (all their nets "
                                                   f"pooled), one-sided", **pooled}},
-              "timing_note": "search_seconds are wall times on the machine that ran the study (timing.json), with "
+              "timing_note": "search_seconds are wall times on the machine that ran the study (timing.json; none for a "
+                             "search continued after the study was killed, whose first part is unknown), with "
                              f"--jobs {cfg.jobs}: compare them within one study only"}
     if table is not None:
         for r in nets:
