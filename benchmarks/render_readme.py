@@ -332,7 +332,7 @@ def _compare_block(doc: dict, name: str) -> str:
     """The compare study's table per strategy; with a ground-truth table, each net's percentile among the
     trained-alone architectures of about its MFLOPs, averaged per strategy."""
     study = doc["study"]
-    gt = all(r.get("groundtruth_percentile") is not None for r in study["nets"])
+    gt = all("groundtruth_percentile" in r for r in study["nets"])
     rows = ["| strategy | top-1 (test, retrained) | MFLOPs | search wall time | path-epochs | "
             + ("ground-truth percentile at its MFLOPs | " if gt else "") + "p(betanas > it), Holm |",
             "|---|---|---|---|---|" + ("---|" if gt else "") + "---|"]
@@ -343,7 +343,7 @@ def _compare_block(doc: dict, name: str) -> str:
                     f"{g['search_seconds_mean']:.0f} s"
                     + ("" if g["searches_timed"] == len(rs) else f" ({g['searches_timed']} of {len(rs)} timed)")
                     + f" | {g['path_epochs_mean']:.1f} | "
-                    + (f"{sum(r['groundtruth_percentile'] for r in rs) / len(rs):.0f} | " if gt else "")
+                    + (f"{_percentiles(rs)} | " if gt else "")
                     + f"{'-' if t is None else format(t['holm_p'], '.3f')} |")
     tests = study["tests"]
     pooled = tests["pooled"]
@@ -355,9 +355,19 @@ def _compare_block(doc: dict, name: str) -> str:
             f"{pooled['nets']} nets of the other strategies pooled: p = {pooled['mann_whitney']['p_value']:.3f} "
             f"(Mann–Whitney), {pooled['permutation']['p_value']:.3f} (permutation on the mean). Wall times from "
             f"`--jobs` processes on this machine."
-            + (" The percentile: where a net's top-1 falls among the ground-truth table's architectures of about its "
-               "MFLOPs (50: as good as the typical one)." if gt else "")
+            + (" The percentile: where a net's top-1 falls among the ground-truth table's architectures within "
+               f"±{100 * study['nets'][0]['groundtruth_percentile']['band']:.0f} % of its MFLOPs (50: as good as the "
+               "typical one), averaged over the nets that have such neighbours." if gt else "")
             + "\n\n" + source(name, doc))
+
+
+def _percentiles(nets: List[dict]) -> str:
+    """The mean ground-truth percentile of the nets that have ground-truth neighbours, and how many do."""
+    values = [r["groundtruth_percentile"]["percentile"] for r in nets
+              if r["groundtruth_percentile"]["percentile"] is not None]
+    if not values:
+        return "no neighbours"
+    return f"{sum(values) / len(values):.0f}" + ("" if len(values) == len(nets) else f" ({len(values)} of {len(nets)})")
 
 
 @renderer("compare", "compare_digits.json")
