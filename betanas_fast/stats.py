@@ -118,6 +118,12 @@ def _two_samples(a, b) -> Tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def smallest_p(n_first: int, n_second: int) -> float:
+    """The smallest p-value an exact one-sided rank or permutation test of n_first against n_second values can
+    give: one relabelling of C(n_first + n_second, n_first) is the most extreme (no ties)."""
+    return 1.0 / math.comb(n_first + n_second, n_first)
+
+
 def mann_whitney_greater(a: Sequence[float], b: Sequence[float], seed: int = 0) -> TestResult:
     """One-sided Mann–Whitney U test of "a tends to be larger than b". U = #{a_i > b_j} + ½ #{a_i = b_j};
     its p-value is taken from the permutation distribution of the rank sum (mid-ranks for ties), exact for

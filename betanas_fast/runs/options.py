@@ -23,13 +23,18 @@ def _choices(f) -> Optional[tuple]:
     return choices() if callable(choices) else choices
 
 
+def field_default(f):
+    """A dataclass field's default value (its factory's product for a list or dict)."""
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
 def add_config_arguments(p: argparse.ArgumentParser, config_cls) -> None:
     """One --flag per field of the dataclass `config_cls`, from the field's `option` metadata; every default
     is None on the parser, so that the caller can tell a flag given from one left out. A positional field is
     required unless its default is not None."""
     for f in fields(config_cls):
         meta = f.metadata
-        default = f.default if f.default is not MISSING else f.default_factory()
+        default = field_default(f)
         said = any(w in meta["help"] for w in ("(default", "default:", "(required"))  # the help already says it
         help_text = meta["help"] if said or meta.get("positional") else f"{meta['help']} (default: {default})"
         kw = dict(default=None, help=help_text)

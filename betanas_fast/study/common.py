@@ -24,13 +24,13 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from .. import cost as cost_model
 from ..runs.provenance import write_json  # noqa: F401  (the studies' atomic JSON writer, re-exported)
 from ..runs import files, ranks as run_ranks
-from ..runs.options import option
+from ..runs.options import field_default, option
 
 STUDY_CONFIG = "study_config.json"
 RESULT = "study.json"
@@ -70,7 +70,7 @@ def to_argv(cfg) -> List[str]:
     argv = []
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        default = f.default if f.default is not MISSING else f.default_factory()
+        default = field_default(f)
         if value == default:
             continue
         flag = "--" + f.name.replace("_", "-")
@@ -243,8 +243,7 @@ class StudyRun:
         if os.path.exists(saved_path):
             saved = read_json(saved_path)
             free = RUN_ONLY + self.cfg.analysis_only
-            defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()
-                        for f in fields(self.cfg)}
+            defaults = {f.name: field_default(f) for f in fields(self.cfg)}
 
             def same(k: str) -> bool:
                 if k in saved:

@@ -16,7 +16,6 @@ MFLOPs per strategy, over the ground-truth cloud when `--groundtruth` names a ta
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
@@ -66,12 +65,6 @@ def holm(p_values: List[float]) -> List[float]:
         running = max(running, min(1.0, (m - rank) * p_values[i]))
         adjusted[i] = running
     return adjusted
-
-
-def smallest_p(n_first: int, n_second: int) -> float:
-    """The smallest p-value an exact one-sided rank or permutation test of n_first against n_second values can
-    give: one relabelling of C(n_first + n_second, n_first) is the most extreme (no ties)."""
-    return 1.0 / math.comb(n_first + n_second, n_first)
 
 
 def strategy_flags(entries: List[str], strategies: List[str]) -> Dict[str, str]:
@@ -206,10 +199,10 @@ def run(cfg: CompareConfig) -> dict:
     for s, p in zip(others, holm([against[s]["mann_whitney"]["p_value"] for s in others])):
         against[s]["holm_p"] = p
     pool = [r["top1"] for r in nets if r["strategy"] != REFERENCE]
-    pooled = {"nets": len(pool), "smallest_p": smallest_p(len(reference), len(pool)),
+    pooled = {"nets": len(pool), "smallest_p": stats.smallest_p(len(reference), len(pool)),
               "mann_whitney": stats.mann_whitney_greater(reference, pool, seed=cfg.seed).to_dict(),
               "permutation": stats.permutation_greater(reference, pool, seed=cfg.seed).to_dict()}
-    floor = smallest_p(len(reference), cfg.seeds)
+    floor = stats.smallest_p(len(reference), cfg.seeds)
     scored = {files.read_result(t.out)["scored_images"] for t in trainings}
     if len(scored) != 1:
         raise RuntimeError(f"the retrainings were scored on different numbers of images: {sorted(scored)}")
