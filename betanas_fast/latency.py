@@ -34,7 +34,7 @@ from .nn.layers import fold_batchnorm
 from .nn.supernet import Net, build_candidate
 from .runs import files
 from .runs.options import add_config_arguments, given, option
-from .runs.runtime import resolve_device
+from .runs.runtime import model_memory_format, resolve_device
 from .space import SPACES, SearchSpace, SpaceConfig, build_space, random_archs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,7 +55,8 @@ class _Target:
         self.dtype = DTYPES[dtype]
         self.batch, self.threads = batch, threads
         # the layout the search and training use on each device unless told otherwise
-        self.channels_last = (self.device.type == "cpu") if channels_last is None else channels_last
+        self.channels_last = (model_memory_format(self.device) == torch.channels_last if channels_last is None
+                              else channels_last)
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
     @contextlib.contextmanager
@@ -294,8 +295,8 @@ class BuildConfig:
     batch: int = option(1, "batch of the timed inference")
     dtype: str = option("float32", "the timed dtype", choices=tuple(DTYPES))
     threads: int = option(1, "CPU threads, fixed while timing")
-    channels_last: Optional[bool] = option(None, "NHWC tensors (default: on for the CPU, off for CUDA, as the search "
-                                                 "and training run)", type=bool)
+    channels_last: Optional[bool] = option(None, "NHWC tensors (default: the layout the search and training run in, "
+                                                 "runs.runtime.model_memory_format)", type=bool)
     statistic: str = option("p10", "what predicts: the 10th percentile of each entry's timing rounds (what the network "
                                    "itself costs; interference from outside only adds time) or their median",
                             choices=tuple(STATISTICS))

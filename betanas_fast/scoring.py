@@ -29,7 +29,8 @@ from .nn.layers import DWConvBNAct
 from .nn.supernet import Net, Supernet, set_bn_batch_stats_frozen
 from .runs import files
 from .runs.ranks import Ranks, init as init_ranks, ranks_from_env, sum_over_ranks
-from .runs.runtime import autocast as autocast_context, configure_process, resolve_amp_dtype, resolve_device
+from .runs.runtime import (autocast as autocast_context, configure_process, model_memory_format, resolve_amp_dtype,
+                           resolve_device)
 from .space import SearchSpace, space_from_settings
 
 
@@ -130,8 +131,7 @@ def recalibrated_subnet(supernet: Supernet, arch: Sequence[int], calibration_spl
     on the seeded calibration subset of `calibration_split`; in eval mode."""
     net = Net.from_supernet(supernet, arch)
     param = next(supernet.parameters())
-    net = net.to(param.device, memory_format=torch.channels_last if param.device.type == "cpu" else
-                 torch.contiguous_format)
+    net = net.to(param.device, memory_format=model_memory_format(param.device))
     autocast = autocast or contextlib.nullcontext()
     active = ranks is not None and ranks.active
     shard = ranks.shard if active else (lambda t: t)
@@ -225,7 +225,7 @@ def search_scorer(model: Supernet, data: SearchData, config: Mapping, device: to
                   ranks: Optional[Ranks]) -> SupernetScorer:
     """The scorer of a search: calibration on its weight-training split, with its batch, its
     --bn-recalib-batches and its seed + 5 (`config`: the search's settings as config.json saves them)."""
-    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    memory_format = model_memory_format(device)
     return SupernetScorer(model, data.train, batch_size=config["batch_size"],
                           calibration_batches=config["bn_recalib_batches"], seed=config["seed"] + 5,
                           to_device=lambda x: x.to(device).contiguous(memory_format=memory_format),
@@ -276,7 +276,7 @@ def load_search(run_dir: str, device: Optional[str] = None) -> FinishedSearch:
         data = search_data(config, run_dir, dev.type, ranks.is_main)
     space = space_from_settings(config, num_classes=data.num_classes)
     torch.manual_seed(config["seed"])
-    model = Supernet(space).to(dev, memory_format=torch.channels_last if dev.type == "cpu" else torch.contiguous_format)
+    model = Supernet(space).to(dev, memory_format=model_memory_format(dev))
     try:
         _, state = files.load_latest(files.checkpoint_dir(run_dir))
     except files.CheckpointError as e:

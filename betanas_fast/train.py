@@ -48,7 +48,7 @@ from .data.stream import BatchStream
 from .nn.supernet import Net
 from .runs import files, ranks as run_ranks
 from .runs.options import option, parse_options, validate_choices
-from .runs.runtime import autocast, configure_process, resolve_amp_dtype, resolve_device
+from .runs.runtime import autocast, configure_process, model_memory_format, resolve_amp_dtype, resolve_device
 from .runs.session import RunSession, continued_settings
 from .scoring import score
 from .space import SPACES, SearchSpace, build_space
@@ -257,7 +257,7 @@ class Trainer:
     def _build(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.memory_format = model_memory_format(self.device)
         self.net = build_net(self.space, self.arch, cfg).to(self.device, memory_format=self.memory_format)
         self.model = self.net
         if self.ranks.active:  # a fixed network: torch's DDP, every parameter used every step

@@ -24,7 +24,8 @@ from ..data.stream import BatchStream
 from ..nn.supernet import Supernet, held_out_mode, saved_activation_bytes
 from ..runs import files, ranks as run_ranks
 from ..runs.options import parse_size
-from ..runs.runtime import TimedStep, autocast, configure_process, forward_backward_step, resolve_amp, resolve_device
+from ..runs.runtime import (TimedStep, autocast, configure_process, forward_backward_step, model_memory_format,
+                            resolve_amp, resolve_device)
 from ..runs.session import RunSession, continued_settings
 from ..runs.timing import MIXTURE, NoTimer
 from ..scoring import Evaluation, search_scorer
@@ -102,8 +103,7 @@ class Search:
         # ranks must agree, so they take bf16 unmeasured)
         self.amp = resolve_amp(cfg.amp, cfg.amp_dtype, self.device, log=self.log, make_step=None if self.ranks.active
                                else lambda: supernet_step(self.space, self.data.train, self.local_batch, self.device,
-                                                          torch.channels_last if self.device.type == "cpu" else
-                                                          torch.contiguous_format))
+                                                          model_memory_format(self.device)))
         self.amp_dtype = self.amp.dtype
         # measured once, before the model exists: the budget for the candidates' activations in Phase 2
         self.phase2_memory = parse_size(cfg.phase2_memory) if cfg.phase2_memory else ops.default_phase2_budget(self.device)
@@ -130,7 +130,7 @@ class Search:
         numbers when they (and the weights with their gradients and momentum) exceed 90 % of the memory free
         on the device."""
         device, batch = self.device, max(self.local_batch, self.local_heldout_batch)
-        memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        memory_format = model_memory_format(device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(0)
             model = Supernet(self.space).to(device, memory_format=memory_format).train()
@@ -202,9 +202,7 @@ class Search:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        # channels_last on the CPU: oneDNN's 1x1 convolutions and ATen's batch norm run 1.5-3x faster in NHWC than
-        # in NCHW there, and the fused depthwise op has NHWC kernels (no layout copies).
-        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.memory_format = model_memory_format(self.device)
         self.model = Supernet(self.space).to(self.device, memory_format=self.memory_format)
         self.grad_sync = distributed.GradientSync(self.ranks)
         self.state = ArchState(self.space.allowed_mask(), **self.strategy.alpha_optimizer(),
