@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from .data import EMBEDDED, BatchOrder
 from .data.load import training_data
-from .data.stream import BatchStream
+from .data.stream import BatchStream, to_device
 from .nn.supernet import Net
 from .runs import files, ranks as run_ranks
 from .runs.options import option, parse_options, validate_choices
@@ -292,7 +292,8 @@ class Trainer:
                                            and self.device.type == "cuda")
         self.aug_gen = torch.Generator().manual_seed(self.ranks.seed(cfg.seed + 2))
         self.stream = BatchStream(self.train_split, BatchOrder(len(self.train_split), cfg.batch_size, cfg.seed + 3),
-                                  train=True, generator=self.aug_gen, shard=self.ranks.shard)
+                                  train=True, generator=self.aug_gen, shard=self.ranks.shard,
+                                  pin_memory=self.device.type == "cuda", memory_format=self.memory_format)
         self.epoch, self.best = 0, -1.0
 
     def _state(self) -> dict:
@@ -327,7 +328,7 @@ class Trainer:
                        self.space.config.to_dict(), {"se_ratio": self.cfg.se_ratio, "act": self.net.act})
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.device).contiguous(memory_format=self.memory_format)
+        return to_device(x, self.device, self.memory_format)
 
     # --- loop ---
     def run(self) -> dict:
@@ -375,7 +376,7 @@ class Trainer:
         losses = torch.zeros(3, dtype=torch.float64)
         for _ in range(self.steps_per_epoch):
             x, y = self.stream.next()
-            x, y = self._to_device(x), y.to(self.device)
+            x, y = self._to_device(x), to_device(y, self.device, torch.contiguous_format)
             self.optimizer.zero_grad(set_to_none=True)
             with autocast(self.device, self.amp_dtype):
                 logits = self.model(x)

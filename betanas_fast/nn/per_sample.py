@@ -6,7 +6,7 @@ statistics (training), the expand and project stages run through the candidate's
 depthwise stages of all groups run in one call of the grouped op, after which each candidate's running
 statistics are updated as DWConvBNAct does. Otherwise every candidate simply runs on its group.
 """
-from typing import List, Sequence
+from typing import List, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -48,14 +48,39 @@ def _depthwise_grouped(names: Sequence[str], cands: Sequence[MBConv], hs: Sequen
     return [o.view(n, c, ho, wo) for o, n, c in zip(outs, samples, channels)]
 
 
-def choice_block_per_sample(candidates: nn.ModuleDict, names: Sequence[str], x: torch.Tensor,
-                            paths: torch.Tensor) -> torch.Tensor:
-    """The block's output when sample i takes candidate `names[paths[i]]` (paths: LongTensor [N]; the
-    group sizes are read on the host, so the CPU is the best place for it)."""
+class Routes(NamedTuple):
+    """How the samples of a batch go through per-sample paths, for every block: `counts[l][m]` samples take
+    candidate m in block l (read on the host: they size the groups), `order[l]` lists the samples grouped by
+    candidate, `inverse[l]` puts the grouped outputs back in sample order (both LongTensor [L, N] on the model's
+    device)."""
+    counts: List[List[int]]
+    order: torch.Tensor
+    inverse: torch.Tensor
+
+
+def per_sample_routes(paths: torch.Tensor, num_candidates: int, device: torch.device) -> Routes:
+    """The Routes of `paths` (LongTensor [L, N], sample i takes paths[l, i] in block l), computed on the host, where
+    the paths are drawn, and sent to `device` in one non-blocking copy from pinned memory (the group sizes never
+    wait for the device)."""
     paths = paths.cpu()
-    order = torch.argsort(paths, stable=True)
-    counts = torch.bincount(paths, minlength=len(names)).tolist()
-    groups = x.index_select(0, order.to(x.device)).split(counts)
+    order = torch.argsort(paths, dim=1, stable=True)
+    inverse = torch.empty_like(order).scatter_(1, order, torch.arange(paths.shape[1]).expand_as(order).contiguous())
+    counts = [torch.bincount(row, minlength=num_candidates).tolist() for row in paths]
+    both = torch.stack([order, inverse])
+    if torch.device(device).type == "cuda":
+        both = both.pin_memory().to(device, non_blocking=True)
+    return Routes(counts, both[0], both[1])
+
+
+def choice_block_per_sample(candidates: nn.ModuleDict, names: Sequence[str], x: torch.Tensor,
+                            paths: torch.Tensor, routes: Routes = None, block: int = 0) -> torch.Tensor:
+    """The block's output when sample i takes candidate `names[paths[i]]` (paths: LongTensor [N]), routed by
+    `routes[block]` when given (Supernet.forward_per_sample computes every block's at once), else by this block's
+    own."""
+    if routes is None:
+        routes, block = per_sample_routes(paths.view(1, -1), len(names), x.device), 0
+    counts, order, inverse = routes.counts[block], routes.order[block], routes.inverse[block]
+    groups = x.index_select(0, order).split(counts)
     used = [(names[m], candidates[names[m]], g) for m, g in enumerate(groups) if counts[m] > 0]
     grouped = [(name, c, g) for name, c, g in used if isinstance(c, MBConv) and _uses_batch_stats(c)]
     dw_outs = {}
@@ -70,6 +95,4 @@ def choice_block_per_sample(candidates: nn.ModuleDict, names: Sequence[str], x: 
             outs.append(o + g if c.has_skip else o)
         else:  # the identity path, or evaluation with running statistics
             outs.append(c(g))
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order))
-    return torch.cat(outs).index_select(0, inverse.to(x.device))
+    return torch.cat(outs).index_select(0, inverse)

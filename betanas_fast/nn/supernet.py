@@ -15,7 +15,7 @@ from .. import ops
 from .._rules import conv_out_size, stats_dtype
 from ..runs.timing import OTHER_CANDIDATES, SAMPLED_PATH
 from ..space import SearchSpace
-from .per_sample import choice_block_per_sample
+from .per_sample import Routes, choice_block_per_sample, per_sample_routes
 from .mbconv import MBConv, canonical_act, make_act
 
 
@@ -147,9 +147,10 @@ class ChoiceBlock(nn.Module):
         the sum of the output's (GDAS's code adds the unchosen weights so)."""
         return weights[choice] * self.path(choice)(x) + (weights.sum() - weights[choice])
 
-    def forward_per_sample(self, x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
-        """Sample i through candidate `paths[i]` (LongTensor [N]); each candidate sees only its samples."""
-        return choice_block_per_sample(self.candidates, self.names, x, paths)
+    def forward_per_sample(self, x: torch.Tensor, paths: torch.Tensor, routes: Optional[Routes] = None) -> torch.Tensor:
+        """Sample i through candidate `paths[i]` (LongTensor [N]); each candidate sees only its samples. `routes`:
+        the whole net's (per_sample_routes), of which this block's row is used."""
+        return choice_block_per_sample(self.candidates, self.names, x, paths, routes, self.block)
 
     def gate_grad_chunks(self, x: torch.Tensor, choices: Sequence[int],
                          memory_budget: Optional[int] = None) -> List[List[int]]:
@@ -181,18 +182,28 @@ class ChoiceBlock(nn.Module):
     @torch.no_grad()
     def gate_grads(self, x: torch.Tensor, grad_out: torch.Tensor, choices: Sequence[int],
                    memory_budget: Optional[int] = None) -> Dict[int, float]:
+        """gate_grad_values as Python floats (one device-to-host copy)."""
+        values = self.gate_grad_values(x, grad_out, choices, memory_budget)
+        if not values:
+            return {}
+        return dict(zip(values, _stack_scalars(list(values.values())).tolist()))
+
+    def gate_grad_values(self, x: torch.Tensor, grad_out: torch.Tensor, choices: Sequence[int],
+                         memory_budget: Optional[int] = None) -> Dict[int, torch.Tensor]:
         """dL/dg_m = sum(o_m(x) * grad_out) for every m in `choices`: BatchNorm on batch statistics (the
         modules must be in training mode with running statistics frozen), no autograd graph. The MBConv
         candidates go through betanas::block_gate_grads, one call per run of gate_grad_chunks (one call
         for all of them without `memory_budget`, in bytes); the identity is sum(x * grad_out), which
-        every call returns; anything else (an MBConv without expand stage) runs eagerly. A candidate's value
+        every call returns; anything else (an MBConv without expand stage) runs eagerly. The values are 0-d tensors on
+        x's device, so that no call waits for the device (Supernet.gate_grad_table reads them all at once). A
+        candidate's value
         depends only on its own parameters, x and dL/dO, so on the CPU the split changes no bit (on CUDA the
         reductions are partitioned by the call's channel count: rounding may differ). The budget bounds
         what the CUDA kernel holds at once; the CPU kernel holds one candidate at a time whatever the split."""
         is_identity = {m: isinstance(self.path(m), nn.Identity) for m in choices}
         fused = [m for m in choices if isinstance(self.path(m), MBConv) and self.path(m).has_expand]
         eager = [m for m in choices if m not in fused and not is_identity[m]]
-        result: Dict[int, float] = {}
+        result: Dict[int, torch.Tensor] = {}
         if fused or any(is_identity.values()):
             chunks = self.gate_grad_chunks(x, fused, memory_budget) or [[]]
             # the kernels read x and dL/dO contiguous: copy them once rather than in every call
@@ -202,17 +213,31 @@ class ChoiceBlock(nn.Module):
                 result.update(zip(chunk, vals))
             result.update({m: vals[-1] for m in choices if is_identity[m]})
         for m in eager:
-            result[m] = float((self.path(m)(x).float() * grad_out.float()).sum())
+            result[m] = (self.path(m)(x).float() * grad_out.float()).sum()
         return result
 
-    def _block_gate_grads(self, x: torch.Tensor, grad_out: torch.Tensor, fused: Sequence[int]) -> List[float]:
+    def _block_gate_grads(self, x: torch.Tensor, grad_out: torch.Tensor, fused: Sequence[int]) -> torch.Tensor:
         """One betanas::block_gate_grads call: the values of the `fused` candidates, then the identity's."""
         mods = [self.path(m) for m in fused]
         params = [list(p) for p in zip(*(mod.gate_grad_params() for mod in mods))] or [[]] * 9
         first = mods[0] if mods else None  # the candidates of a block share stride, residual, act, eps
         return ops.block_gate_grads(
             x, grad_out, *params, stride=first.stride if first else 1, residual=bool(first and first.has_skip),
-            act=first.depthwise.act if first else "relu6", eps=first.depthwise.bn.eps if first else 1e-5).tolist()
+            act=first.depthwise.act if first else "relu6", eps=first.depthwise.bn.eps if first else 1e-5)
+
+
+def _stack_scalars(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """0-d tensors of one device as one vector in their widest dtype (no copy to the host)."""
+    dtype = values[0].dtype
+    for v in values[1:]:
+        dtype = torch.promote_types(dtype, v.dtype)
+    return torch.stack([v.to(dtype) for v in values])
+
+
+# Phase 2 under an fp16 autocast scales the loss dynamically (as torch.amp.GradScaler does the weights' loss): it
+# starts at FP16_SCALE_INIT, halves and recomputes the table when a value is not finite, and doubles after
+# FP16_SCALE_GROWTH_STEPS finite tables.
+FP16_SCALE_INIT, FP16_SCALE_MIN, FP16_SCALE_GROWTH_STEPS = 2.0 ** 16, 1.0, 200
 
 
 class _Body(nn.Module):
@@ -237,6 +262,8 @@ class Supernet(_Body):
         self.space = space
         self._build_fixed(space)
         self.blocks = nn.ModuleList(ChoiceBlock(space, i) for i in range(space.num_blocks))
+        # Phase 2's loss scale under fp16 autocast and the finite tables since it last changed (gate_grad_table)
+        self._phase2_fp16_scale, self._phase2_fp16_finite = FP16_SCALE_INIT, 0
 
     def forward(self, x: torch.Tensor, arch: Sequence[int]) -> torch.Tensor:
         x = self.first(self.stem(x))
@@ -249,9 +276,10 @@ class Supernet(_Body):
         if tuple(paths.shape) != (len(self.blocks), x.shape[0]):
             raise ValueError(f"paths must be [blocks, batch] = [{len(self.blocks)}, {x.shape[0]}], "
                              f"got {list(paths.shape)}")
+        routes = per_sample_routes(paths, self.space.num_candidates, x.device)  # one host-to-device copy per step
         x = self.first(self.stem(x))
         for block, block_paths in zip(self.blocks, paths):
-            x = block.forward_per_sample(x, block_paths)
+            x = block.forward_per_sample(x, block_paths, routes)
         return self._head(x)
 
     def forward_mixture(self, x: torch.Tensor, weights: torch.Tensor, remaining: torch.Tensor,
@@ -290,7 +318,7 @@ class Supernet(_Body):
     def gate_grad_table(self, x: torch.Tensor, y: torch.Tensor, arch: Sequence[int], remaining: torch.Tensor,
                         autocast: Optional[torch.autocast] = None, timer=None,
                         memory_budget: Optional[int] = None) -> Tuple[torch.Tensor, float, float]:
-        """The binary-gate gradient of Phase 2 for every remaining path: an L x M float32 table with
+        """The binary-gate gradient of Phase 2 for every remaining path: an L x M float32 table (on the CPU) with
         dL/dg_lm = Σ o_lm(x_l) ⊙ dL/dO_l (0 elsewhere), plus the loss and accuracy of `arch` on (x, y).
 
         The sampled path `arch` runs with autograd; every other remaining candidate of block l is
@@ -300,11 +328,47 @@ class Supernet(_Body):
         ops.default_phase2_budget). The weights get no gradient, and BatchNorm normalises with batch
         statistics without touching the running ones (held-out data must not leak into the weights'
         state); they are frozen (requires_grad off) for the sampled path, so that no kernel computes a weight
-        gradient. Under an fp16 `autocast` the loss is scaled so that small gradients survive. `timer`
-        (runs.timing) times the two parts: the sampled path, and the other candidates."""
+        gradient. Every float32 convolution and matmul of the table runs in IEEE float32 (no TF32 on CUDA: the
+        sampled path's cuDNN convolutions and the other candidates' cuBLAS GEMMs round alike). The values stay on the
+        device until the end: one copy to the host per call. Under an fp16 `autocast` the loss is scaled
+        dynamically (FP16_SCALE_INIT): a table with a value that is not finite is recomputed at half the scale,
+        and a ValueError says so when even FP16_SCALE_MIN overflows. `timer` (runs.timing) times the two parts:
+        the sampled path, and the other candidates."""
+        fp16 = getattr(autocast, "fast_dtype", None) == torch.float16
+        while True:
+            scale = self._phase2_fp16_scale if fp16 else 1.0
+            packed = self._gate_grad_values(x, y, arch, remaining, autocast, timer, memory_budget, scale)
+            if not fp16:
+                break
+            if bool(torch.isfinite(packed).all()):
+                self._phase2_fp16_finite += 1
+                if self._phase2_fp16_finite >= FP16_SCALE_GROWTH_STEPS:
+                    self._phase2_fp16_scale, self._phase2_fp16_finite = scale * 2, 0
+                break
+            if scale <= FP16_SCALE_MIN:
+                raise ValueError(f"Phase 2 under fp16 autocast: the gate gradients are not finite even at loss scale "
+                                 f"{scale:g}; run Phase 2 in float32 (without --phase2-amp) or with bf16")
+            self._phase2_fp16_scale, self._phase2_fp16_finite = scale / 2, 0
+        rows, cols = zip(*self._table_entries(arch, remaining))
+        table = torch.zeros(remaining.shape, dtype=torch.float64)
+        table[list(rows), list(cols)] = packed[:-2] / scale
+        loss, acc = packed[-2:].tolist()
+        return table.float(), loss, acc
+
+    @staticmethod
+    def _table_entries(arch: Sequence[int], remaining: torch.Tensor) -> List[Tuple[int, int]]:
+        """The (block, candidate) entries of the gate-gradient table in the order _gate_grad_values computes them:
+        the sampled path of every block, then each block's other remaining candidates."""
+        entries = [(l, a) for l, a in enumerate(arch)]
+        for l in range(remaining.shape[0]):
+            entries += [(l, m) for m in remaining[l].nonzero().flatten().tolist() if m != arch[l]]
+        return entries
+
+    def _gate_grad_values(self, x, y, arch, remaining, autocast, timer, memory_budget, scale) -> torch.Tensor:
+        """gate_grad_table's values at loss scale `scale`, in _table_entries order, then the loss and the accuracy:
+        one float64 vector, on the CPU."""
         autocast = autocast or contextlib.nullcontext()
         part = timer.part if timer is not None else (lambda name: contextlib.nullcontext())
-        scale = 1024.0 if getattr(autocast, "fast_dtype", None) == torch.float16 else 1.0
         was_training = self.training
         self.train()
         set_bn_batch_stats_frozen(self, True)
@@ -312,26 +376,27 @@ class Supernet(_Body):
         try:
             for p in trainable:
                 p.requires_grad_(False)
-            table = torch.zeros(remaining.shape, dtype=torch.float32)
-            with part(SAMPLED_PATH):
-                with autocast:
-                    logits, inputs, outputs = self.forward_with_blocks(x, arch)
-                loss = F.cross_entropy(logits.float(), y)
-                out_grads = torch.autograd.grad(loss * scale, outputs)
+            with ops.ieee_fp32():
+                with part(SAMPLED_PATH):
+                    with autocast:
+                        logits, inputs, outputs = self.forward_with_blocks(x, arch)
+                    loss = F.cross_entropy(logits.float(), y)
+                    out_grads = torch.autograd.grad(loss * scale, outputs)
+                    with torch.no_grad():
+                        values = [(outputs[l].float() * out_grads[l].float()).sum() for l in range(len(self.blocks))]
+                with part(OTHER_CANDIDATES), torch.no_grad(), autocast:
+                    for l, block in enumerate(self.blocks):
+                        others = [m for m in remaining[l].nonzero().flatten().tolist() if m != arch[l]]
+                        block_values = block.gate_grad_values(inputs[l], out_grads[l], others, memory_budget)
+                        values += [block_values[m] for m in others]
                 with torch.no_grad():
-                    for l in range(len(self.blocks)):
-                        table[l, arch[l]] = float((outputs[l].float() * out_grads[l].float()).sum()) / scale
-            with part(OTHER_CANDIDATES), torch.no_grad(), autocast:
-                for l, block in enumerate(self.blocks):
-                    others = [m for m in remaining[l].nonzero().flatten().tolist() if m != arch[l]]
-                    for m, value in block.gate_grads(inputs[l], out_grads[l], others, memory_budget).items():
-                        table[l, m] = value / scale
+                    values += [loss.detach(), (logits.argmax(1) == y).float().mean()]
+                    return _stack_scalars(values).double().cpu()
         finally:
             for p in trainable:
                 p.requires_grad_(True)
             set_bn_batch_stats_frozen(self, False)
             self.train(was_training)
-        return table, float(loss.detach()), float((logits.argmax(1) == y).float().mean())
 
     def path_parameters(self, block: int, choice: int) -> List[nn.Parameter]:
         return list(self.blocks[block].path(choice).parameters())

@@ -20,7 +20,7 @@ from .. import cost as cost_model
 from .. import ops
 from ..data import BatchOrder
 from ..data.load import data_source, search_data
-from ..data.stream import BatchStream
+from ..data.stream import BatchStream, to_device
 from ..nn.supernet import Supernet, held_out_mode, saved_activation_bytes
 from ..runs import files, ranks as run_ranks
 from ..runs.options import parse_size
@@ -219,10 +219,11 @@ class Search:
         # the global batch order, identical on every rank; each rank decodes its share
         self.train_stream = BatchStream(self.data.train, BatchOrder(len(self.data.train), cfg.batch_size, cfg.seed + 3),
                                         train=True, generator=self.aug_gen, shard=self.ranks.shard,
-                                        prefetch=cfg.prefetch)
+                                        prefetch=cfg.prefetch, **self._pinning())
         self.heldout_stream = BatchStream(self.data.heldout,
                                           BatchOrder(len(self.data.heldout), cfg.heldout_batch_size, cfg.seed + 4),
-                                          train=False, shard=self.ranks.shard, prefetch=cfg.prefetch)
+                                          train=False, shard=self.ranks.shard, prefetch=cfg.prefetch,
+                                          **self._pinning())
         self.beta = self.initial_beta
         self.iteration = 0
         self.phase1_steps = 0
@@ -291,11 +292,15 @@ class Search:
         """The next batch of `stream` for this process, on the run's device (its time counted as data)."""
         with self.timer.part("data"):
             x, y = stream.next()
-            return self._on_device(x), y.to(self.device)
+            return self._on_device(x), to_device(y, self.device, torch.contiguous_format)
+
+    def _pinning(self) -> dict:
+        """BatchStream's page-locking of batches for the run's device."""
+        return {"pin_memory": self.device.type == "cuda", "memory_format": self.memory_format}
 
     def _on_device(self, x: torch.Tensor) -> torch.Tensor:
         """An input batch on the run's device, in the model's memory format."""
-        return x.to(self.device).contiguous(memory_format=self.memory_format)
+        return to_device(x, self.device, self.memory_format)
 
     def _autocast(self):
         return autocast(self.device, self.amp_dtype)
