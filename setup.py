@@ -103,7 +103,11 @@ if cpu_march:
     cxx_flags.append(f"-march={cpu_march}")
 nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
 include_dirs = [os.path.join(ROOT, "csrc")]
-define_macros = []
+# The library uses no Python API beyond creating its (empty) module, so it is built for CPython's stable ABI
+# (_C.abi3.so, Python >= 3.10): one build loads in every Python version of the torch it was built against, which
+# lets a GPU machine with another Python use a library built elsewhere (benchmarks/gpu_library.py). torch then
+# links no libtorch_python either.
+define_macros = [("Py_LIMITED_API", "0x030A0000")]
 
 if use_cuda:
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -114,11 +118,12 @@ if use_cuda:
     define_macros.append(("BETANAS_WITH_CUDA", None))
     ext = CUDAExtension(
         "betanas_fast._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"],
+        py_limited_api=True)
 else:
     ext = CppExtension(
         "betanas_fast._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-        extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+        extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"], py_limited_api=True)
 
 print("betanas_fast build configuration:")
 print(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
@@ -160,4 +165,5 @@ class BuildExt(BuildExtension):
                 f.write(f"{key} = {value!r}\n")
 
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})
+# a wheel built from here says so in its tag (cp310-abi3)
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt}, options={"bdist_wheel": {"py_limited_api": "cp310"}})

@@ -128,7 +128,7 @@ std::vector<std::pair<std::vector<T>, std::vector<T>>> expand_bn_folded(const at
                                                                         at::TensorList expand_bn_bias, double eps) {
   const int64_t Cin = x3.size(2);
   const at::Tensor xs = x3.to(stats_dtype(x3));
-  const at::Tensor mean = xs.mean({0, 1}, /*keepdim=*/true);
+  const at::Tensor mean = xs.mean(at::IntArrayRef{0, 1}, /*keepdim=*/true);
   const at::Tensor xc = xs - mean;
   const at::Tensor cov = at::bmm(xc.transpose(1, 2), xc).sum(0, /*keepdim=*/false, at::kDouble) /
                          static_cast<double>(x3.size(0) * x3.size(1));
