@@ -116,6 +116,9 @@ def build(args) -> None:
             os.remove(old)
         library = os.path.join(out, os.path.basename(built[0]))
         shutil.copy2(built[0], library)
+        # torch compiles host code with -g: the debug sections are most of the file and nothing runs them (the
+        # device code keeps its -lineinfo, which compute-sanitizer reports with)
+        _run(["strip", "--strip-debug", library])
         shutil.copy2(os.path.join(tmp, "lib", "betanas_fast", "_build_config.py"), os.path.join(out, "_build_config.py"))
     size_mb = os.path.getsize(library) / 2**20
     manifest = {
