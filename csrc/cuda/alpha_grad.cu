@@ -1,6 +1,8 @@
 // CUDA kernel of betanas::alpha_grad: one thread per row (block of the supernet). A search has a few
 // dozen rows of a handful of paths, so the op is launch-bound; its point is one launch instead of the
 // dozen small kernels of the eager composite.
+#include <utility>
+
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -9,6 +11,18 @@
 
 namespace betanas {
 namespace {
+
+#ifndef BETANAS_CUDA_EMULATION
+// `blocks` blocks of `threads` threads on the current stream, checked.
+template <typename... KArgs, typename... Args>
+void launch_blocks(void (*kernel)(KArgs...), unsigned blocks, unsigned threads, size_t smem, Args&&... args) {
+  kernel<<<blocks, threads, smem, at::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#else
+// A host harness emulates the launch on the CPU (csrc/test/cuda_emulation/alpha_grad_harness.cpp).
+using betanas_emu::launch_blocks;
+#endif
 
 __global__ void alpha_grad_kernel(int64_t L, int64_t M, const float* __restrict__ alpha,
                                   const bool* __restrict__ remaining, const float* __restrict__ gate_grad,
@@ -32,16 +46,16 @@ std::tuple<at::Tensor, at::Tensor> alpha_grad_cuda(const at::Tensor& alpha_in, c
   if (L == 0 || M == 0) return {p, grad_alpha};
   constexpr int threads = 64;
   const auto blocks = static_cast<unsigned>((L + threads - 1) / threads);
-  alpha_grad_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      L, M, alpha.const_data_ptr<float>(), remaining.const_data_ptr<bool>(), gate_grad.const_data_ptr<float>(),
-      cost.const_data_ptr<float>(), static_cast<float>(beta), p.mutable_data_ptr<float>(),
-      grad_alpha.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_blocks(alpha_grad_kernel, blocks, threads, 0, L, M, alpha.const_data_ptr<float>(),
+                remaining.const_data_ptr<bool>(), gate_grad.const_data_ptr<float>(), cost.const_data_ptr<float>(),
+                static_cast<float>(beta), p.mutable_data_ptr<float>(), grad_alpha.mutable_data_ptr<float>());
   return {p, grad_alpha};
 }
 
 }  // namespace
 
+#ifndef BETANAS_CUDA_EMULATION  // the emulation harness calls the entry point directly
 TORCH_LIBRARY_IMPL(betanas, CUDA, m) { m.impl("alpha_grad", &alpha_grad_cuda); }
+#endif
 
 }  // namespace betanas

@@ -1,4 +1,4 @@
-// What both emulation harnesses compare with: the CPU kernels, called through the dispatcher, per-dtype
+// What the emulation harnesses compare with: the CPU kernels, called through the dispatcher, per-dtype
 // tolerances, and the relative error of a result.
 #pragma once
 #include <algorithm>

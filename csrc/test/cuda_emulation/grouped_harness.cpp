@@ -1,13 +1,16 @@
 // Runs the CUDA kernels of csrc/cuda/grouped.cu (the single-launch ragged depthwise kernels of dw_ragged.cuh and
-// the block_gate_grads reductions) on the CPU, one std::thread per CUDA thread (emu.h), and compares all three
+// the block_gate_grads reductions) on the CPU, one fiber per CUDA thread (emu.h), and compares all three
 // grouped ops with the CPU kernels: ragged groups (different samples, channels and kernel sizes, an empty group,
 // a one-sample group), odd planes, stride 1 and 2, every activation, float32 / bfloat16 / float16 / float64,
 // parameters in x's dtype or float32, several shared-memory budgets and sample-chunk widths. Inputs are fresh
 // random values (never zeros). Compiled with small tiles, chunks and reduction splits (CMakeLists.txt) so that
-// blocks walk several chunks and tiles and the reductions combine several blocks per channel. It checks the CUDA
-// code's indexing, tiling, synchronisation and reductions where no GPU exists; speed and the device's own
-// arithmetic need a GPU (benchmarks/gpu_check.sh).
-//   test_cuda_emulation_grouped [level]   level 0: small ragged cases (ctest); 1: + larger groups and blocks
+// blocks walk several chunks and tiles and block_gate_grads' reductions split channels over several blocks, whose
+// last block to finish (a ticket) combines them; it fails unless some reduction was split. ctest runs it with the
+// launches' blocks in forward, reverse and shuffled order, so that the combining block is the highest-numbered one,
+// the lowest or any. It checks the CUDA code's indexing, tiling, synchronisation and reductions where no GPU
+// exists; speed and the device's own arithmetic need a GPU (benchmarks/gpu_check.sh).
+//   test_cuda_emulation_grouped [level] [--block-order=forward|reverse|shuffle]
+//       level 0: small ragged cases (ctest); 1: + larger groups and blocks
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -22,6 +25,10 @@
 #include "compare.h"
 #include "emu.h"
 
+// The build shrinks the reductions' chunks (grouped.cu defaults them otherwise): its coverage claim must hold.
+#ifdef BETANAS_RED_MIN_CHUNK
+#define EXPECT_SPLIT_REDUCTIONS 1
+#endif
 static int g_max_lanes = 32;  // the ragged kernels' widest sample chunk, varied by the test
 #define BETANAS_RAGGED_MAX_LANES g_max_lanes
 #define kCUDA kCPU
@@ -188,6 +195,7 @@ static void run_gate_case(const GateCase& c) {
 }
 
 int main(int argc, char** argv) {
+  argc = betanas_emu::take_block_order(argc, argv);
   at::manual_seed(0);
   at::set_num_threads(1);
   const int level = argc > 1 ? std::atoi(argv[1]) : 0;
@@ -286,5 +294,14 @@ int main(int argc, char** argv) {
   std::printf("largest error / tolerance:");
   for (const auto& [name, ratio] : g_worst) std::printf(" %s %.2g;", name.c_str(), ratio);
   std::printf("\n");
+  const betanas_emu::Coverage split = betanas_emu::covered("channel reductions split over blocks");
+  std::printf("channel reductions split over blocks: %ld (at most %ld blocks a channel)\n", split.count, split.max);
+#ifdef EXPECT_SPLIT_REDUCTIONS
+  ++g_checks;
+  if (split.count == 0) {
+    ++g_fail;
+    std::printf("FAIL no reduction split a channel over blocks: BETANAS_RED_MIN_CHUNK too large\n");
+  }
+#endif
   return g_fail ? 1 : 0;
 }

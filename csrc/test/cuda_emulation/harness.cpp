@@ -1,9 +1,14 @@
-// Runs the CUDA kernels of csrc/cuda/dw_bn_act.cu on the CPU, one std::thread per CUDA thread (emu.h), and
+// Runs the CUDA kernels of csrc/cuda/dw_bn_act.cu on the CPU, one fiber per CUDA thread (emu.h), and
 // compares every op with the CPU kernels over dtypes, kernel sizes, strides, layouts and odd shapes, for
-// several shared-memory budgets. It checks the CUDA code's indexing, tiling, synchronisation and
-// reductions where no GPU exists; speed and the device's own arithmetic need a GPU (gpu_check.sh).
-//   test_cuda_emulation [level]   level 0: small odd shapes (ctest); 1: + mid-size; 2: + a 20 KB budget;
-//                                 3: ImageNet-like shapes only
+// several shared-memory budgets, with the launches' blocks in forward, reverse or shuffled order. It checks the
+// CUDA code's indexing, tiling, synchronisation and reductions where no GPU exists; speed and the device's own
+// arithmetic need a GPU (gpu_check.sh).
+// ctest builds it twice (CMakeLists.txt): as it is, where the test shapes give each block one (image, tile) item,
+// and with small BETANAS_DW_TARGET_BLOCKS and BETANAS_DW_MAX_MICRO, where images span several tiles and blocks walk
+// runs of several items (some crossing from one image to the next), as blocks do at ImageNet shapes with the real
+// settings; that build fails unless some blocks did walk several items.
+//   test_cuda_emulation [level [optin]] [--block-order=forward|reverse|shuffle]
+//       level 0: small odd shapes (ctest); 1: + mid-size; 2: + a 20 KB budget; 3: ImageNet-like shapes only
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,6 +21,10 @@
 #include <string>
 #include "compare.h"
 #include "emu.h"
+// The multi-item build sets the work split (the .cu file defaults it otherwise): its coverage claim must hold.
+#ifdef BETANAS_DW_TARGET_BLOCKS
+#define EXPECT_MULTI_ITEM_BLOCKS 1
+#endif
 #define kCUDA kCPU
 #ifndef CU_FILE
 #define CU_FILE "cuda/dw_bn_act.cu"
@@ -122,6 +131,7 @@ static void run_case(const Case& c, bool train_ok_expected = true) {
 }
 
 int main(int argc, char** argv) {
+  argc = betanas_emu::take_block_order(argc, argv);
   at::manual_seed(0);
   at::set_num_threads(1);
   const int level = argc > 1 ? std::atoi(argv[1]) : 0;
@@ -188,5 +198,14 @@ int main(int argc, char** argv) {
                 betanas_emu::g_launches.load(), betanas_emu::g_blocks.load());
     std::fflush(stdout);
   }
+  const betanas_emu::Coverage multi = betanas_emu::covered("dense blocks walking several items");
+  std::printf("blocks that walked several items: %ld (at most %ld items)\n", multi.count, multi.max);
+#ifdef EXPECT_MULTI_ITEM_BLOCKS
+  ++g_checks;
+  if (multi.count == 0) {
+    ++g_fail;
+    std::printf("FAIL no block walked several items: BETANAS_DW_TARGET_BLOCKS / BETANAS_DW_MAX_MICRO too large\n");
+  }
+#endif
   return g_fail ? 1 : 0;
 }
