@@ -14,6 +14,11 @@ Every implementation timed has a role:
 suite's cases, medians in seconds per implementation, roles, ratios, the per-round samples of suites
 timed in alternating order, the lines printed under the tables) through
 `betanas_fast.runs.provenance.write_results`, which stamps the date, commit, machine and the command line.
+Both files are rewritten whole, atomically (a temporary file renamed over them), after every benchmark test that
+filed something new, and again at the end of the session: a run cut off by a time limit keeps every row it
+finished.
+
+`pytest benchmarks/ -m cuda` selects the GPU benchmarks (each carries the `cuda` marker; they skip without a GPU).
 """
 import collections
 import datetime
@@ -47,6 +52,8 @@ ROLE_TEXT = {
 # Environment variables that change what the benchmarks run; written into the command line of the results.
 BENCH_ENV = ("BETANAS_BENCH_ROUNDS", "BETANAS_BENCH_FULL")
 
+CUDA_MARKER = "cuda: runs on a CUDA device (skipped where none is present)"
+
 # suite -> case (tuple of (column, value)) -> implementation -> median seconds
 RESULTS = collections.defaultdict(lambda: collections.defaultdict(dict))
 # suite -> case -> implementation -> every round's seconds (suites timed in alternating order)
@@ -54,6 +61,8 @@ SAMPLES = collections.defaultdict(lambda: collections.defaultdict(dict))
 # suite -> implementation -> role
 IMPL_ROLES = collections.defaultdict(dict)
 EXTRA_LINES = []
+# How many times something was filed (results or report lines), and the count at the last write of the files.
+_FILED = {"count": 0, "written": 0}
 
 
 def rounds() -> int:
@@ -78,6 +87,13 @@ def _file(suite, case, impl, seconds, role):
         raise ValueError(f"only {ORACLE!r} has the role 'oracle' (got {impl!r} as {role!r})")
     IMPL_ROLES[suite][impl] = role
     RESULTS[suite][tuple(case.items())][impl] = seconds
+    _FILED["count"] += 1
+
+
+def pytest_configure(config):
+    # the project's pytest configuration registers the marker; here too, for a run under another ini file
+    if not any(line.split(":", 1)[0].strip() == "cuda" for line in config.getini("markers")):
+        config.addinivalue_line("markers", CUDA_MARKER)
 
 
 def pytest_addoption(parser):
@@ -155,7 +171,12 @@ def record_alternating(benchmark):
 @pytest.fixture
 def report_line():
     """report_line(text): a line printed (and written) under the ratio tables."""
-    return EXTRA_LINES.append
+
+    def add(text):
+        EXTRA_LINES.append(text)
+        _FILED["count"] += 1
+
+    return add
 
 
 def machine_description():
@@ -250,22 +271,43 @@ def ratio_tables(data: dict) -> list:
     return out
 
 
+def write_results_files(config) -> list:
+    """Writes --results-md and --results-json (those asked for) whole, each atomically, from everything filed so
+    far; returns the paths written."""
+    from betanas_fast.runs.files import write_text
+    from betanas_fast.runs.provenance import write_results
+
+    data = results_data()
+    written = []
+    path = config.getoption("--results-md")
+    if path:
+        lines = ratio_tables(data) + EXTRA_LINES
+        write_text(path, "# Benchmark results\n\n" + "\n".join(machine_description())
+                   + f"\n- command: `{command_line()}`" + "\n\n" + "\n".join(lines) + "\n")
+        written.append(path)
+    path = config.getoption("--results-json")
+    if path:
+        write_results(path, command_line(), data, repo=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        written.append(path)
+    _FILED["written"] = _FILED["count"]
+    return written
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """After each test (setup, call and teardown done): the results files again, if it filed anything, so that a
+    run killed by a time limit keeps the rows of every test that finished."""
+    yield
+    if _FILED["count"] != _FILED["written"]:
+        write_results_files(item.config)
+
+
 def pytest_terminal_summary(terminalreporter, config):
     if not RESULTS and not EXTRA_LINES:
         return
-    data = results_data()
-    lines = ratio_tables(data) + EXTRA_LINES
+    lines = ratio_tables(results_data()) + EXTRA_LINES
     terminalreporter.write_sep("=", "betanas_fast vs fair baselines (median ms; speed-up > 1: betanas_fast faster)")
     for line in lines:
         terminalreporter.write_line(line)
-    path = config.getoption("--results-md")
-    if path:
-        with open(path, "w") as f:
-            f.write("# Benchmark results\n\n" + "\n".join(machine_description()) + f"\n- command: `{command_line()}`"
-                    + "\n\n" + "\n".join(lines) + "\n")
-        terminalreporter.write_line(f"written to {path}")
-    path = config.getoption("--results-json")
-    if path:
-        from betanas_fast.runs.provenance import write_results
-        write_results(path, command_line(), data, repo=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for path in write_results_files(config):
         terminalreporter.write_line(f"written to {path}")

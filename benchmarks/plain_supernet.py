@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from betanas_fast.ops import ieee_fp32
 from betanas_fast.runs.timing import NoTimer
 from betanas_fast.space import SearchSpace, expanded_channels
 
@@ -148,7 +149,13 @@ def gate_grad_table(model: PlainSupernet, x: torch.Tensor, y: torch.Tensor, arch
                     remaining: torch.Tensor, autocast=None, timer=None) -> Tuple[torch.Tensor, float, float]:
     """L x M fp32 table, dL/dg_lm = Σ o_lm(x_l) ⊙ dL/dO_l over the remaining paths (0 elsewhere), plus the
     loss and accuracy of `arch`: the sampled path with autograd, then every other remaining candidate
-    through its own modules without a graph."""
+    through its own modules without a graph. In IEEE float32 on CUDA (TF32 off), as the engine computes it: the
+    same arithmetic on both sides of a timing."""
+    with ieee_fp32():  # only sets torch.backends' two TF32 switches
+        return _gate_grad_table(model, x, y, arch, remaining, autocast, timer)
+
+
+def _gate_grad_table(model, x, y, arch, remaining, autocast, timer):
     if getattr(autocast, "fast_dtype", None) == torch.float16:
         raise ValueError("the plain Phase 2 has no loss scaling: use fp32 or bf16")
     autocast = autocast or contextlib.nullcontext()

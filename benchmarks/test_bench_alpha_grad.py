@@ -13,7 +13,9 @@ from betanas_fast import ops, reference
 
 import plain_supernet
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# GPU cases carry the `cuda` marker (`pytest benchmarks/ -m cuda` selects them) and skip without a GPU.
+CUDA = (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -2,9 +2,10 @@
 search reads it: a `BatchStream` (decoding ahead in its thread) over the random-access split, DALI's
 ("betanas_fast") and the PIL fallback's ("betanas_fast_folder"), against a torch DataLoader with
 torchvision's transforms ("torch_dataloader"), all with the same number of threads / workers and the same
-training augmentation; the DALI GPU decoder when a GPU is present. Each round reads one epoch in steady
-state (the stream and the loader's workers persist across rounds, as they do in a run). Images/s are
-printed under the ratio tables."""
+training augmentation; the DALI GPU decoder when a GPU is present. Every batch ends on the device in the engine's
+layout (runs.runtime.model_memory_format: channels_last), as Search._next_batch hands it to the model. Each round
+reads one epoch in steady state (the stream and the loader's workers persist across rounds, as they do in a run).
+Images/s are printed under the ratio tables."""
 import os
 import time
 import warnings
@@ -17,6 +18,7 @@ from PIL import Image
 from betanas_fast.data import BatchOrder
 from betanas_fast.data import imagenet as inet
 from betanas_fast.data.stream import BatchStream
+from betanas_fast.runs.runtime import model_memory_format
 
 NUM_CLASSES, PER_CLASS = 10, int(os.environ.get("BETANAS_BENCH_IMAGES_PER_CLASS", "32"))
 RESOLUTION, BATCH = 224, 32
@@ -68,7 +70,8 @@ def _stream(split, device):
 
     def next_batch():
         x, _ = stream.next()
-        return x.to(device, non_blocking=True)  # the fallback decodes on the CPU, then copies
+        # the fallback decodes on the CPU, then copies
+        return x.to(device, non_blocking=True).contiguous(memory_format=model_memory_format(torch.device(device)))
 
     return next_batch, stream.close
 
@@ -103,7 +106,7 @@ def _dataloader(index, device):
 
     def next_batch():
         x, _ = next(batches)
-        return x.to(device, non_blocking=True)
+        return x.to(device, non_blocking=True).contiguous(memory_format=model_memory_format(torch.device(device)))
 
     def close():
         nonlocal loader
@@ -113,11 +116,13 @@ def _dataloader(index, device):
     return next_batch, close
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
+# GPU cases carry the `cuda` marker (`pytest benchmarks/ -m cuda` selects them) and skip without a GPU.
+CUDA = (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("impl", ["betanas_fast", "betanas_fast_folder", "torch_dataloader"])
 def test_batch_stream(index, record, benchmark, report_line, impl, device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     positions = range(len(index.train))
     if impl == "betanas_fast":
         pytest.importorskip("nvidia.dali")

@@ -4,8 +4,9 @@ the same process: forward and forward+backward, train and eval.
 
 CPU: the embedded demo's shapes (N=64, fp32), NCHW and (training mode) NHWC, each against ATen in the same
 layout; set BETANAS_BENCH_FULL=1 for every C x H combination.
-CUDA (when present): MobileNetV2 ImageNet shapes (N=256, bf16, channels_last), plus the eval-mode k=3
-bandwidth against the device's measured copy bandwidth.
+CUDA (`-m cuda`; skipped without a GPU): MobileNetV2 ImageNet shapes (N=256, bf16, in the engine's layout,
+runs.runtime.model_memory_format: channels_last), plus the eval-mode k=3 bandwidth against the device's measured
+copy bandwidth.
 """
 import itertools
 import os
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from betanas_fast import ops
+from betanas_fast.runs.runtime import model_memory_format
 
 FULL = os.environ.get("BETANAS_BENCH_FULL") == "1"
 # The demo supernet's depthwise stages: channels grow as resolution shrinks.
@@ -83,9 +85,12 @@ def test_cpu_demo_shapes(record_alternating, pass_, mode, k, c, hw, layout):
                         for impl, fn in IMPLS.items()})
 
 
+# GPU cases carry the `cuda` marker (`pytest benchmarks/ -m cuda` selects them) and skip without a GPU.
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+CUDA_LAYOUT = model_memory_format(torch.device("cuda"))  # the engine's: channels_last
 
 
+@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -93,18 +98,20 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUD
 @pytest.mark.parametrize("c,hw", CUDA_SHAPES)
 def test_cuda_imagenet_shapes(record_alternating, pass_, mode, k, c, hw):
     torch.backends.cudnn.benchmark = True
-    tensors = make_case("cuda", torch.bfloat16, 256, c, hw, k, torch.channels_last)
+    tensors = make_case("cuda", torch.bfloat16, 256, c, hw, k, CUDA_LAYOUT)
     record_alternating("CUDA bf16 channels_last N=256 stride 1",
                        {"C": c, "HxW": hw, "k": k, "mode": mode, "pass": pass_},
                        {impl: make_step(fn, tensors, mode == "train", pass_ == "fwd+bwd", torch.cuda.synchronize)
                         for impl, fn in IMPLS.items()})
 
 
+@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("c,hw", CUDA_SHAPES)
-def test_cuda_eval_k3_bandwidth(report_line, c, hw):
-    """Eval-mode k=3 forward reads x and writes y once: its bytes / time against a device copy."""
-    x, weight, gamma, beta, rm, rv = make_case("cuda", torch.bfloat16, 256, c, hw, 3, torch.channels_last)
+def test_cuda_eval_k3_bandwidth(benchmark, report_line, c, hw):
+    """Eval-mode k=3 forward reads x and writes y once: its bytes / time against a device copy, each the mean of
+    50 calls between CUDA events, both inside one pytest-benchmark round (so that --benchmark-only runs it)."""
+    x, weight, gamma, beta, rm, rv = make_case("cuda", torch.bfloat16, 256, c, hw, 3, CUDA_LAYOUT)
     y = torch.empty_like(x)
 
     def timed(fn, reps=50):
@@ -118,9 +125,16 @@ def test_cuda_eval_k3_bandwidth(report_line, c, hw):
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1e3 / reps
 
-    copy_s = timed(lambda: y.copy_(x))
-    with torch.no_grad():
-        fused_s = timed(lambda: fused(x, weight, gamma, beta, rm, rv, False))
+    seconds = {}
+
+    def measure():
+        seconds["copy"] = timed(lambda: y.copy_(x))
+        with torch.no_grad():
+            seconds["fused"] = timed(lambda: fused(x, weight, gamma, beta, rm, rv, False))
+
+    benchmark.group = f"CUDA eval k=3 bandwidth: C={c} HxW={hw}"
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    copy_s, fused_s = seconds["copy"], seconds["fused"]
     nbytes = 2 * x.numel() * x.element_size()
     copy_bw, fused_bw = nbytes / copy_s / 1e9, nbytes / fused_s / 1e9
     report_line(f"- eval k=3 C={c} {hw}x{hw}: {fused_bw:.0f} GB/s = {100 * fused_bw / copy_bw:.0f}% of "

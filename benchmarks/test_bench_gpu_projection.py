@@ -63,6 +63,7 @@ def measure(schedule: dict, t1: list, t2: list, device: str = "cuda") -> None:
         s.close()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_projected_gpu_hours(benchmark, record_measured, report_line):
     schedule = load_preset("imagenet")

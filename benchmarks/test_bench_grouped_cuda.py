@@ -9,10 +9,11 @@ skips without CUDA):
   8x8, fp32) and ImageNet shapes (batch 256 over the 7 paths: 6 groups of 36-38 samples, 112x112 with 96/192
   channels, 112->56 stride 2, 56x56 with 72/144, 28x28, 14x14 with 240/480; bf16).
 - `block_gate_grads` (expand GEMM, one BN-statistics launch, one ragged depthwise launch, a GEMM per candidate,
-  one reduction launch) vs the fair baseline `torch_modules` (the eager loop a PyTorch user writes: every
-  candidate through F.conv2d / F.batch_norm on batch statistics / F.relu6 / F.conv2d groups=C / ... under
-  autocast for bf16, reduced against dL/dO one at a time), the variant `betanas_fast_per_group` (the same
-  stages with the dense fused depthwise kernel launched once per candidate and ATen batch norms) and
+  one reduction launch; block input and dL/dO in the engine's layout, channels_last) vs the fair baseline
+  `torch_modules` (the eager loop a PyTorch user writes: every candidate through F.conv2d / F.batch_norm on batch
+  statistics / F.relu6 / F.conv2d groups=C / ... under autocast for bf16, reduced against dL/dO one at a time), the
+  variant `betanas_fast_per_group` (the same stages with the dense fused depthwise kernel launched once per
+  candidate and ATen batch norms) and
   `reference_oracle` (reference.grouped.block_gate_grads, the correctness oracle, listed only), at demo and
   ImageNet block shapes, fp32 (Phase 2's precision) and one bf16 case.
 Every implementation of a case runs in alternating order in the same process, on the same tensors; the
@@ -34,8 +35,10 @@ from betanas_fast import ops
 from betanas_fast._rules import conv_out_size, stats_dtype
 from betanas_fast.nn.mbconv import MBConv
 from betanas_fast.reference import grouped as ref
+from betanas_fast.runs.runtime import model_memory_format
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+# GPU only: every benchmark here carries the `cuda` marker (`pytest benchmarks/ -m cuda`) and skips without a GPU.
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 EPS = 1e-5
 ACT = "relu6"
@@ -137,7 +140,6 @@ GROUPED_IMPLS = {"betanas_fast": ragged_forward, "aten_per_group": aten_per_grou
                  "betanas_fast_per_group": per_group_forward}
 
 
-@requires_cuda
 @pytest.mark.parametrize("name", list(GROUPED_CASES))
 def test_cuda_grouped_fwd_bwd(record_alternating, report_line, name):
     samples, cin, hw, stride, dtype = GROUPED_CASES[name]
@@ -177,10 +179,13 @@ def gate_block(n, cin, cout, hw, stride, dtype, device="cuda"):
         for bn in (m.expand[1], m.depthwise.bn, m.project[1]):
             bn.weight.data.uniform_(0.5, 1.5)
             bn.bias.data.normal_(0, 0.5)
-    mods = [m.to(device).train().requires_grad_(False) for m in mods]  # parameters stay fp32, as under autocast
-    x = (torch.randn(n, cin, hw, hw, device=device) * 1.5 + 0.2).to(dtype)
+    # the engine's layout (channels_last), in which Phase 2 hands the op its block input and dL/dO
+    fmt = model_memory_format(torch.device(device))
+    # parameters stay fp32, as under autocast
+    mods = [m.to(device, memory_format=fmt).train().requires_grad_(False) for m in mods]
+    x = (torch.randn(n, cin, hw, hw, device=device) * 1.5 + 0.2).to(dtype).contiguous(memory_format=fmt)
     ho = conv_out_size(hw, stride)
-    grad_out = torch.randn(n, cout, ho, ho, device=device).to(dtype)
+    grad_out = torch.randn(n, cout, ho, ho, device=device).to(dtype).contiguous(memory_format=fmt)
     params = [list(p) for p in zip(*(m.gate_grad_params() for m in mods))]
     return (x, grad_out, *params, stride, mods[0].has_skip, ops.ACTIVATIONS[ACT], EPS)
 
@@ -241,7 +246,6 @@ GATE_IMPLS = {
 }
 
 
-@requires_cuda
 @pytest.mark.parametrize("name", list(GATE_CASES))
 def test_cuda_block_gate_grads(record_alternating, report_line, name):
     args = gate_block(*GATE_CASES[name])

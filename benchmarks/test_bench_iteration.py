@@ -1,7 +1,7 @@
 """One search iteration of the benchmark supernet (space preset `bench`: stem 3x3 stride 1 to 16, the fixed
 MBConv1 to 16, stages (24,2,1) (32,2,2) (64,2,2) (96,2,1) of choice blocks with the seven candidates,
-head 256; 32x32 inputs, 10 classes, batch 64, 2 threads, fp32, channels_last on the CPU as the search
-runs): one Phase-1 step plus one Phase-2 step, every candidate remaining, as the engine runs them.
+head 256; 32x32 inputs, 10 classes, batch 64, 2 threads, fp32, in the engine's layout as the search runs:
+channels_last): one Phase-1 step plus one Phase-2 step, every candidate remaining, as the engine runs them.
 
 - betanas_fast: the engine (Search._iteration: fused depthwise op, all-candidate op, α kernel);
 - plain_torch_supernet (the fair baseline): the same supernet built from nn.Conv2d / nn.BatchNorm2d /
@@ -32,7 +32,9 @@ from betanas_fast.runs.timing import PARTS, StepTimer
 import roofline
 from plain_supernet import PlainSearch, check_matches_engine
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# GPU cases carry the `cuda` marker (`pytest benchmarks/ -m cuda` selects them) and skip without a GPU.
+CUDA = (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 SUITE = "search iteration, benchmark supernet (1 Phase-1 + 1 Phase-2 step, every path remaining)"
 LABELS = {"betanas_fast": "betanas_fast", "plain_torch_supernet": "plain_torch_supernet (fair baseline)",
           "reference_oracle": "reference_oracle (correctness oracle, not a baseline)"}
@@ -84,7 +86,8 @@ def test_search_iteration(record_alternating, report_line, device):
     with tempfile.TemporaryDirectory() as tmp:
         engine, base, oracle = (make_search(tmp, device, name) for name in ("engine", "plain", "oracle"))
         plain = PlainSearch(base)
-        errors = check_matches_engine(engine, plain)  # one Phase-1 step and one α step of each: still in step
+        with ops.ieee_fp32():  # the same arithmetic on both sides for the check (no TF32 on CUDA)
+            errors = check_matches_engine(engine, plain)  # one Phase-1 step and one α step of each: still in step
         with ops.reference_ops():
             oracle.phase1_step()  # the same batches from here on
         report_line(f"- plain_torch_supernet computes the engine's numbers, bench, {device} (max error / largest "

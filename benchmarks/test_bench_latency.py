@@ -19,7 +19,10 @@ from betanas_fast.cost import LatencyTable
 from betanas_fast.search import Search, SearchConfig
 from betanas_fast.space import build_space
 
-CASES = [("cpu", "demo", 1), ("cuda", "mobile", 1), ("cuda", "mobile", 256)]
+# GPU cases carry the `cuda` marker (`pytest benchmarks/ -m cuda` selects them) and skip without a GPU.
+CUDA = (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+CASES = [pytest.param(device, space, batch, id=f"{device}-{space}-b{batch}", marks=CUDA if device == "cuda" else ())
+         for device, space, batch in [("cpu", "demo", 1), ("cuda", "mobile", 1), ("cuda", "mobile", 256)]]
 
 
 def _agreement(a: LatencyTable, b: LatencyTable, tol: float = 0.05) -> tuple:
@@ -29,10 +32,8 @@ def _agreement(a: LatencyTable, b: LatencyTable, tol: float = 0.05) -> tuple:
     return float(np.mean(np.abs(ratios - 1) <= tol)), float(np.median(ratios)), len(keys)
 
 
-@pytest.mark.parametrize("device,space_name,batch", CASES, ids=[f"{d}-{s}-b{b}" for d, s, b in CASES])
+@pytest.mark.parametrize("device,space_name,batch", CASES)
 def test_latency_table(benchmark, record_measured, report_line, tmp_path, device, space_name, batch):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     space = build_space(space_name)
     target = lat._Target(device, "float32", batch, None, 1)
     tables, seconds = [], []

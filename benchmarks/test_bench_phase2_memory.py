@@ -1,6 +1,7 @@
 """Phase 2's all-candidate op within a memory budget: ChoiceBlock.gate_grads for the six MBConv candidates of
 the first choice block of the ImageNet (`mobile`) space (16 -> 24 channels, stride 2, at 112x112), batch 32,
-float32, NCHW: unchunked, and with budgets of 512, 256, 128 and 64 MiB. Per budget: the number of
+float32 (on the CPU in NCHW, on CUDA in the engine's layout, runs.runtime.model_memory_format: channels_last):
+unchunked, and with budgets of 512, 256, 128 and 64 MiB. Per budget: the number of
 block_gate_grads calls, the largest call's estimate (gate_grad_bytes summed over its candidates), the
 measured peak extra memory of the call, and its median time.
 
@@ -20,7 +21,9 @@ What to expect: the CPU kernel evaluates one candidate at a time, and of it hold
 whole (h and z live in chunks of 2 MiB), next to its channels_last copies of x and dL/dO (they come NCHW
 here): cpu_kernel_bytes, 74 MiB here, whatever the budget, give or take the allocator's slack, and chunking
 costs no memory; the budget bounds the CUDA kernel, which holds every candidate of a call at once (880 MiB
-estimated unchunked), so there the peak falls with the budget.
+estimated unchunked), so there the peak falls with the budget. (In channels_last the CPU case measured 55 MiB
+unchunked but 119 MiB chunked: a chunked call's x.contiguous() in ChoiceBlock.gate_grad_values makes NCHW copies,
+which the CPU kernel copies back to channels_last.)
 """
 import json
 import os
@@ -34,12 +37,15 @@ import torch
 
 import betanas_fast
 from betanas_fast.nn import ChoiceBlock, gate_grad_bytes, set_bn_batch_stats_frozen
+from betanas_fast.runs.runtime import model_memory_format
 from betanas_fast.space import build_space
 
 BATCH = 32
 MIB = 1 << 20
 BUDGETS_MIB = [None, 512, 256, 128, 64]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# GPU cases carry the `cuda` marker (`pytest benchmarks/ -m cuda` selects them) and skip without a GPU.
+CUDA = (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 # device -> budget (MiB or None) -> measured values
 MEASURED: Dict[str, Dict[Optional[int], dict]] = {}
@@ -51,10 +57,14 @@ def make_case(device: str, batch: int, seed: int = 0) -> Tuple[ChoiceBlock, torc
     torch.manual_seed(seed)
     space = build_space("mobile")
     spec = space.blocks[0]
-    block = ChoiceBlock(space, 0).to(device).train()
+    # CUDA: the engine's layout (channels_last); the CPU: NCHW, whose copies the CPU expectation counts (see the
+    # module docstring)
+    layout = model_memory_format(torch.device(device)) if device == "cuda" else torch.contiguous_format
+    block = ChoiceBlock(space, 0).to(device, memory_format=layout).train()
     set_bn_batch_stats_frozen(block, True)
     x = torch.randn(batch, spec.in_channels, spec.in_resolution, spec.in_resolution, device=device)
     g = torch.randn(batch, spec.out_channels, spec.out_resolution, spec.out_resolution, device=device)
+    x, g = x.contiguous(memory_format=layout), g.contiguous(memory_format=layout)
     choices = [m for m, ok in enumerate(spec.allowed) if ok]
     return block, x, g, choices
 

@@ -1,6 +1,7 @@
 """The search step of the demo supernet (all 7 paths remaining in every block, as at the start of a
-search; batch 64, 32x32 digits, fp32, channels_last on the CPU as the search runs), every implementation in
-the same process, in alternating order (conftest.record_alternating), on the same inputs:
+search; batch 64, 32x32 digits, fp32, in the engine's layout as the search runs, runs.runtime.model_memory_format:
+channels_last), every implementation in the same process, in alternating order (conftest.record_alternating), on
+the same inputs:
 
 - Phase-2 step (`Supernet.gate_grad_table` + dL/dα, in fp32 as the engine runs it): betanas_fast (fused
   depthwise op, one block_gate_grads call per block, the α kernel) vs the fair baseline `torch_modules`
@@ -18,7 +19,10 @@ the same process, in alternating order (conftest.record_alternating), on the sam
   (`--phase2-amp`), whose α-gradient signs disagree with float64 far more often (tests/test_precision.py);
 - peak memory of the Phase-2 step: the CPU allocation records of torch.profiler (or the CUDA
   allocator's peak on a GPU), reported under the tables.
-On a GPU the Phase-2 step also runs at ImageNet shapes (mobile space, batch 256, 224x224, fp32 and bf16).
+On a GPU (the `cuda` cases: `pytest benchmarks/ -m cuda`) the same on CUDA, and the Phase-2 step also at ImageNet
+shapes (mobile space, batch 256, 224x224, fp32 and bf16); and the check of the layout choice: the engine's Phase-1
+step at ImageNet shapes in channels_last (`betanas_fast`, the engine's layout) against the same step in NCHW
+(`betanas_fast_nchw`).
 """
 import contextlib
 import copy
@@ -36,7 +40,9 @@ from betanas_fast.search import Search, SearchConfig
 
 import plain_supernet as plain
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# GPU cases carry the `cuda` marker (`pytest benchmarks/ -m cuda` selects them) and skip without a GPU.
+CUDA = (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
 def make_search(tmp, device="cpu", name="run", **kw):
@@ -72,7 +78,9 @@ BETA = 0.05
 
 
 def phase2_fns(s, plain_model, x, y, arch, precision="fp32"):
-    """{impl: one Phase-2 step (gate-gradient table, then dL/dα)} on the same batch, path and weights."""
+    """{impl: one Phase-2 step (gate-gradient table, then dL/dα)} on the same batch, path and weights. The
+    baseline and the module loop run in the engine table's arithmetic (ops.ieee_fp32: float32 convolutions and
+    matmuls in IEEE float32, which Supernet.gate_grad_table sets on CUDA; no effect on the CPU)."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
     st, cost = s.state, s.cost.table
@@ -83,12 +91,13 @@ def phase2_fns(s, plain_model, x, y, arch, precision="fp32"):
         sync()
 
     def torch_modules():
-        gate = plain.gate_grad_table(plain_model, x, y, arch, st.remaining, autocast=autocast)[0]
+        with ops.ieee_fp32():
+            gate = plain.gate_grad_table(plain_model, x, y, arch, st.remaining, autocast=autocast)[0]
         plain.alpha_grad(st.alpha, st.remaining, gate, cost, BETA)
         sync()
 
     def module_loop():
-        with autocast or contextlib.nullcontext():
+        with ops.ieee_fp32(), autocast or contextlib.nullcontext():
             gate = module_loop_gates(s, x, y, arch)
         st.alpha_grad(gate, cost, BETA)
         sync()
@@ -111,9 +120,10 @@ def check_phase2(s, plain_model, x, y, arch, report_line, label, precision="fp32
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
     st = s.state
     want, loss, _ = s.model.gate_grad_table(x, y, arch, st.remaining, autocast=autocast)
-    got, loss_p, _ = plain.gate_grad_table(plain_model, x, y, arch, st.remaining, autocast=autocast)
-    with autocast or contextlib.nullcontext():
-        loop = module_loop_gates(s, x, y, arch)
+    with ops.ieee_fp32():  # the engine's table arithmetic on CUDA (phase2_fns)
+        got, loss_p, _ = plain.gate_grad_table(plain_model, x, y, arch, st.remaining, autocast=autocast)
+        with autocast or contextlib.nullcontext():
+            loop = module_loop_gates(s, x, y, arch)
     scale = float(want.abs().max())
     err, err_loop = float((got - want).abs().max()) / scale, float((loop - want).abs().max()) / scale
     if precision == "fp32":
@@ -213,7 +223,8 @@ def test_search_step(record_alternating, report_line, device):
     with tempfile.TemporaryDirectory() as tmp:
         engine, base, oracle = (make_search(tmp, device, name) for name in ("engine", "plain", "oracle"))
         plain_search = plain.PlainSearch(base)
-        errors = plain.check_matches_engine(engine, plain_search)
+        with ops.ieee_fp32():  # the same arithmetic on both sides for the check (no TF32 on CUDA)
+            errors = plain.check_matches_engine(engine, plain_search)
         with ops.reference_ops():
             oracle.phase1_step()  # the same batches from here on
         report_line(f"- plain_torch_supernet computes the engine's numbers, demo, {device} (max error / largest "
@@ -236,13 +247,14 @@ def test_search_step(record_alternating, report_line, device):
             s.close()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="ImageNet shapes only on a GPU")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_phase2_step_imagenet_shapes(record_alternating, report_line, precision):
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         s = make_search(tmp, "cuda", space="mobile", heldout_batch_size=256, amp=True, amp_dtype="bf16")
-        x = torch.randn(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+        x = torch.randn(256, 3, 224, 224, device="cuda").contiguous(memory_format=s.memory_format)
         y = torch.randint(0, s.space.config.num_classes, (256,), device="cuda")
         arch = s.state.sample_from_p(torch.Generator().manual_seed(1))
         plain_model = plain.PlainSupernet.like(s.model, s.memory_format)
@@ -252,3 +264,50 @@ def test_phase2_step_imagenet_shapes(record_alternating, report_line, precision)
         for impl, fn in fns.items():
             report_line(f"- Phase-2 peak memory at ImageNet shapes, {impl}, {precision}: "
                         f"{peak_bytes(fn, 'cuda') / 2**30:.2f} GiB")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="ImageNet shapes only on a GPU")
+def test_phase1_step_layouts_imagenet_shapes(record_alternating, report_line):
+    """The layout choice (runs.runtime.model_memory_format) checked on the device: the engine's Phase-1 weight step
+    (forward, backward, SGD; bf16 autocast as --amp trains) of the mobile space at 224x224, batch 256, one path
+    per block, in channels_last (`betanas_fast`, the engine's layout) and in NCHW (`betanas_fast_nchw`: the same
+    Search with its model and batch converted), each on its own Search from the same configuration and seed, on
+    the same batch and the same sequence of paths; the data pipeline is not timed. A time ratio
+    betanas_fast_nchw / betanas_fast above 1: channels_last is the faster layout here."""
+    layouts = {"betanas_fast": torch.channels_last, "betanas_fast_nchw": torch.contiguous_format}
+    with tempfile.TemporaryDirectory() as tmp:
+        searches = {impl: make_search(tmp, "cuda", impl, space="mobile", batch_size=256, heldout_batch_size=256,
+                                      amp=True, amp_dtype="bf16") for impl in layouts}
+        assert searches["betanas_fast"].memory_format == torch.channels_last  # the engine's layout on CUDA
+        x_cpu, y_cpu = searches["betanas_fast"].data.train.batch(torch.arange(256), train=False)
+        batches = {}
+        for impl, s in searches.items():
+            s.memory_format = layouts[impl]
+            s.model.to(memory_format=layouts[impl])
+            batches[impl] = (s._on_device(x_cpu), y_cpu.to(s.device))
+        # the same function in both layouts: the same loss from the same weights, to bf16 rounding
+        with torch.no_grad():
+            losses = {}
+            for impl, s in searches.items():
+                x, y = batches[impl]
+                arch = s.state.sample_uniform_cycle(torch.Generator().manual_seed(0))
+                with s._autocast():
+                    losses[impl] = float(torch.nn.functional.cross_entropy(s.model(x, arch).float(), y))
+        assert abs(losses["betanas_fast_nchw"] - losses["betanas_fast"]) <= 2e-2 * abs(losses["betanas_fast"]), losses
+        report_line(f"- Phase-1 step layouts, mobile, batch 256, 224x224, bf16, cuda: loss channels_last "
+                    f"{losses['betanas_fast']:.5f}, NCHW {losses['betanas_fast_nchw']:.5f}")
+
+        def stepper(s, x, y):
+            paths = torch.Generator().manual_seed(1)  # the same sequence of paths in both: called as often
+
+            def step():
+                arch = s.state.sample_uniform_cycle(paths)
+                s._weight_step(x, y, lambda inputs: s.model(inputs, arch), lambda: None)
+                torch.cuda.synchronize()
+            return step
+
+        record_alternating("Phase-1 step by layout, mobile space, batch 256, 224x224, bf16 autocast",
+                           {"device": "cuda"}, {impl: stepper(s, *batches[impl]) for impl, s in searches.items()})
+        for s in searches.values():
+            s.close()

@@ -9,7 +9,19 @@ from betanas_fast.search import Search, SearchConfig
 
 HAS_CUDA = torch.cuda.is_available()
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))]
+# Every case that runs on a GPU carries the `cuda` marker, so that `pytest -m cuda` selects exactly those (and
+# `-m "not cuda"` the rest), and skips where there is none.
+CUDA_MARKS = (pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))
+
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
+
+
+def requires_cuda(test):
+    """A test that runs on CUDA only: the `cuda` marker, skipped without a GPU."""
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
+
 
 # The dtypes the kernels support on each device.
 KERNEL_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
@@ -30,7 +42,7 @@ def device_dtype_params():
     """(device, dtype) pairs that the kernels support, CUDA ones skipped without a GPU."""
     params = []
     for device in ("cpu", "cuda"):
-        marks = [] if device == "cpu" else [pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]
+        marks = () if device == "cpu" else CUDA_MARKS
         for dtype in KERNEL_DTYPES[device]:
             params.append(pytest.param(device, dtype, marks=marks, id=f"{device}-{str(dtype)[6:]}"))
     return params

@@ -199,20 +199,21 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def measure_phase2_precision(seed: int = 0, batches: int = 4, phase1_steps: int = 20, threads: int = 2,
-                             alpha_scale: float = 0.5, context: bool = True) -> dict:
+                             alpha_scale: float = 0.5, context: bool = True, device: str = "cpu") -> dict:
     """The demo search with bf16 autocast trains `phase1_steps` Phase-1 steps; α is then set to
     alpha_scale · N(0, 1); on `batches` consecutive held-out batches (one architecture sampled from p each),
     the α gradient of Eq. 4 (cost term off) from the engine's Phase 2 in fp32 (`_phase2_autocast`, what the
     run does) and under the bf16 autocast of Phase 1 is compared with the float64 oracle's. With `context`,
     two more tables are compared: the same gated supernet computing in float32 (the error plain PyTorch fp32
-    makes on this problem) and the engine's Supernet cast to float64. Returns the counts, agreement fractions
+    makes on this problem) and the engine's Supernet cast to float64. `device`: where the search runs (its model,
+    Phase-1 steps and gate-gradient tables); the oracles always compute on the CPU, from a CPU copy. Returns the counts, agreement fractions
     and errors (see the "definitions" entry)."""
     from betanas_fast.search import Search, SearchConfig
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as out:
         s = Search(SearchConfig(amp=True, amp_dtype="bf16", out=out, progress=False, plots=False, tensorboard=False,
-                                threads=threads, epochs=4, warmup_epochs=0, seed=seed))
+                                threads=threads, epochs=4, warmup_epochs=0, seed=seed, device=device))
         s._build()
         try:
             if s.amp_dtype != torch.bfloat16:
@@ -225,10 +226,11 @@ def measure_phase2_precision(seed: int = 0, batches: int = 4, phase1_steps: int 
     with torch.no_grad():
         st.alpha.copy_(torch.randn(st.alpha.shape, generator=torch.Generator().manual_seed(seed + 1)) * alpha_scale)
     alpha = st.alpha.detach().clone()
-    oracle = GatedSupernet.from_engine(s.model)
+    cpu_model = copy.deepcopy(s.model).cpu()
+    oracle = GatedSupernet.from_engine(cpu_model)
     if context:
-        plain32 = GatedSupernet.from_engine(s.model, torch.float32)
-        engine64 = copy.deepcopy(s.model).double()
+        plain32 = GatedSupernet.from_engine(cpu_model, torch.float32)
+        engine64 = copy.deepcopy(cpu_model).double()
     gen = torch.Generator().manual_seed(seed + 2)
     n = s.cfg.heldout_batch_size
     if len(s.data.heldout) < n * batches:
@@ -239,11 +241,11 @@ def measure_phase2_precision(seed: int = 0, batches: int = 4, phase1_steps: int 
     for b in range(batches):
         x, y = s.data.heldout.batch(torch.arange(n * b, n * (b + 1)), train=False)
         arch = st.sample_from_p(gen)
-        table, loss, _ = s.model.gate_grad_table(s._on_device(x), y, arch, st.remaining,
+        table, loss, _ = s.model.gate_grad_table(s._on_device(x), y.to(s.device), arch, st.remaining,
                                                  autocast=s._phase2_autocast(), memory_budget=s.phase2_memory)
         got = st.alpha_grad(table, zero_cost, 0.0)
-        bf16_table, _, _ = s.model.gate_grad_table(s._on_device(x), y, arch, st.remaining, autocast=s._autocast(),
-                                                   memory_budget=s.phase2_memory)
+        bf16_table, _, _ = s.model.gate_grad_table(s._on_device(x), y.to(s.device), arch, st.remaining,
+                                                   autocast=s._autocast(), memory_budget=s.phase2_memory)
         bf16 = st.alpha_grad(bf16_table, zero_cost, 0.0)
         table64, loss64 = oracle.gate_grad_table(x, y, arch, st.remaining)
         want = eq4_float64(table64, alpha, st.remaining)

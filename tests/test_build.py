@@ -16,6 +16,8 @@ import betanas_fast
 from betanas_fast import _ext, ops, reference
 from betanas_fast.ops import OP_NAMES
 
+from common import DEVICES, requires_cuda
+
 # The checkout these tests belong to; the package they import may be installed elsewhere.
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_DIR = os.path.dirname(betanas_fast.__file__)
@@ -43,6 +45,17 @@ def test_build_info_lists_cuda_kernels_when_built_with_cuda():
         return
     assert info["cuda_archs"], info
     assert all(kernels["cuda"] for kernels in info["ops"].values()), info["ops"]
+
+
+@requires_cuda
+def test_cuda_kernels_are_built_and_chosen_on_this_gpu():
+    """On a machine with a GPU, every op has its CUDA kernel, and ops on CUDA tensors run it (not the reference)."""
+    info = betanas_fast.build_info()
+    assert info["kernels_loaded"], info["load_error"]
+    assert info["cuda_kernels_compiled"], (
+        f"the library was built without CUDA kernels ({info['cuda_not_built_because']}); rebuild on this machine")
+    assert all(kernels["cuda"] for kernels in info["ops"].values()), info["ops"]
+    assert all(_ext.use_kernel(name, "cuda") for name in OP_NAMES)
 
 
 def _copy_package_without(tmp_path, drop_extension=False, built_with=None, version=None):
@@ -233,8 +246,8 @@ def test_reference_ops_is_the_one_switch_for_every_op():
     assert all(_ext.use_kernel(name, "cpu") for name in OP_NAMES)
 
 
-def _entry_calls(monkeypatch):
-    """Calls of every op's Python entry, and the references they may run, recorded by name."""
+def _entry_calls(monkeypatch, device="cpu"):
+    """Calls of every op's Python entry on `device`, and the references they may run, recorded by name."""
     from betanas_fast.nn import MBConv
     from betanas_fast.reference import grouped as grouped_reference
 
@@ -250,25 +263,28 @@ def _entry_calls(monkeypatch):
                          (grouped_reference, "dw_bn_act_grouped_train"), (grouped_reference, "block_gate_grads")]:
         monkeypatch.setattr(module, name, recording(name, getattr(module, name)))
     torch.manual_seed(0)
-    x, w, g, b = torch.randn(2, 4, 9, 9), torch.randn(4, 1, 3, 3), torch.rand(4) + 0.5, torch.randn(4)
-    block = MBConv(4, 4, 3, 1, 3)
-    alpha, remaining = torch.randn(3, 5), torch.ones(3, 5, dtype=torch.bool)
+    x, w, g, b = (t.to(device) for t in (torch.randn(2, 4, 9, 9), torch.randn(4, 1, 3, 3), torch.rand(4) + 0.5,
+                                         torch.randn(4)))
+    block = MBConv(4, 4, 3, 1, 3).to(device)
+    alpha, remaining = torch.randn(3, 5).to(device), torch.ones(3, 5, dtype=torch.bool).to(device)
     calls = {
         "dw_bn_act_train": lambda: ops.dw_bn_act_train(x, w, g, b, 1, "relu6"),
         "dw_bn_act_eval": lambda: ops.dw_bn_act_eval(x, w, g, b, 1, "relu6"),
-        "alpha_grad": lambda: ops.alpha_grad(alpha, remaining, torch.randn(3, 5), torch.rand(3, 5), 0.1),
+        "alpha_grad": lambda: ops.alpha_grad(alpha, remaining, torch.randn(3, 5).to(device),
+                                             torch.rand(3, 5).to(device), 0.1),
         "dw_bn_act_grouped_train": lambda: ops.dw_bn_act_grouped_train(
             torch.cat([x.reshape(-1), x.reshape(-1)]), torch.cat([w.reshape(-1)] * 2), torch.cat([g, g]),
             torch.cat([b, b]), [2, 2], [4, 4], [3, 3], 9, 9, 1, "relu6"),
-        "block_gate_grads": lambda: ops.block_gate_grads(x, torch.randn(2, 4, 9, 9),
+        "block_gate_grads": lambda: ops.block_gate_grads(x, torch.randn(2, 4, 9, 9).to(device),
                                                          *[[p] for p in block.gate_grad_params()], 1, True),
     }
     return calls, ran
 
 
 @pytest.mark.skipif(not betanas_fast.KERNELS_LOADED, reason="kernel library not built")
-def test_every_op_entry_runs_its_kernel_or_its_reference_by_the_switch(monkeypatch):
-    calls, ran = _entry_calls(monkeypatch)
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_op_entry_runs_its_kernel_or_its_reference_by_the_switch(monkeypatch, device):
+    calls, ran = _entry_calls(monkeypatch, device)
     for name, call in calls.items():
         call()
         assert ran == [], (name, ran)

@@ -11,7 +11,7 @@ import betanas_fast
 from betanas_fast import reference
 from betanas_fast.ops import ACTIVATIONS
 
-from common import LOW_PRECISION_FACTOR, RELATIVE_TOLERANCE, device_dtype_params, scaled_error
+from common import LOW_PRECISION_FACTOR, RELATIVE_TOLERANCE, device_dtype_params, requires_cuda, scaled_error
 
 pytestmark = pytest.mark.skipif(not betanas_fast.KERNELS_LOADED, reason="kernel library not built")
 
@@ -261,7 +261,7 @@ class TestBadInput:
             OPS.dw_bn_act_train(**self.args(**overrides))
         assert message in str(info.value)
 
-    @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    @requires_cuda
     def test_device_mix(self):
         args = self.args()
         args["x"] = args["x"].cuda()

@@ -12,7 +12,8 @@ from betanas_fast import ops
 from betanas_fast.nn.mbconv import MBConv
 from betanas_fast.reference import grouped as ref
 
-from common import DEVICES, HAS_CUDA, LOW_PRECISION_FACTOR, RELATIVE_TOLERANCE, device_dtype_params, scaled_error
+from common import (DEVICES, LOW_PRECISION_FACTOR, RELATIVE_TOLERANCE, device_dtype_params, requires_cuda,
+                    scaled_error)
 
 pytestmark = pytest.mark.skipif(not betanas_fast.KERNELS_LOADED, reason="kernel library not built")
 
@@ -319,9 +320,7 @@ def test_alpha_trajectory_with_kernels_equals_references(tmp_path):
 
 # --- CUDA: the single-launch ragged kernels ----------------------------------------------------------------------
 # One launch over every channel of every group (csrc/cuda/dw_ragged.cuh, csrc/cuda/grouped.cu). These run only with a
-# GPU and call the CUDA kernels directly (no fallback to the reference); their ids contain "cuda", which
-# benchmarks/gpu_check.sh selects.
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+# GPU and call the CUDA kernels directly (no fallback to the reference); they carry the `cuda` marker (`-m cuda`).
 CUDA_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 RAGGED_CASES = {

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from betanas_fast.nn import MBConv, Supernet, set_bn_batch_stats_frozen
+from betanas_fast.ops import ieee_fp32
 from betanas_fast.search import ArchState, Search, SearchConfig
 from betanas_fast.space import build_space
 
-from common import read_history, tiny
+from common import CUDA_MARKS, DEVICES, read_history, tiny
 
 
 # --- samplers --------------------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def _with_eager_depthwise(net: nn.Module) -> nn.Module:
             d, c, k = m.depthwise, m.depthwise.conv.in_channels, m.kernel_size
             comp = nn.Sequential(nn.Conv2d(c, c, k, d.stride, k // 2, groups=c, bias=False),
                                  nn.BatchNorm2d(c, eps=d.bn.eps, momentum=d.bn.momentum), nn.ReLU6()
-                                 ).to(d.conv.weight.dtype)
+                                 ).to(d.conv.weight.device, d.conv.weight.dtype)
             comp[0].load_state_dict(d.conv.state_dict())
             comp[1].load_state_dict(d.bn.state_dict())
             m.depthwise = comp
@@ -152,6 +153,15 @@ def _paths(space, batch, kind, seed):
     return torch.stack(rows)
 
 
+# The grouped dispatch on each device: the CPU in NCHW; CUDA in NCHW and channels_last (the engine's layout,
+# runs.runtime.model_memory_format), whose grouped op flattens each group in NCHW order.
+DEVICE_LAYOUTS = [pytest.param("cpu", torch.contiguous_format, id="cpu-nchw"),
+                  pytest.param("cuda", torch.contiguous_format, id="cuda-nchw", marks=CUDA_MARKS),
+                  pytest.param("cuda", torch.channels_last, id="cuda-channels_last", marks=CUDA_MARKS)]
+# float64 throughout: on the CPU the two sides agree to rounding; on CUDA cuDNN's float64 weight gradients add in
+# another (and not a fixed) order
+FLOAT64_TOLERANCE = {"cpu": dict(atol=1e-10, rtol=1e-8), "cuda": dict(atol=1e-9, rtol=1e-7)}
+
 CASES = [
     ("random", dict(), 29, None),
     ("random", dict(), 16, 0.1),
@@ -163,7 +173,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("kind,space_kw,batch,momentum", CASES)
-def test_per_sample_forward_matches_eager_groups(kind, space_kw, batch, momentum):
+@pytest.mark.parametrize("device,layout", DEVICE_LAYOUTS)
+def test_per_sample_forward_matches_eager_groups(kind, space_kw, batch, momentum, device, layout):
     torch.manual_seed(batch)
     space = build_space("demo", num_classes=10, stage_depths=[1, 2, 1, 1], **space_kw)
     net = Supernet(space).double().train()  # float64: a mismatch cannot hide in rounding
@@ -172,14 +183,18 @@ def test_per_sample_forward_matches_eager_groups(kind, space_kw, batch, momentum
             m.momentum = momentum
     _randomise(net, seed=batch)
     ref = _with_eager_depthwise(net)
+    net.to(device, memory_format=layout)
+    ref.to(device, memory_format=layout)
+    tol = FLOAT64_TOLERANCE[device]
     for step in range(2):  # running statistics accumulate (cumulatively when momentum is None)
         paths = _paths(space, batch, kind, seed=step)
         x, y = torch.randn(batch, 3, 32, 32, dtype=torch.float64), torch.randint(10, (batch,))
+        x, y = x.to(device).contiguous(memory_format=layout), y.to(device)
         for model in (net, ref):
             model.zero_grad(set_to_none=True)
         logits = net.forward_per_sample(x, paths)
-        ref_logits = _forward_by_groups(ref, x, paths)
-        torch.testing.assert_close(logits, ref_logits, atol=1e-10, rtol=1e-8)
+        ref_logits = _forward_by_groups(ref, x, paths.to(device))
+        torch.testing.assert_close(logits, ref_logits, **tol)
         F.cross_entropy(logits, y).backward()
         F.cross_entropy(ref_logits, y).backward()
         eager = dict(ref.named_parameters())
@@ -187,41 +202,44 @@ def test_per_sample_forward_matches_eager_groups(kind, space_kw, batch, momentum
             q = eager[_eager_key(name)]
             assert (p.grad is None) == (q.grad is None), name
             if p.grad is not None:
-                torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
+                torch.testing.assert_close(p.grad, q.grad, **tol, msg=lambda m, n=name: f"{n}: {m}")
         used = [(l, space.candidate_names[m]) for l, row in enumerate(paths) for m in row.unique().tolist()]
         for l, name in [(l, n) for l, b in enumerate(net.blocks) for n in b.candidates]:
             params = list(net.blocks[l].candidates[name].parameters())
             assert all((p.grad is not None) == ((l, name) in used) for p in params), (l, name)
     eager_state = ref.state_dict()
     for name, v in net.state_dict().items():
-        torch.testing.assert_close(v, eager_state[_eager_key(name)], atol=1e-10, rtol=1e-8,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(v, eager_state[_eager_key(name)], **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("mode", ["eval", "frozen"])
-def test_per_sample_without_running_stat_updates(mode):
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_sample_without_running_stat_updates(mode, device):
     """Evaluation (running statistics) and Phase 2's frozen batch statistics: the state stays untouched,
     and in evaluation every sample's output is that of its own sub-net."""
     torch.manual_seed(5)
     space = build_space("demo", num_classes=10, stage_depths=[1, 2, 1, 1])
     net = Supernet(space)
     _randomise(net, seed=1)
+    net.to(device)
     if mode == "eval":
         net.eval()
     else:
         set_bn_batch_stats_frozen(net, True)
     before = copy.deepcopy(net.state_dict())
-    paths, x = _paths(space, 12, "random", seed=3), torch.randn(12, 3, 32, 32)
-    out = net.forward_per_sample(x, paths)
-    for k, v in net.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    if mode == "eval":
-        for i in (0, 5, 11):
-            torch.testing.assert_close(out[i:i + 1], net(x[i:i + 1], paths[:, i].tolist()), atol=1e-5, rtol=1e-4)
-    else:
-        ref = _with_eager_depthwise(net)
-        set_bn_batch_stats_frozen(ref, True)
-        torch.testing.assert_close(out, _forward_by_groups(ref, x, paths), atol=1e-5, rtol=1e-4)
+    paths, x = _paths(space, 12, "random", seed=3), torch.randn(12, 3, 32, 32).to(device)
+    tol = {"cpu": dict(atol=1e-5, rtol=1e-4), "cuda": dict(atol=1e-4, rtol=1e-3)}[device]
+    with ieee_fp32():  # float32 on CUDA: cuDNN's convolutions without TF32 on both sides
+        out = net.forward_per_sample(x, paths)
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        if mode == "eval":
+            for i in (0, 5, 11):
+                torch.testing.assert_close(out[i:i + 1], net(x[i:i + 1], paths[:, i].tolist()), **tol)
+        else:
+            ref = _with_eager_depthwise(net)
+            set_bn_batch_stats_frozen(ref, True)
+            torch.testing.assert_close(out, _forward_by_groups(ref, x, paths.to(device)), **tol)
 
 
 def test_single_sample_without_spatial_extent_rejected():

@@ -5,7 +5,8 @@ differences between candidates' dL/dg reach α, and bf16 swamps them. The engine
 The float64 side is the gated supernet of float64_supernet.py, written from plain torch ops with the engine's
 weights copied in; the first tests check that oracle itself (the function it computes is the engine's, its
 dL/dg is the derivative of its loss, its Eq. 4 is the chain rule through the softmax), the last compares the
-engine against it (the same measurement `python benchmarks/precision.py` records)."""
+engine against it (the same measurement `python benchmarks/precision.py` records), on the CPU and on CUDA (where
+the engine computes the table with TF32 off for every convolution and matmul)."""
 import copy
 
 import pytest
@@ -15,7 +16,7 @@ from torch import nn
 
 from betanas_fast.nn.supernet import set_bn_batch_stats_frozen
 
-from common import built
+from common import DEVICES, built
 from float64_supernet import GatedSupernet, eq4_float64, measure_phase2_precision
 
 
@@ -108,12 +109,15 @@ def measured():
 
 
 @pytest.mark.slow
-def test_engine_phase2_alpha_signs_agree_with_float64(measured):
+@pytest.mark.parametrize("device", DEVICES)
+def test_engine_phase2_alpha_signs_agree_with_float64(request, device):
     """Weights trained briefly in bf16, random α, 4 held-out batches: the sign of the engine's Phase-2 α
     gradient (fp32, what the run computes) agrees with the float64 oracle's on >= 99 % of the entries above
-    1 % of the largest, and a Phase 2 under bf16 autocast agrees on strictly fewer."""
-    r = measured
-    print(f"\nα-gradient sign agreement with float64 over {r['entries_that_matter']} entries: engine (fp32 "
+    1 % of the largest, and a Phase 2 under bf16 autocast agrees on strictly fewer. On CUDA the search, its
+    Phase-1 steps and the tables run on the device."""
+    r = request.getfixturevalue("measured") if device == "cpu" else measure_phase2_precision(
+        seed=0, batches=4, phase1_steps=20, threads=2, context=False, device=device)
+    print(f"\nα-gradient sign agreement with float64 over {r['entries_that_matter']} entries, {device}: engine (fp32 "
           f"Phase 2) {r['engine_agreement']:.4f}, bf16 Phase 2 {r['bf16_agreement']:.4f}; dL/dg table error "
           f"relative to its largest: engine {r['engine_table_max_rel_error']:.2e}, bf16 "
           f"{r['bf16_table_max_rel_error']:.2e}")
