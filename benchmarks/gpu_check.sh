@@ -152,10 +152,7 @@ K_GROUPED="demo-32x32 or demo-8x8-16to16 or imagenet-56x56 or imagenet-14x14"
 K_STEPS="projected or (test_phase2_step and (cuda or fp32)) or test_alpha_grad or test_phase1_step or test_search_step"
 F_STEPS="benchmarks/test_bench_gpu_projection.py benchmarks/test_bench_search_step.py benchmarks/test_bench_alpha_grad.py benchmarks/test_bench_phase1.py"
 
-gpu_step install "$(gpu_install_budget "$@")" 10 "" gpu_install gpu_install_finish \
-  "python benchmarks/gpu_library.py install (${GPU_INSTALL_BUILD_S} s when build/gpu/manifest.json is missing: it builds)"
-gpu_step preflight 15 10 critical,always gpu_preflight gpu_preflight_finish \
-  "nvidia-smi, torch, betanas_fast.build_info(): kernels_loaded and cuda_kernels_compiled, one launch -> preflight.json"
+gpu_first_steps "$@"
 gpu_step smoke 55 30 "" smoke smoke_finish \
   "python benchmarks/gpu_smoke.py: every op at production shapes vs the CPU kernels -> smoke.log"
 for tool in memcheck racecheck synccheck; do

@@ -57,10 +57,7 @@ PY
 K_REST="not latency and not test_batch_stream and not test_cuda_imagenet_shapes and not bandwidth"
 F_REST="benchmarks/test_bench_grouped_cuda.py benchmarks/test_bench_phase2_memory.py benchmarks/test_bench_iteration.py benchmarks/test_bench_search_step.py benchmarks/test_bench_alpha_grad.py benchmarks/test_bench_phase1.py benchmarks/test_bench_gpu_projection.py"
 
-gpu_step install "$(gpu_install_budget "$@")" 10 "" gpu_install gpu_install_finish \
-  "python benchmarks/gpu_library.py install (${GPU_INSTALL_BUILD_S} s when build/gpu/manifest.json is missing: it builds)"
-gpu_step preflight 15 10 critical,always gpu_preflight gpu_preflight_finish \
-  "nvidia-smi, torch, betanas_fast.build_info(): kernels_loaded and cuda_kernels_compiled, one launch -> preflight.json"
+gpu_first_steps "$@"
 gpu_step latency-b1 110 60 "" "latency 1" "latency_finish 1" \
   "python -m betanas_fast.latency build --space mobile --device cuda --batch 1; validate --archs 30 -> latency-mobile-cuda-b1.json"
 gpu_step latency-b256 150 90 "" "latency 256" "latency_finish 256" \

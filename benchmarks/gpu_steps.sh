@@ -262,3 +262,12 @@ if doc:
 print("; ".join(parts) or "no results")
 PY
 }
+
+# The two steps every GPU call begins with: the library in place (prebuilt, or built), then the preflight, which
+# stops the call when the kernels cannot run.
+gpu_first_steps() {
+  gpu_step install "$(gpu_install_budget "$@")" 10 "" gpu_install gpu_install_finish \
+    "python benchmarks/gpu_library.py install (${GPU_INSTALL_BUILD_S} s when build/gpu/manifest.json is missing: it builds)"
+  gpu_step preflight 15 10 critical,always gpu_preflight gpu_preflight_finish \
+    "nvidia-smi, torch, betanas_fast.build_info(): kernels_loaded and cuda_kernels_compiled, one launch -> preflight.json"
+}

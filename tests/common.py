@@ -80,3 +80,30 @@ def resumed_equals_uninterrupted(tmp_path, stop_after: int, **kw):
         with open(os.path.join(full.out, name)) as a, open(os.path.join(part.out, name)) as b:
             assert a.read() == b.read(), name
     return full
+
+
+def phase2_net(memory_format=torch.channels_last, device="cpu"):
+    """The demo supernet (stage depths 1 2 1 1) with random BN affine parameters (not the identity init) on `device` in
+    `memory_format`, a random batch of 8 with labels, the arch and mask of a Phase 2 step in which every allowed path
+    remains (mb_k3_e3 everywhere: the identity of block 2 comes out of the all-candidate op), and the block inputs."""
+    from torch import nn
+
+    from betanas_fast.nn import Supernet
+    from betanas_fast.space import build_space
+
+    torch.manual_seed(0)
+    space = build_space("demo", num_classes=10, stage_depths=[1, 2, 1, 1])
+    net = Supernet(space)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    net = net.to(device, memory_format=memory_format)
+    x = torch.randn(8, 3, 32, 32).to(device, memory_format=memory_format)
+    y = torch.randint(0, 10, (8,)).to(device)
+    arch = [0] * space.num_blocks
+    remaining = torch.tensor(space.allowed_mask())
+    with torch.no_grad():
+        _, inputs, _ = net.forward_with_blocks(x, arch)
+    return net, x, y, arch, remaining, inputs

@@ -7,7 +7,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from betanas_fast import ops
 from betanas_fast.data.stream import BatchStream, to_device
@@ -15,29 +14,13 @@ from betanas_fast.data.base import BatchOrder
 from betanas_fast.nn import Supernet, set_bn_batch_stats_frozen
 from betanas_fast.nn import supernet as supernet_module
 from betanas_fast.nn.per_sample import per_sample_routes
-from betanas_fast.space import build_space
-from common import HAS_CUDA
+from common import HAS_CUDA, phase2_net
 
 cuda = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]
 
 
 def _phase2_net(device="cpu"):
-    """The demo supernet with random BN affine parameters, channels_last on `device`, a batch, the arch and mask of
-    a Phase 2 step in which every allowed path remains."""
-    torch.manual_seed(0)
-    space = build_space("demo", num_classes=10, stage_depths=[1, 2, 1, 1])
-    net = Supernet(space)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-    net = net.to(device, memory_format=torch.channels_last)
-    x = torch.randn(16, 3, 32, 32).to(device, memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (16,), device=device)
-    arch = [0] * space.num_blocks
-    remaining = torch.tensor(space.allowed_mask())
-    return net, x, y, arch, remaining
+    return phase2_net(torch.channels_last, device)[:5]
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from betanas_fast.nn import ChoiceBlock, Net, Supernet, gate_grad_bytes, set_bn_
 from betanas_fast.ops import memory
 from betanas_fast.space import build_space
 
+from common import phase2_net
+
 
 def _space():
     return build_space("demo", num_classes=10, stage_depths=[1, 2, 1, 1])
@@ -68,25 +70,7 @@ def test_bn_batch_stats_frozen_keeps_running_stats():
 MEMORY_FORMATS = [pytest.param(torch.contiguous_format, id="nchw"), pytest.param(torch.channels_last, id="nhwc")]
 
 
-def _phase2_net(memory_format):
-    """The demo supernet with random BN affine parameters (not the identity init), its block inputs on a random
-    batch, and the arch and mask of a Phase 2 step in which every allowed path remains."""
-    torch.manual_seed(0)
-    sp = _space()
-    net = Supernet(sp)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-    net = net.to(memory_format=memory_format)
-    x = torch.randn(8, 3, 32, 32).to(memory_format=memory_format)
-    y = torch.randint(0, 10, (8,))
-    arch = [0] * sp.num_blocks  # mb_k3_e3 everywhere: the identity of block 2 comes out of the op
-    remaining = torch.tensor(sp.allowed_mask())
-    with torch.no_grad():
-        _, inputs, _ = net.forward_with_blocks(x, arch)
-    return net, x, y, arch, remaining, inputs
+_phase2_net = phase2_net
 
 
 def _counting_calls(monkeypatch):
