@@ -48,7 +48,7 @@ def gate_grad_bytes(x: torch.Tensor, candidate: nn.Module) -> int:
     partial sums, a few numbers per channel. The CUDA kernel holds every candidate of a call at once (h
     and y, then y and z), so the sum over a call's candidates bounds its peak. (The CPU kernel holds less,
     whatever the split: one candidate's y at a time, h and z only in chunks of 2 MiB.) The per-call copies
-    (x and dL/dO made contiguous) do not depend on how the candidates are split and are not counted. 0 for
+    (x and dL/dO in the kernel's layout, ops.block_gate_grads_layout) do not depend on how the candidates are split and are not counted. 0 for
     the identity (sum(x * dL/dO) allocates no activation); an MBConv without expand stage (run eagerly)
     counts y and z only."""
     if isinstance(candidate, nn.Identity):
@@ -206,8 +206,10 @@ class ChoiceBlock(nn.Module):
         result: Dict[int, torch.Tensor] = {}
         if fused or any(is_identity.values()):
             chunks = self.gate_grad_chunks(x, fused, memory_budget) or [[]]
-            # the kernels read x and dL/dO contiguous: copy them once rather than in every call
-            xc, gc = (x.contiguous(), grad_out.contiguous()) if len(chunks) > 1 else (x, grad_out)
+            # copied into the layout the kernel reads once rather than in every call
+            layout = ops.block_gate_grads_layout(x.device)
+            xc, gc = ((x.contiguous(memory_format=layout), grad_out.contiguous(memory_format=layout))
+                      if len(chunks) > 1 else (x, grad_out))
             for chunk in chunks:
                 vals = self._block_gate_grads(xc, gc, chunk)
                 result.update(zip(chunk, vals))

@@ -86,6 +86,12 @@ def dw_bn_act_grouped_train(x, weight, bn_weight, bn_bias, samples: Sequence[int
     return out, mean.detach(), var.detach()
 
 
+def block_gate_grads_layout(device: torch.device) -> torch.memory_format:
+    """The layout block_gate_grads's kernel reads x and dL/dO in (another is copied into it on every call): the CPU
+    kernel works channels_last, the CUDA one NCHW."""
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
 def block_gate_grads(x, grad_out, expand_weight: List[torch.Tensor], expand_bn_weight: List[torch.Tensor],
                      expand_bn_bias: List[torch.Tensor], dw_weight: List[torch.Tensor], dw_bn_weight: List[torch.Tensor],
                      dw_bn_bias: List[torch.Tensor], project_weight: List[torch.Tensor],
