@@ -36,9 +36,11 @@ DEFAULT_DIR = os.path.join(ROOT, "build", "gpu")
 DEVICE_TORCH = "2.11.0"  # the GPU machine's torch (2.11.0+cu130)
 DEVICE_ARCH = "9.0"  # H100 / H200
 MAX_LIBRARY_MB = 48  # what the working tree can carry beside the sources
-# The library's runtime needs for the CPU tests (pyproject's dependencies and test extra, without torch).
+# What the CPU tests need beside torch, as CI installs it: pyproject's dependencies and its test, export, bench and
+# dali extras (installed with torch held at the venv's version).
 TEST_REQUIREMENTS = ["numpy", "tqdm", "matplotlib", "tensorboard", "scikit-learn", "pytest", "pytest-benchmark",
-                     "pytest-timeout", "expecttest", "mlxtend"]
+                     "pytest-timeout", "expecttest", "mlxtend", "timm", "onnx", "onnxruntime", "onnxscript",
+                     "nvidia-dali-cuda130"]
 BUILD_REQUIREMENTS = ["setuptools>=64", "wheel", "ninja", "pybind11", "numpy"]
 
 
@@ -139,7 +141,12 @@ def build(args) -> None:
 
 def check(python: str, out: str, log: str) -> None:
     """The CPU test suite against the venv's torch, with the built library, on a copy of the checkout."""
-    _run([python, "-m", "pip", "install", "--quiet", *TEST_REQUIREMENTS], log=log)
+    torch_version = subprocess.run([python, "-c", "import torch; print(torch.__version__.split('+')[0])"],
+                                   capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:
+        constraints.write(f"torch=={torch_version}\n")  # timm's torchvision must not move torch
+    _run([python, "-m", "pip", "install", "--quiet", "-c", constraints.name, *TEST_REQUIREMENTS], log=log)
+    os.remove(constraints.name)
     with tempfile.TemporaryDirectory(prefix="betanas-gpu-check-") as tmp:
         tree = os.path.join(tmp, "tree")
         _run(["git", "-C", ROOT, "worktree", "add", "--detach", tree, "HEAD"])
