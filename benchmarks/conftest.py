@@ -52,8 +52,6 @@ ROLE_TEXT = {
 # Environment variables that change what the benchmarks run; written into the command line of the results.
 BENCH_ENV = ("BETANAS_BENCH_ROUNDS", "BETANAS_BENCH_FULL")
 
-CUDA_MARKER = "cuda: runs on a CUDA device (skipped where none is present)"
-
 # suite -> case (tuple of (column, value)) -> implementation -> median seconds
 RESULTS = collections.defaultdict(lambda: collections.defaultdict(dict))
 # suite -> case -> implementation -> every round's seconds (suites timed in alternating order)
@@ -88,12 +86,6 @@ def _file(suite, case, impl, seconds, role):
     IMPL_ROLES[suite][impl] = role
     RESULTS[suite][tuple(case.items())][impl] = seconds
     _FILED["count"] += 1
-
-
-def pytest_configure(config):
-    # the project's pytest configuration registers the marker; here too, for a run under another ini file
-    if not any(line.split(":", 1)[0].strip() == "cuda" for line in config.getini("markers")):
-        config.addinivalue_line("markers", CUDA_MARKER)
 
 
 def pytest_addoption(parser):

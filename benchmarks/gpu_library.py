@@ -52,6 +52,8 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+# _package_version and _commit read the checkout without importing betanas_fast (whose runs.provenance.commit says
+# the same): importing the package loads a kernel library, the very file `install` is about to choose.
 def _package_version() -> str:
     namespace = {}
     with open(os.path.join(PACKAGE_DIR, "_version.py")) as f:
@@ -121,7 +123,8 @@ def build(args) -> None:
         # torch compiles host code with -g: the debug sections are most of the file and nothing runs them (the
         # device code keeps its -lineinfo, which compute-sanitizer reports with)
         _run(["strip", "--strip-debug", library])
-        shutil.copy2(os.path.join(tmp, "lib", "betanas_fast", "_build_config.py"), os.path.join(out, "_build_config.py"))
+        shutil.copy2(os.path.join(tmp, "lib", "betanas_fast", "_build_config.py"),
+                     os.path.join(out, "_build_config.py"))
     size_mb = os.path.getsize(library) / 2**20
     manifest = {
         "library": os.path.basename(library), "sha256": _sha256(library), "size_mib": round(size_mb, 2),
@@ -204,7 +207,8 @@ def install(args) -> None:
         open(log, "w").close()
         _run([sys.executable, "setup.py", "build_ext", "--inplace"], env=env, log=log)
         how = f"built in place for sm {archs} because {why}"
-    probe = subprocess.run([sys.executable, "-c", "import json, betanas_fast; print(json.dumps(betanas_fast.build_info()))"],
+    probe = subprocess.run([sys.executable, "-c",
+                            "import json, betanas_fast; print(json.dumps(betanas_fast.build_info()))"],
                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     info = json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 and probe.stdout.strip() else {}
     ok = bool(info.get("kernels_loaded")) and bool(info.get("cuda_kernels_compiled"))

@@ -45,7 +45,7 @@ import betanas_fast
 from betanas_fast import reference
 from betanas_fast._ext import OP_NAMES, has_kernel
 from betanas_fast._rules import conv_out_size
-from betanas_fast.reference import grouped as reference_grouped
+from betanas_fast.reference import grouped as reference_grouped, scaled_error
 
 OPS = torch.ops.betanas
 EPS = 1e-5
@@ -166,14 +166,6 @@ CASES = [
 
 # ---------------------------------------------------------------------------------------------------------------
 # Comparison.
-
-def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max(1, max |expected|), in float64 on actual's device."""
-    expected = expected.to(actual.device, torch.float64)
-    if expected.numel() == 0:
-        return 0.0
-    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1.0)).item()
-
 
 def tolerance(op: str, dtype: torch.dtype, kind: str, base_err: float) -> float:
     """How far an output of `op` in `dtype` may be from the oracle, given PyTorch's own error base_err."""

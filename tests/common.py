@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from betanas_fast.reference import scaled_error  # noqa: F401 - the tests judge kernels by it
 from betanas_fast.search import Search, SearchConfig
 
 HAS_CUDA = torch.cuda.is_available()
@@ -31,11 +32,6 @@ KERNEL_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32,
 # (LOW_PRECISION_FACTOR), because their absolute error depends on the data.
 RELATIVE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
 LOW_PRECISION_FACTOR = {"forward": 2.0, "backward": 3.0}
-
-
-def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1.0)).item()
 
 
 def device_dtype_params():

@@ -48,9 +48,9 @@ def gate_grad_bytes(x: torch.Tensor, candidate: nn.Module) -> int:
     partial sums, a few numbers per channel. The CUDA kernel holds every candidate of a call at once (h
     and y, then y and z), so the sum over a call's candidates bounds its peak. (The CPU kernel holds less,
     whatever the split: one candidate's y at a time, h and z only in chunks of 2 MiB.) The per-call copies
-    (x and dL/dO in the kernel's layout, ops.block_gate_grads_layout) do not depend on how the candidates are split and are not counted. 0 for
-    the identity (sum(x * dL/dO) allocates no activation); an MBConv without expand stage (run eagerly)
-    counts y and z only."""
+    (x and dL/dO in the kernel's layout, ops.block_gate_grads_layout) do not depend on how the candidates are split
+    and are not counted. 0 for the identity (sum(x * dL/dO) allocates no activation); an MBConv without expand stage
+    (run eagerly) counts y and z only."""
     if isinstance(candidate, nn.Identity):
         return 0
     if not isinstance(candidate, MBConv):
@@ -337,9 +337,10 @@ class Supernet(_Body):
         and a ValueError says so when even FP16_SCALE_MIN overflows. `timer` (runs.timing) times the two parts:
         the sampled path, and the other candidates."""
         fp16 = getattr(autocast, "fast_dtype", None) == torch.float16
+        others = [[m for m in remaining[l].nonzero().flatten().tolist() if m != arch[l]] for l in range(len(arch))]
         while True:
             scale = self._phase2_fp16_scale if fp16 else 1.0
-            packed = self._gate_grad_values(x, y, arch, remaining, autocast, timer, memory_budget, scale)
+            packed = self._gate_grad_values(x, y, arch, others, autocast, timer, memory_budget, scale)
             if not fp16:
                 break
             if bool(torch.isfinite(packed).all()):
@@ -351,24 +352,16 @@ class Supernet(_Body):
                 raise ValueError(f"Phase 2 under fp16 autocast: the gate gradients are not finite even at loss scale "
                                  f"{scale:g}; run Phase 2 in float32 (without --phase2-amp) or with bf16")
             self._phase2_fp16_scale, self._phase2_fp16_finite = scale / 2, 0
-        rows, cols = zip(*self._table_entries(arch, remaining))
+        # the entries in _gate_grad_values' order
+        rows, cols = zip(*enumerate(arch), *[(l, m) for l, ms in enumerate(others) for m in ms])
         table = torch.zeros(remaining.shape, dtype=torch.float64)
         table[list(rows), list(cols)] = packed[:-2] / scale
         loss, acc = packed[-2:].tolist()
         return table.float(), loss, acc
 
-    @staticmethod
-    def _table_entries(arch: Sequence[int], remaining: torch.Tensor) -> List[Tuple[int, int]]:
-        """The (block, candidate) entries of the gate-gradient table in the order _gate_grad_values computes them:
-        the sampled path of every block, then each block's other remaining candidates."""
-        entries = [(l, a) for l, a in enumerate(arch)]
-        for l in range(remaining.shape[0]):
-            entries += [(l, m) for m in remaining[l].nonzero().flatten().tolist() if m != arch[l]]
-        return entries
-
-    def _gate_grad_values(self, x, y, arch, remaining, autocast, timer, memory_budget, scale) -> torch.Tensor:
-        """gate_grad_table's values at loss scale `scale`, in _table_entries order, then the loss and the accuracy:
-        one float64 vector, on the CPU."""
+    def _gate_grad_values(self, x, y, arch, others, autocast, timer, memory_budget, scale) -> torch.Tensor:
+        """gate_grad_table's values at loss scale `scale`: the sampled path of every block, then block by block its
+        `others` (the other remaining candidates), then the loss and the accuracy; one float64 vector, on the CPU."""
         autocast = autocast or contextlib.nullcontext()
         part = timer.part if timer is not None else (lambda name: contextlib.nullcontext())
         was_training = self.training
@@ -387,10 +380,9 @@ class Supernet(_Body):
                     with torch.no_grad():
                         values = [(outputs[l].float() * out_grads[l].float()).sum() for l in range(len(self.blocks))]
                 with part(OTHER_CANDIDATES), torch.no_grad(), autocast:
-                    for l, block in enumerate(self.blocks):
-                        others = [m for m in remaining[l].nonzero().flatten().tolist() if m != arch[l]]
-                        block_values = block.gate_grad_values(inputs[l], out_grads[l], others, memory_budget)
-                        values += [block_values[m] for m in others]
+                    for block, inp, out_grad, ms in zip(self.blocks, inputs, out_grads, others):
+                        block_values = block.gate_grad_values(inp, out_grad, ms, memory_budget)
+                        values += [block_values[m] for m in ms]
                 with torch.no_grad():
                     values += [loss.detach(), (logits.argmax(1) == y).float().mean()]
                     return _stack_scalars(values).double().cpu()

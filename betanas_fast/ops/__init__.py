@@ -12,5 +12,5 @@ from .memory import cache_cpu_allocations, default_phase2_budget
 from .precision import ieee_fp32
 
 __all__ = ["ACTIVATIONS", "OP_NAMES", "reference_ops", "dw_bn_act", "dw_bn_act_train", "dw_bn_act_eval",
-           "update_running_stats", "alpha_grad", "dw_bn_act_grouped_train", "block_gate_grads", "block_gate_grads_layout",
-           "cache_cpu_allocations", "default_phase2_budget", "ieee_fp32"]
+           "update_running_stats", "alpha_grad", "dw_bn_act_grouped_train", "block_gate_grads",
+           "block_gate_grads_layout", "cache_cpu_allocations", "default_phase2_budget", "ieee_fp32"]

@@ -9,5 +9,7 @@ from .depthwise import (
     dw_bn_act_train_backward,
 )
 from .alpha import alpha_grad
+from ._common import scaled_error
 
-__all__ = ["dw_bn_act_train", "dw_bn_act_train_backward", "dw_bn_act_eval", "dw_bn_act_eval_backward", "alpha_grad"]
+__all__ = ["dw_bn_act_train", "dw_bn_act_train_backward", "dw_bn_act_eval", "dw_bn_act_eval_backward", "alpha_grad",
+           "scaled_error"]
